@@ -1,0 +1,77 @@
+//! The command line: one binary, one subcommand per process role.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{ApiConfig, LogConfig, StoreConfig, WorkerConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chat-system",
+    version,
+    about = "A chat backend: applications, chats, messages, search"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogConfig,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// API and worker in one process (the default).
+    Serve {
+        #[command(flatten)]
+        store: StoreConfig,
+        #[command(flatten)]
+        api: ApiConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+    },
+    /// The HTTP API only.
+    Api {
+        #[command(flatten)]
+        store: StoreConfig,
+        #[command(flatten)]
+        api: ApiConfig,
+    },
+    /// The queue worker only.
+    Worker {
+        #[command(flatten)]
+        store: StoreConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+    },
+    /// Apply the database migrations, then exit.
+    Migrate {
+        #[command(flatten)]
+        store: StoreConfig,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn subcommands_parse_with_defaults() {
+        let cli = Cli::try_parse_from(["chat-system", "worker", "--batch-size", "10"]).unwrap();
+        match cli.command {
+            Some(Command::Worker { worker, .. }) => assert_eq!(worker.batch_size, 10),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["chat-system", "api", "--bind", "nonsense"]).is_err());
+        assert!(
+            Cli::try_parse_from(["chat-system"])
+                .unwrap()
+                .command
+                .is_none()
+        );
+    }
+}

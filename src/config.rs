@@ -1,0 +1,199 @@
+//! Typed configuration, read from environment variables (or the matching flags).
+//!
+//! Every setting has a local default that matches `scripts/deps`, so `chat-system serve`
+//! works on a developer machine with no variable set. A bad value stops the process at
+//! start with the variable's name in the message (clap does the reporting).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Settings shared by every subcommand that talks to MySQL and Redis.
+#[derive(Args, Clone, Debug)]
+pub struct StoreConfig {
+    /// MySQL (or MariaDB) connection URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "mysql://root@127.0.0.1:33306/chat_system"
+    )]
+    pub database_url: SecretUrl,
+
+    /// Maximum number of MySQL connections per process.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16)]
+    pub database_pool_size: u32,
+
+    /// Redis connection URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:36379")]
+    pub redis_url: SecretUrl,
+
+    /// Prefix of every Redis key, so several deployments (or tests) can share one Redis.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "cs", value_parser = parse_prefix)]
+    pub redis_prefix: String,
+
+    /// How long a MySQL or Redis call may take before the dependency counts as down.
+    #[arg(long, env = "DEPENDENCY_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub dependency_timeout: Duration,
+}
+
+/// Settings of the HTTP API.
+#[derive(Args, Clone, Debug)]
+pub struct ApiConfig {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "BIND", default_value = "127.0.0.1:3000")]
+    pub bind: SocketAddr,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "BODY_LIMIT", default_value_t = 256 * 1024)]
+    pub body_limit: usize,
+
+    /// Longest time a request may take before it is answered with 503.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// When set, `GET /applications` (which reveals every token) requires
+    /// `Authorization: Bearer <key>`.
+    #[arg(long, env = "ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+}
+
+/// Settings of the background worker.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerConfig {
+    /// Most queue entries persisted in one MySQL transaction.
+    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: usize,
+
+    /// Longest wait for new queue entries before a read returns.
+    #[arg(long, env = "WORKER_BATCH_WAIT", default_value = "50ms", value_parser = parse_duration)]
+    pub batch_wait: Duration,
+
+    /// Entries left unacknowledged this long by another consumer are taken over.
+    #[arg(long, env = "WORKER_CLAIM_IDLE", default_value = "30s", value_parser = parse_duration)]
+    pub claim_idle: Duration,
+
+    /// Name of this consumer in the Redis consumer group (default: host name and pid).
+    #[arg(long, env = "WORKER_NAME")]
+    pub name: Option<String>,
+
+    /// How often `chats_count` and `messages_count` are refreshed.
+    #[arg(long, env = "COUNTS_SYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub counts_sync_interval: Duration,
+}
+
+/// Settings of logging.
+#[derive(Args, Clone, Debug)]
+pub struct LogConfig {
+    /// Log filter, in `tracing` env-filter syntax (`info`, `chat_system=debug,warn`, ...).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+
+    /// `text` for people, `json` for log collectors.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    pub log_format: String,
+}
+
+/// A URL that may carry a password: `Debug` and `Display` hide the password.
+#[derive(Clone)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for SecretUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if !s.contains("://") {
+            return Err("expected a URL such as scheme://host:port/...".into());
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // scheme://user:password@host -> scheme://user:***@host
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str(&self.0);
+        };
+        match rest.split_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                let masked = if userinfo.contains(':') { ":***" } else { "" };
+                write!(f, "{scheme}://{user}{masked}@{host}")
+            }
+            None => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 250ms, 10s or 5m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(value)),
+        "s" => Ok(Duration::from_secs(value)),
+        "m" => Ok(Duration::from_secs(value * 60)),
+        _ => Err(format!("`{s}`: unknown unit `{unit}` (use ms, s or m)")),
+    }
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err("use letters, digits, `-` and `_` only".into());
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn secret_urls_hide_the_password() {
+        let url: SecretUrl = "mysql://app:hunter2@db:3306/chat".parse().unwrap();
+        assert_eq!(url.to_string(), "mysql://app:***@db:3306/chat");
+        assert_eq!(format!("{url:?}"), "\"mysql://app:***@db:3306/chat\"");
+        assert_eq!(url.expose(), "mysql://app:hunter2@db:3306/chat");
+        let plain: SecretUrl = "redis://127.0.0.1:6379".parse().unwrap();
+        assert_eq!(plain.to_string(), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn prefixes_are_restricted_to_safe_characters() {
+        assert!(parse_prefix("cs-test_1").is_ok());
+        assert!(parse_prefix("a:b").is_err());
+        assert!(parse_prefix("").is_err());
+    }
+}

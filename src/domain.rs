@@ -1,0 +1,162 @@
+//! Input parsed once into domain values; everything past the HTTP layer trusts them.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::error::{ApiError, FieldError};
+
+/// Longest application name and chat title, in characters.
+pub const MAX_NAME_CHARS: usize = 255;
+/// Longest message body, in bytes (the size of a MySQL `TEXT`).
+pub const MAX_BODY_BYTES: usize = 65_535;
+/// Random bytes in a token: 192 bits, 32 URL-safe characters.
+const TOKEN_BYTES: usize = 24;
+
+/// An application token: the only public handle of an application.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+impl Token {
+    /// A fresh token from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, ApiError> {
+        let mut bytes = [0u8; TOKEN_BYTES];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| ApiError::Internal(format!("random source failed: {e}")))?;
+        Ok(Self(URL_SAFE_NO_PAD.encode(bytes)))
+    }
+
+    /// A token taken from a URL. Anything that cannot be a token is simply unknown.
+    pub fn parse(s: &str) -> Result<Self, ApiError> {
+        let valid = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if valid {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(ApiError::not_found("application"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A chat or message number taken from a URL: a positive integer.
+pub fn parse_number(s: &str, what: &str) -> Result<u64, ApiError> {
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 && n <= i64::MAX as u64 => Ok(n),
+        _ => Err(ApiError::BadRequest(format!(
+            "{what} number must be a positive integer, got `{s}`"
+        ))),
+    }
+}
+
+/// `name` of an application: required, 1 to 255 characters, not only blanks.
+pub fn parse_name(name: Option<String>) -> Result<String, FieldError> {
+    let name = name.ok_or_else(|| FieldError::new("name", "is required"))?;
+    if name.trim().is_empty() {
+        return Err(FieldError::new("name", "must not be empty"));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(FieldError::new(
+            "name",
+            format!("must be at most {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    Ok(name)
+}
+
+/// `title` of a chat: optional (null allowed), at most 255 characters.
+pub fn parse_title(title: Option<String>) -> Result<Option<String>, FieldError> {
+    match title {
+        Some(t) if t.chars().count() > MAX_NAME_CHARS => Err(FieldError::new(
+            "title",
+            format!("must be at most {MAX_NAME_CHARS} characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// `body` of a message: required, 1 to 65,535 bytes, not only blanks.
+pub fn parse_body(body: Option<String>) -> Result<String, FieldError> {
+    let body = body.ok_or_else(|| FieldError::new("body", "is required"))?;
+    if body.trim().is_empty() {
+        return Err(FieldError::new("body", "must not be empty"));
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(FieldError::new(
+            "body",
+            format!("must be at most {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_url_safe_and_distinct() {
+        let a = Token::generate().unwrap();
+        let b = Token::generate().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 32);
+        assert!(Token::parse(a.as_str()).is_ok());
+    }
+
+    #[test]
+    fn malformed_tokens_are_unknown() {
+        for bad in ["", "a/b", "a b", "ä", &"x".repeat(65)] {
+            assert!(
+                matches!(Token::parse(bad), Err(ApiError::NotFound(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_must_be_positive_integers() {
+        assert_eq!(parse_number("1", "chat").unwrap(), 1);
+        for bad in [
+            "0",
+            "-1",
+            "1.5",
+            "abc",
+            "",
+            "99999999999999999999",
+            "9223372036854775808",
+        ] {
+            assert!(
+                matches!(parse_number(bad, "chat"), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_required_non_blank_and_bounded() {
+        assert!(parse_name(None).is_err());
+        assert!(parse_name(Some("  ".into())).is_err());
+        assert!(parse_name(Some("é".repeat(255))).is_ok());
+        assert!(parse_name(Some("a".repeat(256))).is_err());
+    }
+
+    #[test]
+    fn titles_are_optional_and_bounded() {
+        assert_eq!(parse_title(None).unwrap(), None);
+        assert!(parse_title(Some("a".repeat(255))).is_ok());
+        assert!(parse_title(Some("a".repeat(256))).is_err());
+    }
+
+    #[test]
+    fn bodies_are_bounded_in_bytes() {
+        assert!(parse_body(None).is_err());
+        assert!(parse_body(Some(String::new())).is_err());
+        assert!(parse_body(Some("a".repeat(MAX_BODY_BYTES))).is_ok());
+        // 32,768 two-byte characters: under the character count, over the byte limit.
+        assert!(parse_body(Some("é".repeat(32_768))).is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! The one error type of the HTTP API and its mapping to RFC 9457 problem responses.
+//!
+//! Handlers return `Result<_, ApiError>`; extractor rejections, unknown routes and
+//! middleware failures are turned into the same shape (see `http::problem_layer`).
+//! Bodies of 5xx answers are constant: the cause goes to the log, never to the client.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// A dependency whose failure turns a request into a 503.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dependency {
+    Mysql,
+    Redis,
+    Search,
+}
+
+impl Dependency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mysql => "mysql",
+            Self::Redis => "redis",
+            Self::Search => "search",
+        }
+    }
+}
+
+/// One invalid field of a request body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    /// The field's name in the request body.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("request timed out")]
+    Timeout,
+    #[error("{} is unavailable", .0.name())]
+    Unavailable(Dependency),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::NotFound(what.into())
+    }
+
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::Validation(vec![FieldError::new(field, message)])
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn problem(&self) -> Problem {
+        let status = self.status();
+        let (slug, detail) = match self {
+            Self::BadRequest(detail) => ("bad-request", detail.clone()),
+            Self::Unauthorized => (
+                "unauthorized",
+                "this endpoint requires `Authorization: Bearer <ADMIN_API_KEY>`".into(),
+            ),
+            Self::NotFound(what) => ("not-found", format!("{what} was not found")),
+            Self::MethodNotAllowed => (
+                "method-not-allowed",
+                "this method is not allowed on this path; see the Allow header".into(),
+            ),
+            Self::PayloadTooLarge => (
+                "payload-too-large",
+                "the request body is larger than the configured limit".into(),
+            ),
+            Self::UnsupportedMediaType => (
+                "unsupported-media-type",
+                "the request body must be JSON, sent with `Content-Type: application/json`".into(),
+            ),
+            Self::Validation(_) => (
+                "validation-failed",
+                "one or more fields are invalid; see `errors`".into(),
+            ),
+            Self::Unavailable(dep) => (
+                "dependency-unavailable",
+                format!("{} is unavailable; retry later", dep.name()),
+            ),
+            Self::Timeout => (
+                "timeout",
+                "the request did not complete in time; retry later".into(),
+            ),
+            Self::Internal(_) => ("internal", "an unexpected error occurred".into()),
+        };
+        Problem {
+            problem_type: format!("/problems/{slug}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail,
+            errors: match self {
+                Self::Validation(errors) => Some(errors.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// An RFC 9457 problem document, the body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI reference naming the kind of problem, such as `/problems/not-found`.
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    /// The HTTP reason phrase.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong, for people.
+    pub detail: String,
+    /// The invalid fields, for 422 answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+}
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            Self::Internal(cause) => tracing::error!(%cause, "internal error"),
+            Self::Unavailable(dep) => {
+                tracing::warn!(dependency = dep.name(), "dependency unavailable")
+            }
+            _ => {}
+        }
+        let problem = self.problem();
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (self.status(), body).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Self::Unavailable(_) | Self::Timeout = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        if crate::store::mysql_is_down(&err) {
+            tracing::warn!(error = %err, "mysql call failed");
+            Self::Unavailable(Dependency::Mysql)
+        } else {
+            Self::Internal(format!("mysql: {err}"))
+        }
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(err: redis::RedisError) -> Self {
+        if crate::store::redis_is_down(&err) {
+            tracing::warn!(error = %err, "redis call failed");
+            Self::Unavailable(Dependency::Redis)
+        } else {
+            Self::Internal(format!("redis: {err}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_do_not_leak_their_cause() {
+        let problem = ApiError::Internal("SELECT secret FROM t".into()).problem();
+        assert_eq!(problem.status, 500);
+        assert!(!problem.detail.contains("SELECT"));
+    }
+
+    #[test]
+    fn validation_errors_list_fields() {
+        let problem = ApiError::invalid("name", "must not be empty").problem();
+        assert_eq!(problem.status, 422);
+        assert_eq!(problem.problem_type, "/problems/validation-failed");
+        assert_eq!(problem.errors.unwrap()[0].field, "name");
+    }
+}

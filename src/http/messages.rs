@@ -1,0 +1,167 @@
+//! `/applications/{token}/chats/{number}/messages`: creates and updates go through the queue.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::get;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::extract::{JsonBody, NumberPage, QueryParams, page_limit};
+use super::{AppState, created, paginated};
+use crate::domain::{Token, parse_body, parse_number};
+use crate::error::{ApiError, Problem};
+use crate::resources::Message;
+use crate::store::mysql;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/applications/{token}/chats/{chat}/messages",
+            get(list).post(create),
+        )
+        .route(
+            "/applications/{token}/chats/{chat}/messages/{number}",
+            get(show).patch(update).put(update),
+        )
+}
+
+/// Body of the message endpoints.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct MessageInput {
+    /// 1 to 65,535 bytes of text.
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+/// Posts a message to a chat; its number is allocated at once and it is persisted
+/// asynchronously.
+#[utoipa::path(
+    post, path = "/applications/{token}/chats/{chat}/messages", tag = "messages",
+    params(
+        ("token" = String, Path, description = "The application's token"),
+        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
+    ),
+    request_body = MessageInput,
+    responses(
+        (status = 201, description = "Created", body = Message,
+            headers(("Location" = String, description = "URL of the new message"))),
+        (status = 400, body = Problem), (status = 404, body = Problem),
+        (status = 413, body = Problem), (status = 415, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    Path((token, chat)): Path<(String, String)>,
+    JsonBody(input): JsonBody<MessageInput>,
+) -> Result<Response, ApiError> {
+    let token = Token::parse(&token)?;
+    let chat = parse_number(&chat, "chat")?;
+    let body = parse_body(input.body).map_err(|e| ApiError::Validation(vec![e]))?;
+    let message = state.store.create_message(&token, chat, body).await?;
+    let location = format!(
+        "/applications/{}/chats/{chat}/messages/{}",
+        token.as_str(),
+        message.number
+    );
+    Ok(created(location, message))
+}
+
+/// Lists a chat's persisted messages in ascending `number`.
+#[utoipa::path(
+    get, path = "/applications/{token}/chats/{chat}/messages", tag = "messages",
+    params(
+        ("token" = String, Path, description = "The application's token"),
+        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
+        NumberPage,
+    ),
+    responses(
+        (status = 200, description = "A page of messages", body = [Message],
+            headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
+        (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem),
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Path((token, chat)): Path<(String, String)>,
+    QueryParams(page): QueryParams<NumberPage>,
+) -> Result<Response, ApiError> {
+    let token = Token::parse(&token)?;
+    let chat = parse_number(&chat, "chat")?;
+    let limit = page_limit(page.limit)?;
+    // The chat itself must exist (pending or persisted) for its list to be found.
+    state.store.chat(&token, chat).await?;
+    let app_id = state.store.application_id(&token).await?;
+    let mut messages = mysql::messages_after(
+        &state.store.mysql,
+        app_id,
+        chat,
+        page.after.unwrap_or(0),
+        limit + 1,
+    )
+    .await?;
+    let next = (messages.len() > limit as usize).then(|| {
+        messages.truncate(limit as usize);
+        messages.last().map_or(0, |m| m.number)
+    });
+    let path = format!("/applications/{}/chats/{chat}/messages", token.as_str());
+    Ok(paginated(&path, limit, next, messages))
+}
+
+/// Shows one message, including one accepted but not yet persisted.
+#[utoipa::path(
+    get, path = "/applications/{token}/chats/{chat}/messages/{number}", tag = "messages",
+    params(
+        ("token" = String, Path, description = "The application's token"),
+        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
+        ("number" = u64, Path, description = "The message's number", minimum = 1),
+    ),
+    responses(
+        (status = 200, body = Message),
+        (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem),
+    )
+)]
+pub async fn show(
+    State(state): State<AppState>,
+    Path((token, chat, number)): Path<(String, String, String)>,
+) -> Result<Json<Message>, ApiError> {
+    let token = Token::parse(&token)?;
+    let chat = parse_number(&chat, "chat")?;
+    let number = parse_number(&number, "message")?;
+    Ok(Json(state.store.message(&token, chat, number).await?))
+}
+
+/// Replaces the body of a message (`PATCH` and `PUT` behave the same).
+#[utoipa::path(
+    method(patch, put), path = "/applications/{token}/chats/{chat}/messages/{number}", tag = "messages",
+    params(
+        ("token" = String, Path, description = "The application's token"),
+        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
+        ("number" = u64, Path, description = "The message's number", minimum = 1),
+    ),
+    request_body = MessageInput,
+    responses(
+        (status = 200, body = Message),
+        (status = 400, body = Problem), (status = 404, body = Problem),
+        (status = 413, body = Problem), (status = 415, body = Problem),
+        (status = 422, body = Problem), (status = 503, body = Problem),
+    )
+)]
+pub async fn update(
+    State(state): State<AppState>,
+    Path((token, chat, number)): Path<(String, String, String)>,
+    JsonBody(input): JsonBody<MessageInput>,
+) -> Result<Json<Message>, ApiError> {
+    let token = Token::parse(&token)?;
+    let chat = parse_number(&chat, "chat")?;
+    let number = parse_number(&number, "message")?;
+    let body = parse_body(input.body).map_err(|e| ApiError::Validation(vec![e]))?;
+    Ok(Json(
+        state
+            .store
+            .update_message(&token, chat, number, body)
+            .await?,
+    ))
+}

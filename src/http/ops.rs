@@ -1,0 +1,139 @@
+//! Operational endpoints: liveness, readiness, metrics and the OpenAPI document.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use serde_json::json;
+use utoipa::{OpenApi, ToSchema};
+
+use super::AppState;
+use crate::error::{PROBLEM_JSON, Problem};
+use crate::store::mysql;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_json))
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn install_metrics_recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            const LATENCY: &[f64] = &[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let builder = PrometheusBuilder::new();
+            let builder = builder
+                .set_buckets(LATENCY)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            builder.install_recorder().unwrap_or_else(|_| {
+                // Another recorder is installed (only possible in tests): render an
+                // independent one so /metrics still answers.
+                PrometheusBuilder::new().build_recorder().handle()
+            })
+        })
+        .clone()
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`
+    status: &'static str,
+}
+
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// One dependency's state in a readiness answer.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready`
+    status: &'static str,
+    /// `ok` for each dependency checked.
+    checks: serde_json::Value,
+}
+
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Readiness: 200 when MySQL and Redis answer, else 503 naming those that do not.
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Problem))
+)]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let (mysql_ok, redis_ok) = tokio::join!(
+        tokio::time::timeout(CHECK_TIMEOUT, mysql::ping(&state.store.mysql)),
+        tokio::time::timeout(CHECK_TIMEOUT, state.store.queue.ping()),
+    );
+    let checks = [
+        ("mysql", matches!(mysql_ok, Ok(Ok(())))),
+        ("redis", matches!(redis_ok, Ok(Ok(())))),
+    ];
+    let down: Vec<&str> = checks
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(n, _)| *n)
+        .collect();
+    let detail: serde_json::Map<String, serde_json::Value> = checks
+        .iter()
+        .map(|(name, ok)| {
+            (
+                (*name).to_owned(),
+                json!(if *ok { "ok" } else { "unavailable" }),
+            )
+        })
+        .collect();
+    if down.is_empty() {
+        return Json(json!({"status": "ready", "checks": detail})).into_response();
+    }
+    let body = json!({
+        "type": "/problems/dependency-unavailable",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": format!("not ready: {} unavailable", down.join(", ")),
+        "checks": detail,
+    });
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONTENT_TYPE, PROBLEM_JSON)],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+)]
+pub async fn metrics_text(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// This OpenAPI 3 document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
+)]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(super::ApiDoc::openapi())
+}

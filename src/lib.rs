@@ -1,0 +1,34 @@
+//! chat-system: a chat backend. Client applications register and get a token; devices
+//! create chats in an application and post messages to chats. Everything is numbered
+//! per parent (1, 2, 3, ...) and built for many API processes at once.
+//!
+//! How a write flows: the API validates it, then one Lua script in Redis allocates the
+//! number, appends the write to a Redis Stream and keeps a pending record for reads
+//! (`store::queue`). Workers drain the stream into MySQL in idempotent batches
+//! (`worker`). MySQL is the system of record (`store::mysql`).
+//!
+//! | module | holds |
+//! |---|---|
+//! | [`cli`] | the subcommands: `serve`, `api`, `worker`, `migrate` |
+//! | [`config`] | typed configuration from environment variables |
+//! | [`startup`] | building and running the processes, graceful shutdown |
+//! | [`http`] | routes by resource, extractors, middleware, OpenAPI |
+//! | [`error`] | the one API error type and its problem+json mapping |
+//! | [`domain`] | input validation: tokens, numbers, names, titles, bodies |
+//! | [`resources`] | the public JSON shapes |
+//! | [`service`] | chat and message operations over Redis and MySQL |
+//! | [`store`] | MySQL statements; Redis keys, scripts and pending records |
+//! | [`worker`] | the queue consumer, dead letters, count sync |
+//! | [`telemetry`] | logging |
+
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod resources;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

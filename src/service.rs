@@ -1,0 +1,195 @@
+//! The operations behind the chat and message endpoints: Redis first, MySQL as the
+//! fallback and the truth. Handlers call these and only translate HTTP.
+
+use crate::domain::Token;
+use crate::error::ApiError;
+use crate::resources::{Chat, Message, now};
+use crate::store::queue::Allocation;
+use crate::store::{Store, mysql};
+
+/// A create retries after repairing a cold cache; two repairs (token, then a counter)
+/// are the most one create can need, so a third miss means something else is wrong.
+const CREATE_ATTEMPTS: usize = 4;
+
+impl Store {
+    /// The MySQL id of an application, from the Redis cache or, on a miss, from MySQL
+    /// (and then cached again).
+    pub async fn application_id(&self, token: &Token) -> Result<u64, ApiError> {
+        if let Some(id) = self.queue.cached_application_id(token.as_str()).await? {
+            return Ok(id);
+        }
+        self.load_application_id(token).await
+    }
+
+    async fn load_application_id(&self, token: &Token) -> Result<u64, ApiError> {
+        let id = mysql::application_id(&self.mysql, token.as_str())
+            .await?
+            .ok_or_else(|| ApiError::not_found("application"))?;
+        self.queue
+            .cache_application(token.as_str(), id, false)
+            .await?;
+        Ok(id)
+    }
+
+    /// Rebuilds the application's chat counter from MySQL if it is missing.
+    async fn restore_chat_counter(&self, token: &Token) -> Result<(), ApiError> {
+        let id = self.application_id(token).await?;
+        let max = mysql::max_chat_number(&self.mysql, id).await?;
+        tracing::info!(max, "restoring a chat counter from MySQL");
+        let key = self.queue.keys.chat_counter(token.as_str());
+        Ok(self.queue.restore_counter(&key, max).await?)
+    }
+
+    async fn restore_message_counter(&self, token: &Token, chat: u64) -> Result<(), ApiError> {
+        let id = self.application_id(token).await?;
+        let max = mysql::max_message_number(&self.mysql, id, chat).await?;
+        tracing::info!(chat, max, "restoring a message counter from MySQL");
+        let key = self.queue.keys.message_counter(token.as_str(), chat);
+        Ok(self.queue.restore_counter(&key, max).await?)
+    }
+
+    /// Allocates the chat's number and queues it. No MySQL write; a MySQL read only on
+    /// a cold cache.
+    pub async fn create_chat(
+        &self,
+        token: &Token,
+        title: Option<String>,
+    ) -> Result<Chat, ApiError> {
+        let at = now();
+        for _ in 0..CREATE_ATTEMPTS {
+            match self
+                .queue
+                .allocate_chat(token.as_str(), title.as_deref(), at)
+                .await?
+            {
+                Allocation::Created { number, .. } => {
+                    metrics::counter!("chats_created_total").increment(1);
+                    return Ok(Chat {
+                        number,
+                        title,
+                        messages_count: 0,
+                        created_at: at,
+                        updated_at: at,
+                    });
+                }
+                Allocation::NoApplication => {
+                    self.load_application_id(token).await?;
+                }
+                Allocation::NoChatCounter => self.restore_chat_counter(token).await?,
+                other => return Err(ApiError::Internal(format!("chat create: {other:?}"))),
+            }
+        }
+        Err(ApiError::Internal("chat create: cache kept missing".into()))
+    }
+
+    /// Allocates the message's number and queues it. No MySQL write; a MySQL read only
+    /// on a cold cache.
+    pub async fn create_message(
+        &self,
+        token: &Token,
+        chat: u64,
+        body: String,
+    ) -> Result<Message, ApiError> {
+        let at = now();
+        for _ in 0..CREATE_ATTEMPTS {
+            match self
+                .queue
+                .allocate_message(token.as_str(), chat, &body, at)
+                .await?
+            {
+                Allocation::Created { number, .. } => {
+                    metrics::counter!("messages_created_total").increment(1);
+                    return Ok(Message {
+                        number,
+                        chat_number: chat,
+                        body,
+                        created_at: at,
+                        updated_at: at,
+                    });
+                }
+                Allocation::NoApplication => {
+                    self.load_application_id(token).await?;
+                }
+                Allocation::NoChatCounter => self.restore_chat_counter(token).await?,
+                Allocation::NoChat => return Err(ApiError::not_found("chat")),
+                Allocation::NoMessageCounter => self.restore_message_counter(token, chat).await?,
+            }
+        }
+        Err(ApiError::Internal(
+            "message create: cache kept missing".into(),
+        ))
+    }
+
+    /// A chat: its pending record while one exists, else its MySQL row. Redis is read
+    /// first: a record is deleted only after its row is committed, so a miss in Redis
+    /// followed by a read of MySQL cannot fall between the two.
+    pub async fn chat(&self, token: &Token, number: u64) -> Result<Chat, ApiError> {
+        if let Some(chat) = self.queue.pending_chat(token.as_str(), number).await? {
+            return Ok(chat);
+        }
+        let app_id = self.application_id(token).await?;
+        mysql::chat(&self.mysql, app_id, number)
+            .await?
+            .ok_or_else(|| ApiError::not_found("chat"))
+    }
+
+    /// A message, read like [`Store::chat`].
+    pub async fn message(
+        &self,
+        token: &Token,
+        chat: u64,
+        number: u64,
+    ) -> Result<Message, ApiError> {
+        if let Some(message) = self
+            .queue
+            .pending_message(token.as_str(), chat, number)
+            .await?
+        {
+            return Ok(message);
+        }
+        let app_id = self.application_id(token).await?;
+        mysql::message(&self.mysql, app_id, chat, number)
+            .await?
+            .ok_or_else(|| ApiError::not_found("message"))
+    }
+
+    /// Replaces a chat's title (`Some(None)` sets it to null; `None` changes nothing).
+    /// The new state goes through the queue at a version later than any write accepted
+    /// before it.
+    pub async fn update_chat(
+        &self,
+        token: &Token,
+        number: u64,
+        title: Option<Option<String>>,
+    ) -> Result<Chat, ApiError> {
+        let mut chat = self.chat(token, number).await?;
+        let Some(title) = title else {
+            return Ok(chat);
+        };
+        let app_id = self.application_id(token).await?;
+        chat.title = title;
+        chat.updated_at = now();
+        self.queue
+            .enqueue_chat_update(token.as_str(), app_id, &chat)
+            .await?;
+        Ok(chat)
+    }
+
+    /// Replaces a message's body, through the queue like [`Store::update_chat`].
+    pub async fn update_message(
+        &self,
+        token: &Token,
+        chat: u64,
+        number: u64,
+        body: String,
+    ) -> Result<Message, ApiError> {
+        let mut message = self.message(token, chat, number).await?;
+        let app_id = self.application_id(token).await?;
+        message.body = body;
+        message.updated_at = now();
+        self.queue
+            .enqueue_message_update(token.as_str(), app_id, &message)
+            .await?;
+        Ok(message)
+    }
+}

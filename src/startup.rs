@@ -1,0 +1,117 @@
+//! Building and running the processes: the API server, the worker, or both.
+//!
+//! Building binds the listener (so the port is known before serving, which tests use
+//! with port 0); running serves until the shutdown signal, then drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{ApiConfig, StoreConfig, WorkerConfig};
+use crate::http::{self, AppState};
+use crate::store::{self, ConnectError, Store};
+use crate::worker::{Worker, WorkerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("cannot listen on {addr} (BIND): {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("worker: {0}")]
+    Worker(#[from] WorkerError),
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A bound, not yet serving, API server.
+pub struct ApiServer {
+    listener: TcpListener,
+    router: axum::Router,
+}
+
+impl ApiServer {
+    pub async fn build(store: Store, config: &ApiConfig) -> Result<Self, StartError> {
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+        let state = AppState::new(
+            store,
+            http::install_metrics_recorder(),
+            config.admin_api_key.clone(),
+        );
+        Ok(Self {
+            listener,
+            router: http::router(state, config),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then finishes the requests in flight.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        tracing::info!(addr = %self.local_addr(), "listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(StartError::Serve)
+    }
+}
+
+/// Connects a worker, with a Redis connection of its own for blocking reads.
+pub async fn build_worker(
+    store: Store,
+    store_config: &StoreConfig,
+    config: &WorkerConfig,
+) -> Result<Worker, StartError> {
+    let mut reader_config = store_config.clone();
+    reader_config.dependency_timeout += config.batch_wait;
+    let reader = store::connect_redis(&reader_config).await?;
+    Ok(Worker::new(store, reader, config.clone()).await?)
+}
+
+/// A watch channel that turns true on SIGINT or SIGTERM.
+pub fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+        tracing::info!("shutdown signal received; finishing work in hand");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Resolves when the watch turns true.
+pub async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}

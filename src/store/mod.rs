@@ -1,0 +1,124 @@
+//! Storage: MySQL (the system of record) and Redis (numbers, queue, pending records).
+//!
+//! * [`mysql`]: reads, the application writes, and the workers' batch upserts.
+//! * [`queue`]: Redis keys, the atomic Lua scripts of the create and update paths, and
+//!   the pending records that serve reads until a worker has persisted a write.
+
+pub mod mysql;
+pub mod queue;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+
+use crate::config::StoreConfig;
+
+pub use queue::Queue;
+
+/// Handles to both stores; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub mysql: MySqlPool,
+    pub queue: Queue,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("DATABASE_URL is invalid: {0}")]
+    DatabaseUrl(sqlx::Error),
+    #[error("REDIS_URL is invalid: {0}")]
+    RedisUrl(redis::RedisError),
+    #[error("cannot reach MySQL at {url}: {source}")]
+    Mysql { url: String, source: sqlx::Error },
+    #[error("cannot reach Redis at {url}: {source}")]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("cannot apply migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Store {
+    /// Connects to both stores, creating the MySQL database if it does not exist yet.
+    pub async fn connect(config: &StoreConfig) -> Result<Self, ConnectError> {
+        let mysql = connect_mysql(config).await?;
+        let redis = connect_redis(config).await?;
+        Ok(Self {
+            mysql,
+            queue: Queue::new(redis, &config.redis_prefix),
+        })
+    }
+}
+
+pub async fn connect_mysql(config: &StoreConfig) -> Result<MySqlPool, ConnectError> {
+    let url = config.database_url.to_string();
+    let options = MySqlConnectOptions::from_str(config.database_url.expose())
+        .map_err(ConnectError::DatabaseUrl)?;
+    if let Some(db) = options.get_database().map(str::to_owned) {
+        create_database_if_missing(options.clone(), &db)
+            .await
+            .map_err(|source| ConnectError::Mysql {
+                url: url.clone(),
+                source,
+            })?;
+    }
+    MySqlPoolOptions::new()
+        .max_connections(config.database_pool_size)
+        .acquire_timeout(config.dependency_timeout)
+        .connect_with(options)
+        .await
+        .map_err(|source| ConnectError::Mysql { url, source })
+}
+
+async fn create_database_if_missing(
+    options: MySqlConnectOptions,
+    db: &str,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::MySqlConnection::connect_with(&options.database("")).await?;
+    let sql = format!("CREATE DATABASE IF NOT EXISTS `{}`", db.replace('`', "``"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await
+}
+
+pub async fn connect_redis(config: &StoreConfig) -> Result<ConnectionManager, ConnectError> {
+    let url = config.redis_url.to_string();
+    let client = redis::Client::open(config.redis_url.expose()).map_err(ConnectError::RedisUrl)?;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.dependency_timeout))
+        .set_response_timeout(Some(config.dependency_timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_with_config(client, manager_config)
+        .await
+        .map_err(|source| ConnectError::Redis { url, source })
+}
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// True when the error means MySQL cannot be reached (rather than a bad statement).
+pub fn mysql_is_down(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_)
+    )
+}
+
+/// True when the error means Redis cannot be reached (rather than a bad command).
+pub fn redis_is_down(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_unrecoverable_error()
+}

@@ -1,0 +1,363 @@
+//! MySQL statements. All SQL of the service lives here, parameterised.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::mysql::MySqlPool;
+use sqlx::{FromRow, MySql, QueryBuilder, Transaction};
+
+use crate::resources::{Application, Chat, Message};
+
+#[derive(FromRow)]
+struct ApplicationRow {
+    token: String,
+    name: String,
+    chats_count: u64,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+}
+
+impl From<ApplicationRow> for Application {
+    fn from(r: ApplicationRow) -> Self {
+        Self {
+            token: r.token,
+            name: r.name,
+            chats_count: r.chats_count,
+            created_at: r.created_at.and_utc(),
+            updated_at: r.updated_at.and_utc(),
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct ChatRow {
+    number: u64,
+    title: Option<String>,
+    messages_count: u64,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+}
+
+impl From<ChatRow> for Chat {
+    fn from(r: ChatRow) -> Self {
+        Self {
+            number: r.number,
+            title: r.title,
+            messages_count: r.messages_count,
+            created_at: r.created_at.and_utc(),
+            updated_at: r.updated_at.and_utc(),
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct MessageRow {
+    chat_number: u64,
+    number: u64,
+    body: String,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+}
+
+impl From<MessageRow> for Message {
+    fn from(r: MessageRow) -> Self {
+        Self {
+            number: r.number,
+            chat_number: r.chat_number,
+            body: r.body,
+            created_at: r.created_at.and_utc(),
+            updated_at: r.updated_at.and_utc(),
+        }
+    }
+}
+
+fn naive(t: DateTime<Utc>) -> NaiveDateTime {
+    t.naive_utc()
+}
+
+// ---- applications -------------------------------------------------------------------
+
+pub async fn insert_application(db: &MySqlPool, app: &Application) -> sqlx::Result<u64> {
+    let result = sqlx::query(
+        "INSERT INTO applications (token, name, created_at, updated_at) VALUES (?, ?, ?, ?)",
+    )
+    .bind(&app.token)
+    .bind(&app.name)
+    .bind(naive(app.created_at))
+    .bind(naive(app.updated_at))
+    .execute(db)
+    .await?;
+    Ok(result.last_insert_id())
+}
+
+const APPLICATION_COLUMNS: &str = "token, name, chats_count, created_at, updated_at";
+
+pub async fn application(db: &MySqlPool, token: &str) -> sqlx::Result<Option<Application>> {
+    let row: Option<ApplicationRow> = sqlx::query_as(
+        "SELECT token, name, chats_count, created_at, updated_at FROM applications WHERE token = ?",
+    )
+    .bind(token)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(Into::into))
+}
+
+pub async fn application_id(db: &MySqlPool, token: &str) -> sqlx::Result<Option<u64>> {
+    sqlx::query_scalar("SELECT id FROM applications WHERE token = ?")
+        .bind(token)
+        .fetch_optional(db)
+        .await
+}
+
+/// A page of applications in creation order. `after` is the token of the last one seen;
+/// `None` when that token does not exist.
+pub async fn applications_after(
+    db: &MySqlPool,
+    after: Option<&str>,
+    limit: u32,
+) -> sqlx::Result<Option<Vec<Application>>> {
+    let after_id: u64 = match after {
+        None => 0,
+        Some(token) => match application_id(db, token).await? {
+            Some(id) => id,
+            None => return Ok(None),
+        },
+    };
+    let sql =
+        format!("SELECT {APPLICATION_COLUMNS} FROM applications WHERE id > ? ORDER BY id LIMIT ?");
+    let rows: Vec<ApplicationRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(db)
+        .await?;
+    Ok(Some(rows.into_iter().map(Into::into).collect()))
+}
+
+/// Renames an application; returns the updated row, or `None` for an unknown token.
+pub async fn rename_application(
+    db: &MySqlPool,
+    token: &str,
+    name: &str,
+    at: DateTime<Utc>,
+) -> sqlx::Result<Option<Application>> {
+    sqlx::query("UPDATE applications SET name = ?, updated_at = ? WHERE token = ?")
+        .bind(name)
+        .bind(naive(at))
+        .bind(token)
+        .execute(db)
+        .await?;
+    application(db, token).await
+}
+
+// ---- chats and messages: reads ------------------------------------------------------
+
+pub async fn chat(db: &MySqlPool, app_id: u64, number: u64) -> sqlx::Result<Option<Chat>> {
+    let row: Option<ChatRow> = sqlx::query_as(
+        "SELECT number, title, messages_count, created_at, updated_at \
+         FROM chats WHERE application_id = ? AND number = ?",
+    )
+    .bind(app_id)
+    .bind(number)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(Into::into))
+}
+
+pub async fn chats_after(
+    db: &MySqlPool,
+    app_id: u64,
+    after: u64,
+    limit: u32,
+) -> sqlx::Result<Vec<Chat>> {
+    let rows: Vec<ChatRow> = sqlx::query_as(
+        "SELECT number, title, messages_count, created_at, updated_at \
+         FROM chats WHERE application_id = ? AND number > ? ORDER BY number LIMIT ?",
+    )
+    .bind(app_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+pub async fn message(
+    db: &MySqlPool,
+    app_id: u64,
+    chat: u64,
+    number: u64,
+) -> sqlx::Result<Option<Message>> {
+    let row: Option<MessageRow> = sqlx::query_as(
+        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
+         WHERE application_id = ? AND chat_number = ? AND number = ?",
+    )
+    .bind(app_id)
+    .bind(chat)
+    .bind(number)
+    .fetch_optional(db)
+    .await?;
+    Ok(row.map(Into::into))
+}
+
+pub async fn messages_after(
+    db: &MySqlPool,
+    app_id: u64,
+    chat: u64,
+    after: u64,
+    limit: u32,
+) -> sqlx::Result<Vec<Message>> {
+    let rows: Vec<MessageRow> = sqlx::query_as(
+        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
+         WHERE application_id = ? AND chat_number = ? AND number > ? ORDER BY number LIMIT ?",
+    )
+    .bind(app_id)
+    .bind(chat)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Highest persisted chat number of an application (0 when it has none).
+pub async fn max_chat_number(db: &MySqlPool, app_id: u64) -> sqlx::Result<u64> {
+    let max: Option<u64> =
+        sqlx::query_scalar("SELECT MAX(number) FROM chats WHERE application_id = ?")
+            .bind(app_id)
+            .fetch_one(db)
+            .await?;
+    Ok(max.unwrap_or(0))
+}
+
+/// Highest persisted message number of a chat (0 when it has none).
+pub async fn max_message_number(db: &MySqlPool, app_id: u64, chat: u64) -> sqlx::Result<u64> {
+    let max: Option<u64> = sqlx::query_scalar(
+        "SELECT MAX(number) FROM messages WHERE application_id = ? AND chat_number = ?",
+    )
+    .bind(app_id)
+    .bind(chat)
+    .fetch_one(db)
+    .await?;
+    Ok(max.unwrap_or(0))
+}
+
+// ---- chats and messages: the workers' writes ----------------------------------------
+
+/// A chat as a queue entry carries it: the whole row at one version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatWrite {
+    pub app_id: u64,
+    pub number: u64,
+    pub title: Option<String>,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A message as a queue entry carries it: the whole row at one version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageWrite {
+    pub app_id: u64,
+    pub chat_number: u64,
+    pub number: u64,
+    pub body: String,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+// Last accepted write wins: a row changes only for a higher version. `version` is
+// assigned last because MySQL evaluates the assignments left to right. `VALUES(col)`
+// rather than the row alias syntax, which MariaDB does not accept.
+const CHAT_UPSERT_TAIL: &str = " ON DUPLICATE KEY UPDATE \
+    title = IF(VALUES(version) > version, VALUES(title), title), \
+    updated_at = IF(VALUES(version) > version, VALUES(updated_at), updated_at), \
+    version = GREATEST(version, VALUES(version))";
+
+const MESSAGE_UPSERT_TAIL: &str = " ON DUPLICATE KEY UPDATE \
+    body = IF(VALUES(version) > version, VALUES(body), body), \
+    updated_at = IF(VALUES(version) > version, VALUES(updated_at), updated_at), \
+    version = GREATEST(version, VALUES(version))";
+
+/// One multi-row idempotent upsert of chats.
+pub async fn upsert_chats(
+    tx: &mut Transaction<'_, MySql>,
+    chats: &[ChatWrite],
+) -> sqlx::Result<()> {
+    if chats.is_empty() {
+        return Ok(());
+    }
+    let mut query = QueryBuilder::<MySql>::new(
+        "INSERT INTO chats (application_id, number, title, version, created_at, updated_at) ",
+    );
+    query.push_values(chats, |mut row, c| {
+        row.push_bind(c.app_id)
+            .push_bind(c.number)
+            .push_bind(c.title.as_deref())
+            .push_bind(c.version)
+            .push_bind(naive(c.created_at))
+            .push_bind(naive(c.updated_at));
+    });
+    query.push(CHAT_UPSERT_TAIL);
+    query.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// One multi-row idempotent upsert of messages.
+pub async fn upsert_messages(
+    tx: &mut Transaction<'_, MySql>,
+    messages: &[MessageWrite],
+) -> sqlx::Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut query = QueryBuilder::<MySql>::new(
+        "INSERT INTO messages (application_id, chat_number, number, body, version, created_at, updated_at) ",
+    );
+    query.push_values(messages, |mut row, m| {
+        row.push_bind(m.app_id)
+            .push_bind(m.chat_number)
+            .push_bind(m.number)
+            .push_bind(m.body.as_str())
+            .push_bind(m.version)
+            .push_bind(naive(m.created_at))
+            .push_bind(naive(m.updated_at));
+    });
+    query.push(MESSAGE_UPSERT_TAIL);
+    query.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
+// ---- counts -------------------------------------------------------------------------
+
+/// Sets `chats_count` from the persisted chats. Each statement counts at its own
+/// execution, so concurrent syncs of one parent can only write a current figure.
+pub async fn sync_chats_count(db: &MySqlPool, app_id: u64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE applications SET chats_count = \
+         (SELECT COUNT(*) FROM chats WHERE application_id = ?) WHERE id = ?",
+    )
+    .bind(app_id)
+    .bind(app_id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Sets `messages_count` of one chat from its persisted messages.
+pub async fn sync_messages_count(db: &MySqlPool, app_id: u64, chat: u64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE chats SET messages_count = \
+         (SELECT COUNT(*) FROM messages WHERE application_id = ? AND chat_number = ?) \
+         WHERE application_id = ? AND number = ?",
+    )
+    .bind(app_id)
+    .bind(chat)
+    .bind(app_id)
+    .bind(chat)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn ping(db: &MySqlPool) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1").execute(db).await.map(drop)
+}

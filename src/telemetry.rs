@@ -1,0 +1,19 @@
+//! Logging setup: human-readable text or JSON lines, filtered by `LOG_LEVEL`.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogConfig;
+
+pub fn init(config: &LogConfig) -> Result<(), String> {
+    let filter = EnvFilter::try_new(&config.log_level)
+        .map_err(|e| format!("LOG_LEVEL `{}` is invalid: {e}", config.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let result = if config.log_format == "json" {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    result.map_err(|e| format!("cannot install the logger: {e}"))
+}

@@ -1,0 +1,194 @@
+//! Queue entries as the worker reads them: parsed and checked, or rejected with a reason.
+
+use redis::streams::StreamId;
+
+use crate::resources::from_micros;
+use crate::store::mysql::{ChatWrite, MessageWrite};
+use crate::store::queue::{Keys, version_of};
+
+/// One accepted write, ready to persist.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    Chat(ChatWrite),
+    Message(MessageWrite),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub id: String,
+    pub token: String,
+    pub write: Write,
+}
+
+impl Entry {
+    /// Parses a stream entry; the error says why it cannot be persisted.
+    pub fn parse(raw: &StreamId) -> Result<Self, String> {
+        let text = |name: &str| -> Result<String, String> {
+            raw.get::<String>(name)
+                .ok_or_else(|| format!("field `{name}` is missing"))
+        };
+        let number = |name: &str| -> Result<u64, String> {
+            text(name)?
+                .parse()
+                .map_err(|_| format!("field `{name}` is not a number"))
+        };
+        let time = |name: &str| {
+            text(name)?
+                .parse()
+                .ok()
+                .and_then(from_micros)
+                .ok_or_else(|| format!("field `{name}` is not a timestamp"))
+        };
+        let version = version_of(&raw.id).ok_or("the entry id is not a stream id")?;
+        let app_id = number("a")?;
+        let token = text("t")?;
+        let chat_number = number("c")?;
+        let (created_at, updated_at) = (time("ca")?, time("ua")?);
+        let write = match text("k")?.as_str() {
+            "chat" => Write::Chat(ChatWrite {
+                app_id,
+                number: chat_number,
+                title: raw.get("ti"),
+                version,
+                created_at,
+                updated_at,
+            }),
+            "msg" => Write::Message(MessageWrite {
+                app_id,
+                chat_number,
+                number: number("n")?,
+                body: text("b")?,
+                version,
+                created_at,
+                updated_at,
+            }),
+            other => return Err(format!("unknown kind `{other}`")),
+        };
+        Ok(Self {
+            id: raw.id.clone(),
+            token,
+            write,
+        })
+    }
+
+    /// The pending record this entry wrote, to release once it is persisted.
+    pub fn record_key(&self, keys: &Keys) -> String {
+        match &self.write {
+            Write::Chat(c) => keys.chat_record(&self.token, c.number),
+            Write::Message(m) => keys.message_record(&self.token, m.chat_number, m.number),
+        }
+    }
+
+    /// The parents whose counts this entry may change.
+    pub fn touched(&self) -> Vec<String> {
+        match &self.write {
+            Write::Chat(c) => vec![
+                format!("a:{}", c.app_id),
+                format!("c:{}:{}", c.app_id, c.number),
+            ],
+            Write::Message(m) => vec![format!("c:{}:{}", m.app_id, m.chat_number)],
+        }
+    }
+}
+
+/// A parent whose count needs a refresh, as stored in the `touched` set.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parent {
+    Application(u64),
+    Chat(u64, u64),
+}
+
+impl Parent {
+    pub fn parse(member: &str) -> Option<Self> {
+        let mut parts = member.split(':');
+        let parent = match (parts.next()?, parts.next(), parts.next()) {
+            ("a", Some(app), None) => Self::Application(app.parse().ok()?),
+            ("c", Some(app), Some(chat)) => Self::Chat(app.parse().ok()?, chat.parse().ok()?),
+            _ => return None,
+        };
+        parts.next().is_none().then_some(parent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    fn raw(fields: &[(&str, &str)]) -> StreamId {
+        StreamId {
+            id: "1700000000000-3".into(),
+            map: fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), Value::BulkString(v.as_bytes().to_vec())))
+                .collect(),
+            ..StreamId::default()
+        }
+    }
+
+    #[test]
+    fn messages_parse() {
+        let entry = Entry::parse(&raw(&[
+            ("k", "msg"),
+            ("a", "7"),
+            ("t", "tok"),
+            ("c", "2"),
+            ("n", "5"),
+            ("b", "hi"),
+            ("ca", "1700000000000000"),
+            ("ua", "1700000000000001"),
+        ]))
+        .unwrap();
+        let Write::Message(m) = &entry.write else {
+            panic!("not a message")
+        };
+        assert_eq!(
+            (m.app_id, m.chat_number, m.number, m.body.as_str()),
+            (7, 2, 5, "hi")
+        );
+        assert_eq!(m.version, version_of("1700000000000-3").unwrap());
+        assert_eq!(entry.touched(), vec!["c:7:2"]);
+    }
+
+    #[test]
+    fn chats_without_title_parse() {
+        let entry = Entry::parse(&raw(&[
+            ("k", "chat"),
+            ("a", "7"),
+            ("t", "tok"),
+            ("c", "2"),
+            ("ca", "1700000000000000"),
+            ("ua", "1700000000000000"),
+        ]))
+        .unwrap();
+        let Write::Chat(c) = &entry.write else {
+            panic!("not a chat")
+        };
+        assert_eq!(c.title, None);
+        assert_eq!(entry.touched(), vec!["a:7", "c:7:2"]);
+    }
+
+    #[test]
+    fn malformed_entries_say_why() {
+        let err = Entry::parse(&raw(&[("k", "msg"), ("a", "x")])).unwrap_err();
+        assert!(err.contains("`a`"), "{err}");
+        let err = Entry::parse(&raw(&[
+            ("k", "zzz"),
+            ("a", "1"),
+            ("t", "t"),
+            ("c", "1"),
+            ("ca", "1"),
+            ("ua", "1"),
+        ]))
+        .unwrap_err();
+        assert!(err.contains("unknown kind"), "{err}");
+    }
+
+    #[test]
+    fn parents_round_trip() {
+        assert_eq!(Parent::parse("a:3"), Some(Parent::Application(3)));
+        assert_eq!(Parent::parse("c:3:4"), Some(Parent::Chat(3, 4)));
+        assert_eq!(Parent::parse("c:3"), None);
+        assert_eq!(Parent::parse("a:3:4:5"), None);
+    }
+}

@@ -1,0 +1,389 @@
+//! The worker: drains the write queue into MySQL in batches, and keeps counts fresh.
+//!
+//! * Reads the stream through the consumer group `persist`, up to `WORKER_BATCH_SIZE`
+//!   entries per read, waiting at most `WORKER_BATCH_WAIT` for the first one.
+//! * Persists a batch as multi-row idempotent upserts in one transaction and acknowledges
+//!   the entries only after the commit: a crash before the ack means redelivery, and
+//!   redelivery changes nothing.
+//! * Takes over entries another consumer left unacknowledged for `WORKER_CLAIM_IDLE`.
+//! * Sends an entry that cannot be persisted to the dead-letter stream, with the reason.
+//! * Trims the stream behind the slowest consumer group.
+//! * Every `COUNTS_SYNC_INTERVAL`, refreshes the counts of the parents touched since.
+
+mod entry;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
+use tokio::sync::watch;
+
+pub use entry::{Entry, Parent, Write};
+
+use crate::config::WorkerConfig;
+use crate::store::queue::accepted_ms;
+use crate::store::{Store, mysql, mysql_is_down};
+
+/// The consumer group that persists to MySQL.
+pub const PERSIST_GROUP: &str = "persist";
+
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("mysql: {0}")]
+    Mysql(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+pub struct Worker {
+    store: Store,
+    /// A connection of its own: a blocking read must not hold up other commands.
+    reader: ConnectionManager,
+    config: WorkerConfig,
+    consumer: String,
+    claim_cursor: String,
+}
+
+impl Worker {
+    pub async fn new(
+        store: Store,
+        reader: ConnectionManager,
+        config: WorkerConfig,
+    ) -> Result<Self, WorkerError> {
+        let consumer = config.name.clone().unwrap_or_else(default_consumer_name);
+        let worker = Self {
+            store,
+            reader,
+            config,
+            consumer,
+            claim_cursor: "0-0".into(),
+        };
+        worker.ensure_group().await?;
+        Ok(worker)
+    }
+
+    /// Creates the consumer group (and the stream) if missing. The group starts at the
+    /// beginning of the stream, so entries queued before any worker existed are kept.
+    async fn ensure_group(&self) -> Result<(), WorkerError> {
+        let result: redis::RedisResult<()> = self
+            .conn()
+            .xgroup_create_mkstream(self.store.queue.keys.stream(), PERSIST_GROUP, "0")
+            .await;
+        match result {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.store.queue.conn.clone()
+    }
+
+    /// Runs until `shutdown` turns true; the batch in hand is finished and acknowledged
+    /// first.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        tracing::info!(consumer = %self.consumer, "worker started");
+        let mut own_backlog = true;
+        let mut backoff = Duration::from_millis(100);
+        let (mut last_claim, mut last_trim, mut last_counts) =
+            (Instant::now(), Instant::now(), Instant::now());
+        while !*shutdown.borrow() {
+            let result = async {
+                if last_claim.elapsed() >= self.config.claim_idle / 2 {
+                    last_claim = Instant::now();
+                    self.claim_idle().await?;
+                }
+                if last_trim.elapsed() >= TRIM_EVERY {
+                    last_trim = Instant::now();
+                    self.trim_and_measure().await?;
+                }
+                if last_counts.elapsed() >= self.config.counts_sync_interval {
+                    last_counts = Instant::now();
+                    self.sync_counts().await?;
+                }
+                // After a failure (or at start) our own unacknowledged entries come first.
+                let from = if own_backlog { "0" } else { ">" };
+                let entries = self.read(from).await?;
+                if own_backlog && entries.is_empty() {
+                    own_backlog = false;
+                }
+                self.process(entries).await
+            }
+            .await;
+            match result {
+                Ok(_) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "worker step failed");
+                    own_backlog = true;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        tracing::info!(consumer = %self.consumer, "worker stopped");
+    }
+
+    /// Persists everything queued now, then refreshes counts: a worker step callable from
+    /// tests and tools. Returns the number of entries handled.
+    pub async fn drain(&mut self) -> Result<usize, WorkerError> {
+        let mut total = 0;
+        for from in ["0", ">"] {
+            loop {
+                let entries = self.read(from).await?;
+                if entries.is_empty() {
+                    break;
+                }
+                total += self.process(entries).await?;
+            }
+        }
+        self.sync_counts().await?;
+        Ok(total)
+    }
+
+    async fn read(&mut self, from: &str) -> Result<Vec<StreamId>, WorkerError> {
+        let mut options = StreamReadOptions::default()
+            .group(PERSIST_GROUP, &self.consumer)
+            .count(self.config.batch_size);
+        if from == ">" {
+            options = options.block(self.config.batch_wait.as_millis() as usize);
+        }
+        let reply: Option<StreamReadReply> = self
+            .reader
+            .xread_options(&[self.store.queue.keys.stream()], &[from], &options)
+            .await?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .collect())
+    }
+
+    /// Takes over entries other consumers left idle too long, and persists them.
+    async fn claim_idle(&mut self) -> Result<(), WorkerError> {
+        let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(self.store.queue.keys.stream())
+            .arg(PERSIST_GROUP)
+            .arg(&self.consumer)
+            .arg(self.config.claim_idle.as_millis() as u64)
+            .arg(&self.claim_cursor)
+            .arg("COUNT")
+            .arg(self.config.batch_size)
+            .query_async(&mut self.conn())
+            .await?;
+        self.claim_cursor = reply.next_stream_id;
+        if !reply.claimed.is_empty() {
+            tracing::info!(count = reply.claimed.len(), "took over idle entries");
+            metrics::counter!("worker_claimed_total").increment(reply.claimed.len() as u64);
+            self.process(reply.claimed).await?;
+        }
+        Ok(())
+    }
+
+    /// Persists one batch; returns how many entries it acknowledged.
+    async fn process(&self, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
+        if raw.is_empty() {
+            return Ok(0);
+        }
+        let mut entries = Vec::with_capacity(raw.len());
+        for item in &raw {
+            match Entry::parse(item) {
+                Ok(entry) => entries.push(entry),
+                Err(reason) => self.dead_letter(item, &reason).await?,
+            }
+        }
+        if let Err(err) = self.persist(&entries).await {
+            if mysql_is_down(&err) {
+                return Err(err.into());
+            }
+            // A statement failed on its data: find the culprits one by one, so that
+            // they alone go to the dead-letter stream and the rest are kept.
+            tracing::warn!(error = %err, "batch failed; retrying entries one by one");
+            let mut kept = Vec::with_capacity(entries.len());
+            for entry in entries {
+                match self.persist(std::slice::from_ref(&entry)).await {
+                    Ok(()) => kept.push(entry),
+                    Err(e) if mysql_is_down(&e) => return Err(e.into()),
+                    Err(e) => {
+                        let item = raw.iter().find(|r| r.id == entry.id);
+                        if let Some(item) = item {
+                            self.dead_letter(item, &e.to_string()).await?;
+                        }
+                    }
+                }
+            }
+            entries = kept;
+        }
+        self.acknowledge(&entries).await?;
+        Ok(raw.len())
+    }
+
+    async fn persist(&self, entries: &[Entry]) -> Result<(), sqlx::Error> {
+        let mut chats = Vec::new();
+        let mut messages = Vec::new();
+        for entry in entries {
+            match &entry.write {
+                Write::Chat(c) => chats.push(c.clone()),
+                Write::Message(m) => messages.push(m.clone()),
+            }
+        }
+        let mut tx = self.store.mysql.begin().await?;
+        mysql::upsert_chats(&mut tx, &chats).await?;
+        mysql::upsert_messages(&mut tx, &messages).await?;
+        tx.commit().await
+    }
+
+    /// After the commit: acknowledge, release the pending records, mark parents touched.
+    async fn acknowledge(&self, entries: &[Entry]) -> Result<(), WorkerError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let keys = &self.store.queue.keys;
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let touched: HashSet<String> = entries.iter().flat_map(Entry::touched).collect();
+        let mut pipe = redis::pipe();
+        pipe.xack(keys.stream(), PERSIST_GROUP, &ids).ignore();
+        pipe.sadd(keys.touched(), touched.into_iter().collect::<Vec<_>>())
+            .ignore();
+        pipe.exec_async(&mut self.conn()).await?;
+
+        let records: Vec<(String, String)> = entries
+            .iter()
+            .map(|e| (e.record_key(keys), e.id.clone()))
+            .collect();
+        self.store.queue.release_pending(&records).await?;
+
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for entry in entries {
+            if let Some(ms) = accepted_ms(&entry.id) {
+                metrics::histogram!("persist_lag_seconds")
+                    .record(now_ms.saturating_sub(ms) as f64 / 1000.0);
+            }
+        }
+        metrics::histogram!("worker_batch_size").record(entries.len() as f64);
+        metrics::counter!("worker_persisted_total").increment(entries.len() as u64);
+        Ok(())
+    }
+
+    /// Moves an entry to the dead-letter stream with the reason, and acknowledges it.
+    async fn dead_letter(&self, item: &StreamId, reason: &str) -> Result<(), WorkerError> {
+        tracing::error!(entry = %item.id, %reason, "entry sent to the dead-letter stream");
+        metrics::counter!("dead_letters_total").increment(1);
+        let keys = &self.store.queue.keys;
+        let mut fields: Vec<(String, Vec<u8>)> = vec![
+            ("dlq_reason".into(), reason.as_bytes().to_vec()),
+            ("dlq_entry".into(), item.id.as_bytes().to_vec()),
+        ];
+        fields.extend(item.map.iter().map(|(k, v)| {
+            let bytes = redis::from_redis_value_ref::<Vec<u8>>(v).unwrap_or_default();
+            (k.clone(), bytes)
+        }));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .xadd(keys.dead_letters(), "*", &fields)
+            .ignore()
+            .xack(keys.stream(), PERSIST_GROUP, &[&item.id])
+            .ignore();
+        pipe.exec_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Trims entries every group has acknowledged, and publishes the queue gauges.
+    async fn trim_and_measure(&self) -> Result<(), WorkerError> {
+        let stream = self.store.queue.keys.stream();
+        let mut conn = self.conn();
+        let info: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&stream).await?;
+        let mut floor: Option<String> = None;
+        for group in &info.groups {
+            metrics::gauge!("queue_pending", "group" => group.name.clone())
+                .set(group.pending as f64);
+            if let Some(lag) = group.lag {
+                metrics::gauge!("queue_lag", "group" => group.name.clone()).set(lag as f64);
+            }
+            let oldest = if group.pending > 0 {
+                let summary: redis::streams::StreamPendingReply =
+                    conn.xpending(&stream, &group.name).await?;
+                match summary {
+                    redis::streams::StreamPendingReply::Data(d) => d.start_id,
+                    _ => group.last_delivered_id.clone(),
+                }
+            } else {
+                group.last_delivered_id.clone()
+            };
+            floor = Some(match floor {
+                Some(f) if stream_id_le(&f, &oldest) => f,
+                _ => oldest,
+            });
+        }
+        if let Some(floor) = floor {
+            let _: i64 = redis::cmd("XTRIM")
+                .arg(&stream)
+                .arg("MINID")
+                .arg("~")
+                .arg(floor)
+                .query_async(&mut conn)
+                .await?;
+        }
+        let len: u64 = conn.xlen(&stream).await?;
+        metrics::gauge!("queue_length").set(len as f64);
+        let dead: u64 = conn.xlen(self.store.queue.keys.dead_letters()).await?;
+        metrics::gauge!("dead_letter_length").set(dead as f64);
+        Ok(())
+    }
+
+    /// Refreshes the counts of the parents touched since the last sync. `SPOP` hands each
+    /// parent to exactly one worker; a failed refresh puts the parent back.
+    pub async fn sync_counts(&self) -> Result<(), WorkerError> {
+        let key = self.store.queue.keys.touched();
+        loop {
+            let members: Vec<String> = redis::cmd("SPOP")
+                .arg(&key)
+                .arg(500)
+                .query_async(&mut self.conn())
+                .await?;
+            if members.is_empty() {
+                return Ok(());
+            }
+            for (i, member) in members.iter().enumerate() {
+                let result = match Parent::parse(member) {
+                    Some(Parent::Application(app)) => {
+                        mysql::sync_chats_count(&self.store.mysql, app).await
+                    }
+                    Some(Parent::Chat(app, chat)) => {
+                        mysql::sync_messages_count(&self.store.mysql, app, chat).await
+                    }
+                    None => Ok(()),
+                };
+                if let Err(e) = result {
+                    let _: () = self.conn().sadd(&key, &members[i..]).await?;
+                    return Err(e.into());
+                }
+            }
+            metrics::counter!("counts_synced_total").increment(members.len() as u64);
+        }
+    }
+}
+
+fn stream_id_le(a: &str, b: &str) -> bool {
+    let parse = |s: &str| -> (u64, u64) {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+    };
+    parse(a) <= parse(b)
+}
+
+fn default_consumer_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
