@@ -1,0 +1,381 @@
+//! The test harness: the real app on port 0 against the real MariaDB and Redis that
+//! `scripts/test` starts, a fresh database and Redis key prefix per test, typed helpers.
+//!
+//! Nothing is mocked. Faults are injected with [`Proxy`], a TCP relay between the app
+//! and a real server that a test can cut and restore.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chat_system::config::{ApiConfig, StoreConfig, WorkerConfig, parse_duration};
+use chat_system::startup::{ApiServer, build_worker};
+use chat_system::store::{MIGRATOR, Store};
+use chat_system::worker::Worker;
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+pub fn mysql_server_url() -> String {
+    std::env::var("TEST_MYSQL_URL")
+        .expect("TEST_MYSQL_URL is not set: run the tests with scripts/test")
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL")
+        .expect("TEST_REDIS_URL is not set: run the tests with scripts/test")
+}
+
+fn unique_name(prefix: &str) -> String {
+    format!("{prefix}{:016x}", getrandom::u64().expect("random"))
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts this is a problem+json document with the given status.
+    #[track_caller]
+    pub fn assert_problem(&self, status: u16) -> &Value {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.body);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
+        assert_eq!(self.body["status"], status);
+        assert!(self.body["type"].is_string(), "{}", self.body);
+        assert!(self.body["title"].is_string(), "{}", self.body);
+        assert!(self.body["detail"].is_string(), "{}", self.body);
+        &self.body
+    }
+}
+
+/// How a test app is put together.
+#[derive(Default)]
+pub struct Options {
+    pub admin_api_key: Option<String>,
+    /// Route MySQL and Redis through cuttable proxies.
+    pub proxies: bool,
+    pub body_limit: Option<usize>,
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub store: Store,
+    pub store_config: StoreConfig,
+    pub worker: Worker,
+    pub database: String,
+    pub prefix: String,
+    pub mysql_proxy: Option<Proxy>,
+    pub redis_proxy: Option<Proxy>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> Self {
+        let database = unique_name("t_");
+        let prefix = unique_name("t");
+        let server = mysql_server_url();
+        let (mysql_proxy, redis_proxy) = if options.proxies {
+            let mysql_target = server
+                .trim_start_matches("mysql://")
+                .rsplit('@')
+                .next()
+                .unwrap();
+            let redis_target = redis_url().trim_start_matches("redis://").to_owned();
+            (
+                Some(Proxy::start(mysql_target).await),
+                Some(Proxy::start(&redis_target).await),
+            )
+        } else {
+            (None, None)
+        };
+        let database_url = match &mysql_proxy {
+            Some(p) => format!("mysql://root@{}/{database}", p.addr),
+            None => format!("{server}/{database}"),
+        };
+        let redis = match &redis_proxy {
+            Some(p) => format!("redis://{}", p.addr),
+            None => redis_url(),
+        };
+        let store_config = StoreConfig {
+            database_url: database_url.parse().unwrap(),
+            database_pool_size: 8,
+            redis_url: redis.parse().unwrap(),
+            redis_prefix: prefix.clone(),
+            dependency_timeout: Duration::from_secs(2),
+        };
+        let store = Store::connect(&store_config).await.expect("connect");
+        MIGRATOR.run(&store.mysql).await.expect("migrate");
+        let api_config = ApiConfig {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            body_limit: options.body_limit.unwrap_or(256 * 1024),
+            request_timeout: Duration::from_secs(10),
+            admin_api_key: options.admin_api_key,
+        };
+        let server = ApiServer::build(store.clone(), &api_config)
+            .await
+            .expect("build");
+        let addr = server.local_addr();
+        tokio::spawn(server.run(std::future::pending()));
+        let worker = build_worker(store.clone(), &store_config, &worker_config())
+            .await
+            .expect("worker");
+        Self {
+            addr,
+            client: reqwest::Client::new(),
+            store,
+            store_config,
+            worker,
+            database,
+            prefix,
+            mysql_proxy,
+            redis_proxy,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(self.client.get(self.url(path))).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send(self.client.post(self.url(path)).json(&body))
+            .await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Reply {
+        self.send(self.client.patch(self.url(path)).json(&body))
+            .await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Reply {
+        self.send(self.client.put(self.url(path)).json(&body)).await
+    }
+
+    /// Creates an application and returns its token.
+    pub async fn application(&self, name: &str) -> String {
+        let reply = self.post("/applications", json!({ "name": name })).await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        reply.body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates a chat and returns its number.
+    pub async fn chat(&self, token: &str) -> u64 {
+        let reply = self
+            .post(&format!("/applications/{token}/chats"), json!({}))
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        reply.body["number"].as_u64().unwrap()
+    }
+
+    /// Posts a message and returns its number.
+    pub async fn message(&self, token: &str, chat: u64, body: &str) -> u64 {
+        let reply = self
+            .post(
+                &format!("/applications/{token}/chats/{chat}/messages"),
+                json!({ "body": body }),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.body);
+        reply.body["number"].as_u64().unwrap()
+    }
+
+    /// Persists everything queued so far and refreshes counts.
+    pub async fn drain(&mut self) -> usize {
+        self.worker.drain().await.expect("drain")
+    }
+
+    pub async fn redis(&self) -> redis::aio::ConnectionManager {
+        self.store.queue.conn.clone()
+    }
+
+    pub async fn stream_len(&self) -> u64 {
+        redis::cmd("XLEN")
+            .arg(self.store.queue.keys.stream())
+            .query_async(&mut self.redis().await)
+            .await
+            .unwrap()
+    }
+
+    pub async fn scalar(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.store.mysql)
+            .await
+            .unwrap()
+    }
+}
+
+pub fn worker_config() -> WorkerConfig {
+    WorkerConfig {
+        batch_size: 1000,
+        batch_wait: Duration::from_millis(20),
+        claim_idle: Duration::from_secs(1),
+        name: Some(unique_name("w")),
+        counts_sync_interval: parse_duration("200ms").unwrap(),
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let database = self.database.clone();
+        let prefix = self.prefix.clone();
+        // The test's runtime is going away: clean up on a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(cleanup(database, prefix));
+        })
+        .join();
+    }
+}
+
+async fn cleanup(database: String, prefix: String) {
+    use sqlx::Connection;
+    if let Ok(mut conn) = sqlx::MySqlConnection::connect(&mysql_server_url()).await {
+        let sql = format!("DROP DATABASE IF EXISTS `{database}`");
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await;
+    }
+    if let Ok(client) = redis::Client::open(redis_url())
+        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+    {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> =
+                redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns true; fails the test after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP relay to a real server, which a test can cut (every connection dropped, new
+/// ones refused) and restore.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: AbortHandle,
+}
+
+impl Proxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let target = target.to_owned();
+        let accept = {
+            let (down, connections) = (down.clone(), connections.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if down.load(Ordering::SeqCst) {
+                        continue; // dropped: the client sees the connection closed
+                    }
+                    let target = target.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().unwrap().push(task.abort_handle());
+                }
+            })
+            .abort_handle()
+        };
+        Self {
+            addr,
+            down,
+            connections,
+            accept,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+impl TestApp {
+    /// Runs another worker in the background (its own consumer name) until the returned
+    /// sender is dropped or set.
+    pub async fn spawn_worker(&self) -> tokio::sync::watch::Sender<bool> {
+        let worker = build_worker(self.store.clone(), &self.store_config, &worker_config())
+            .await
+            .expect("worker");
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(worker.run(rx));
+        tx
+    }
+}

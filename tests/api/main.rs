@@ -1,0 +1,10 @@
+//! Black-box tests of the whole service against real MariaDB and Redis.
+
+mod applications;
+mod chats;
+mod errors;
+mod helpers;
+mod messages;
+mod operations;
+mod processes;
+mod worker;

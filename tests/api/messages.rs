@@ -1,0 +1,182 @@
+use serde_json::json;
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn a_message_can_be_posted_right_after_its_chat_201() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let reply = app
+        .post(
+            &format!("/applications/{token}/chats/{chat}/messages"),
+            json!({"body": "hi"}),
+        )
+        .await;
+    assert_eq!(reply.status, 201);
+    assert_eq!(
+        reply.header("location"),
+        Some(format!("/applications/{token}/chats/{chat}/messages/1").as_str())
+    );
+    let mut keys: Vec<&str> = reply
+        .body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["body", "chat_number", "created_at", "number", "updated_at"]
+    );
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 0);
+
+    let path = format!("/applications/{token}/chats/{chat}/messages/1");
+    assert_eq!(
+        app.get(&path).await.body,
+        reply.body,
+        "served before persistence"
+    );
+    app.drain().await;
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 1);
+    assert_eq!(app.get(&path).await.body, reply.body, "served from MySQL");
+}
+
+#[tokio::test]
+async fn messages_are_numbered_from_one_per_chat() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let (one, two) = (app.chat(&token).await, app.chat(&token).await);
+    assert_eq!(app.message(&token, one, "a").await, 1);
+    assert_eq!(app.message(&token, one, "b").await, 2);
+    assert_eq!(app.message(&token, two, "c").await, 1);
+}
+
+#[tokio::test]
+async fn invalid_messages_are_rejected_and_nothing_is_queued() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let before = app.stream_len().await;
+    let path = format!("/applications/{token}/chats/{chat}/messages");
+    for body in [
+        json!({}),
+        json!({"body": ""}),
+        json!({"body": " "}),
+        json!({"body": "x".repeat(65_536)}),
+    ] {
+        let reply = app.post(&path, body).await;
+        assert_eq!(reply.assert_problem(422)["errors"][0]["field"], "body");
+    }
+    assert_eq!(
+        app.post(&path, json!({"body": "x".repeat(65_535)}))
+            .await
+            .status,
+        201
+    );
+    app.post(
+        &format!("/applications/{token}/chats/2/messages"),
+        json!({"body": "x"}),
+    )
+    .await
+    .assert_problem(404);
+    app.post(
+        "/applications/unknown/chats/1/messages",
+        json!({"body": "x"}),
+    )
+    .await
+    .assert_problem(404);
+    assert_eq!(app.stream_len().await, before + 1);
+}
+
+#[tokio::test]
+async fn messages_are_listed_in_number_order_with_pagination() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let other = app.chat(&token).await;
+    for i in 1..=3 {
+        app.message(&token, chat, &format!("m{i}")).await;
+    }
+    app.message(&token, other, "elsewhere").await;
+    app.drain().await;
+    let base = format!("/applications/{token}/chats/{chat}/messages");
+    let page = app.get(&format!("{base}?limit=2")).await;
+    let bodies: Vec<&str> = page
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["m1", "m2"]);
+    assert_eq!(
+        page.header("link"),
+        Some(format!("<{base}?limit=2&after=2>; rel=\"next\"").as_str())
+    );
+    let rest = app.get(&format!("{base}?limit=2&after=2")).await;
+    assert_eq!(rest.body[0]["body"], "m3");
+    assert!(rest.header("link").is_none());
+    app.get(&format!("/applications/{token}/chats/9/messages"))
+        .await
+        .assert_problem(404);
+    app.get(&format!("{base}?limit=5000"))
+        .await
+        .assert_problem(400);
+}
+
+#[tokio::test]
+async fn patch_and_put_replace_the_body() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.message(&token, chat, "original").await;
+    let path = format!("/applications/{token}/chats/{chat}/messages/1");
+    let patched = app.patch(&path, json!({"body": "edited"})).await;
+    assert_eq!(
+        (patched.status.as_u16(), patched.body["body"].as_str()),
+        (200, Some("edited"))
+    );
+    assert_eq!(app.get(&path).await.body["body"], "edited");
+    app.drain().await;
+    let put = app.put(&path, json!({"body": "again"})).await;
+    assert_eq!(put.body["body"], "again");
+    assert_eq!(
+        app.get(&path).await.body["body"],
+        "again",
+        "pending update over a persisted row"
+    );
+    app.patch(&path, json!({"body": ""}))
+        .await
+        .assert_problem(422);
+    app.patch(
+        &format!("/applications/{token}/chats/{chat}/messages/7"),
+        json!({"body": "x"}),
+    )
+    .await
+    .assert_problem(404);
+    app.drain().await;
+    let body: String = sqlx::query_scalar("SELECT body FROM messages")
+        .fetch_one(&app.store.mysql)
+        .await
+        .unwrap();
+    assert_eq!(body, "again");
+}
+
+#[tokio::test]
+async fn sequential_updates_end_with_the_last_one() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.message(&token, chat, "v0").await;
+    let path = format!("/applications/{token}/chats/{chat}/messages/1");
+    for i in 1..=50 {
+        app.patch(&path, json!({"body": format!("v{i}")})).await;
+        if i % 7 == 0 {
+            app.drain().await; // some persisted in between, some batched together
+        }
+    }
+    app.drain().await;
+    assert_eq!(app.get(&path).await.body["body"], "v50");
+}

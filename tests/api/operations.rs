@@ -1,0 +1,185 @@
+//! Health, readiness, metrics, the OpenAPI document, and behaviour with a dependency down.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::helpers::{Options, TestApp};
+
+#[tokio::test]
+async fn healthz_and_readyz_answer() {
+    let app = TestApp::spawn().await;
+    let health = app.get("/healthz").await;
+    assert_eq!(
+        (health.status.as_u16(), &health.body),
+        (200, &json!({"status": "ok"}))
+    );
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.body["checks"], json!({"mysql": "ok", "redis": "ok"}));
+}
+
+#[tokio::test]
+async fn readyz_names_the_dependency_that_is_down() {
+    let app = TestApp::with(Options {
+        proxies: true,
+        ..Options::default()
+    })
+    .await;
+    let mysql = app.mysql_proxy.as_ref().unwrap();
+    let redis = app.redis_proxy.as_ref().unwrap();
+
+    mysql.cut();
+    let reply = app.get("/readyz").await;
+    reply.assert_problem(503);
+    assert_eq!(
+        reply.body["checks"],
+        json!({"mysql": "unavailable", "redis": "ok"})
+    );
+    assert!(reply.body["detail"].as_str().unwrap().contains("mysql"));
+    mysql.restore();
+
+    redis.cut();
+    let reply = app.get("/readyz").await;
+    reply.assert_problem(503);
+    assert_eq!(reply.body["checks"]["redis"], "unavailable");
+    redis.restore();
+}
+
+#[tokio::test]
+async fn with_mysql_down_creates_are_accepted_and_reads_get_a_fast_503() {
+    let mut app = TestApp::with(Options {
+        proxies: true,
+        ..Options::default()
+    })
+    .await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.mysql_proxy.as_ref().unwrap().cut();
+
+    // The create path needs Redis only.
+    let number = app
+        .message(&token, chat, "queued while MySQL is down")
+        .await;
+    let started = Instant::now();
+    let reply = app
+        .get(&format!("/applications/{token}/chats/{chat}/messages"))
+        .await;
+    let problem = reply.assert_problem(503);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("mysql"),
+        "{problem}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "503 must be fast"
+    );
+    // A pending message is still served from Redis.
+    let shown = app
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/messages/{number}"
+        ))
+        .await;
+    assert_eq!(shown.status, 200);
+
+    app.mysql_proxy.as_ref().unwrap().restore();
+    app.drain().await;
+    let listed = app
+        .get(&format!("/applications/{token}/chats/{chat}/messages"))
+        .await;
+    assert_eq!(listed.body[0]["body"], "queued while MySQL is down");
+}
+
+#[tokio::test]
+async fn with_redis_down_creates_get_a_503_naming_redis() {
+    let app = TestApp::with(Options {
+        proxies: true,
+        ..Options::default()
+    })
+    .await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.redis_proxy.as_ref().unwrap().cut();
+    let started = Instant::now();
+    let reply = app
+        .post(
+            &format!("/applications/{token}/chats/{chat}/messages"),
+            json!({"body": "x"}),
+        )
+        .await;
+    let problem = reply.assert_problem(503);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("redis"),
+        "{problem}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "503 must be fast"
+    );
+    // Reads of persisted applications do not need Redis.
+    assert_eq!(app.get(&format!("/applications/{token}")).await.status, 200);
+    app.redis_proxy.as_ref().unwrap().restore();
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let app = TestApp::spawn().await;
+    app.get("/applications/nope").await;
+    let reply = app.send(app.client.get(app.url("/metrics"))).await;
+    assert_eq!(reply.status, 200);
+    let text = reply.body.as_str().unwrap();
+    assert!(
+        text.contains(
+            r#"http_requests_total{method="GET",route="/applications/{token}",status="404"}"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_endpoint() {
+    let app = TestApp::spawn().await;
+    let doc = app.get("/openapi.json").await.body;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, methods) in [
+        ("/applications", &["get", "post"][..]),
+        ("/applications/{token}", &["get", "patch", "put"]),
+        ("/applications/{token}/chats", &["get", "post"]),
+        (
+            "/applications/{token}/chats/{number}",
+            &["get", "patch", "put"],
+        ),
+        (
+            "/applications/{token}/chats/{chat}/messages",
+            &["get", "post"],
+        ),
+        (
+            "/applications/{token}/chats/{chat}/messages/{number}",
+            &["get", "patch", "put"],
+        ),
+        ("/healthz", &["get"]),
+        ("/readyz", &["get"]),
+        ("/metrics", &["get"]),
+        ("/openapi.json", &["get"]),
+    ] {
+        for method in methods {
+            assert!(
+                paths[path].get(*method).is_some(),
+                "{method} {path} is missing"
+            );
+        }
+    }
+    assert!(doc["components"]["schemas"]["Problem"].is_object());
+}
+
+#[tokio::test]
+async fn responses_carry_a_request_id() {
+    let app = TestApp::spawn().await;
+    let reply = app.get("/healthz").await;
+    assert_eq!(reply.header("x-request-id").map(str::len), Some(16));
+}

@@ -1,0 +1,330 @@
+//! Separate OS processes of the real binary: two `api` and two `worker` processes
+//! sharing one MariaDB and one Redis, under concurrent load, and a worker killed with
+//! SIGKILL in the middle of a batch.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::helpers::{TestApp, eventually};
+
+/// A child process of the binary, killed when dropped.
+struct Process {
+    child: Child,
+    addr: Option<String>,
+}
+
+impl Process {
+    async fn start(app: &TestApp, role: &str, extra: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_chat-system"));
+        command
+            .arg(role)
+            .env("DATABASE_URL", app.store_config.database_url.expose())
+            .env("REDIS_URL", app.store_config.redis_url.expose())
+            .env("REDIS_PREFIX", &app.prefix)
+            .env("LOG_LEVEL", "warn")
+            .env("WORKER_CLAIM_IDLE", "1s")
+            .env("COUNTS_SYNC_INTERVAL", "200ms")
+            .kill_on_drop(true);
+        let addr = if role == "api" {
+            // Take a free port from the kernel; the process binds it right after.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let addr = format!("127.0.0.1:{port}");
+            command.env("BIND", &addr);
+            Some(addr)
+        } else {
+            None
+        };
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn chat-system");
+        let process = Self { child, addr };
+        if let Some(addr) = &process.addr {
+            let url = format!("http://{addr}/healthz");
+            eventually(
+                Duration::from_secs(20),
+                "the api process to listen",
+                || async { reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) },
+            )
+            .await;
+        }
+        process
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr.as_deref().unwrap())
+    }
+
+    async fn kill(&mut self) {
+        self.child.kill().await.expect("SIGKILL");
+    }
+}
+
+/// Sends `requests` (url, body) with at most 64 in flight; returns each answer's JSON.
+async fn post_all(requests: Vec<(String, serde_json::Value)>) -> Vec<serde_json::Value> {
+    let client = reqwest::Client::new();
+    let permits = Arc::new(Semaphore::new(64));
+    let mut tasks = JoinSet::new();
+    for (url, body) in requests {
+        let (client, permits) = (client.clone(), permits.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let response = client.post(&url).json(&body).send().await.expect("post");
+            assert_eq!(response.status(), 201);
+            response.json::<serde_json::Value>().await.unwrap()
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(answer) = tasks.join_next().await {
+        answers.push(answer.unwrap());
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_through_two_apis_and_two_workers_are_numbered_exactly_once() {
+    let app = TestApp::spawn().await;
+    let apis = [
+        Process::start(&app, "api", &[]).await,
+        Process::start(&app, "api", &[]).await,
+    ];
+    let _workers = [
+        Process::start(&app, "worker", &[]).await,
+        Process::start(&app, "worker", &[]).await,
+    ];
+    let token = app.application("load").await;
+
+    // 1,000 chats on one application, alternating between the API processes.
+    let requests = (0..1000)
+        .map(|i| {
+            (
+                apis[i % 2].url(&format!("/applications/{token}/chats")),
+                json!({"title": format!("c{i}")}),
+            )
+        })
+        .collect();
+    let answers = post_all(requests).await;
+    let numbers: HashSet<u64> = answers
+        .iter()
+        .map(|a| a["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (1..=1000).collect::<HashSet<u64>>());
+
+    // 2,000 messages over 10 chats.
+    let requests = (0..2000)
+        .map(|i| {
+            let chat = i % 10 + 1;
+            let url = apis[i % 2].url(&format!("/applications/{token}/chats/{chat}/messages"));
+            (url, json!({"body": format!("message {i}")}))
+        })
+        .collect();
+    let answers = post_all(requests).await;
+    let mut accepted: BTreeMap<(u64, u64), String> = BTreeMap::new();
+    for a in &answers {
+        let key = (
+            a["chat_number"].as_u64().unwrap(),
+            a["number"].as_u64().unwrap(),
+        );
+        assert!(
+            accepted
+                .insert(key, a["body"].as_str().unwrap().to_owned())
+                .is_none(),
+            "duplicate {key:?}"
+        );
+    }
+    for chat in 1..=10 {
+        let numbers: Vec<u64> = accepted
+            .keys()
+            .filter(|(c, _)| *c == chat)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(numbers, (1..=200).collect::<Vec<u64>>(), "chat {chat}");
+    }
+
+    eventually(
+        Duration::from_secs(60),
+        "every accepted write to be persisted",
+        || async {
+            app.scalar("SELECT COUNT(*) FROM chats").await == 1000
+                && app.scalar("SELECT COUNT(*) FROM messages").await == 2000
+        },
+    )
+    .await;
+    let chats: Vec<u64> = sqlx::query_scalar("SELECT number FROM chats ORDER BY number")
+        .fetch_all(&app.store.mysql)
+        .await
+        .unwrap();
+    assert_eq!(chats, (1..=1000).collect::<Vec<u64>>());
+    let rows: Vec<(u64, u64, String)> = sqlx::query_as(
+        "SELECT chat_number, number, body FROM messages ORDER BY chat_number, number",
+    )
+    .fetch_all(&app.store.mysql)
+    .await
+    .unwrap();
+    let persisted: BTreeMap<(u64, u64), String> =
+        rows.into_iter().map(|(c, n, b)| ((c, n), b)).collect();
+    assert_eq!(persisted, accepted, "every 201 matches exactly one row");
+
+    eventually(Duration::from_secs(10), "counts to converge", || async {
+        app.scalar("SELECT CAST(chats_count AS SIGNED) FROM applications")
+            .await
+            == 1000
+            && app
+                .scalar("SELECT CAST(SUM(messages_count) AS SIGNED) FROM chats")
+                .await
+                == 2000
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
+    let app = TestApp::spawn().await;
+    let token = app.application("crash").await;
+    let chat = app.chat(&token).await;
+    let total = 6000u64;
+    let body = |i: u64| format!("{i:06} {}", "x".repeat(1000));
+    let permits = Arc::new(Semaphore::new(32));
+    let mut tasks = JoinSet::new();
+    for i in 0..total {
+        let (store, token, permits) = (app.store.clone(), token.clone(), permits.clone());
+        let text = body(i);
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.unwrap();
+            let token = chat_system::domain::Token::parse(&token).unwrap();
+            store.create_message(&token, chat, text).await.unwrap()
+        });
+    }
+    let mut accepted = BTreeMap::new();
+    while let Some(m) = tasks.join_next().await {
+        let m = m.unwrap();
+        accepted.insert(m.number, m.body);
+    }
+    assert_eq!(accepted.len() as u64, total);
+
+    let mut doomed = Process::start(
+        &app,
+        "worker",
+        &[("WORKER_NAME", "doomed"), ("WORKER_BATCH_SIZE", "3000")],
+    )
+    .await;
+    let stream = app.store.queue.keys.stream();
+    let pending_of_doomed = || async {
+        let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("persist")
+            .arg("-")
+            .arg("+")
+            .arg(10_000)
+            .arg("doomed")
+            .query_async(&mut app.redis().await)
+            .await
+            .unwrap();
+        reply.ids.len()
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the doomed worker to hold a batch",
+        || async { pending_of_doomed().await > 0 },
+    )
+    .await;
+    doomed.kill().await;
+    let held = pending_of_doomed().await;
+    assert!(held > 0, "the worker died holding unacknowledged entries");
+
+    let _survivor = Process::start(&app, "worker", &[("WORKER_NAME", "survivor")]).await;
+    eventually(
+        Duration::from_secs(60),
+        "the survivor to persist everything",
+        || async {
+            app.scalar("SELECT COUNT(*) FROM messages").await == total as i64
+                && pending_of_doomed().await == 0
+        },
+    )
+    .await;
+    let rows: Vec<(u64, String)> =
+        sqlx::query_as("SELECT number, body FROM messages ORDER BY number")
+            .fetch_all(&app.store.mysql)
+            .await
+            .unwrap();
+    let persisted: BTreeMap<u64, String> = rows.into_iter().collect();
+    assert_eq!(persisted, accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_through_alternating_apis_apply_in_acceptance_order() {
+    let app = TestApp::spawn().await;
+    let apis = [
+        Process::start(&app, "api", &[]).await,
+        Process::start(&app, "api", &[]).await,
+    ];
+    let _workers = [
+        Process::start(&app, "worker", &[]).await,
+        Process::start(&app, "worker", &[]).await,
+    ];
+    let client = reqwest::Client::new();
+    let token = app.application("order").await;
+    let chat = app.chat(&token).await;
+    let path = format!("/applications/{token}/chats/{chat}/messages");
+
+    // An update sent right after its create, through the other process, is kept.
+    let created: serde_json::Value = client
+        .post(apis[0].url(&path))
+        .json(&json!({"body": "new"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let number = created["number"].as_u64().unwrap();
+    let message = format!("{path}/{number}");
+    let reply = client
+        .patch(apis[1].url(&message))
+        .json(&json!({"body": "updated at once"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+
+    // Fifty sequential updates of another message, alternating processes.
+    let second = app.message(&token, chat, "v0").await;
+    let second_path = format!("{path}/{second}");
+    for i in 1..=50 {
+        let reply = client
+            .put(apis[i % 2].url(&second_path))
+            .json(&json!({"body": format!("v{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+    }
+
+    eventually(
+        Duration::from_secs(20),
+        "the updates to be persisted",
+        || async {
+            let bodies: Vec<(u64, String)> =
+                sqlx::query_as("SELECT number, body FROM messages ORDER BY number")
+                    .fetch_all(&app.store.mysql)
+                    .await
+                    .unwrap();
+            bodies
+                == vec![
+                    (number, "updated at once".to_owned()),
+                    (second, "v50".to_owned()),
+                ]
+        },
+    )
+    .await;
+}

@@ -1,0 +1,234 @@
+//! The worker against real MariaDB and Redis: counts, cold Redis, dead letters,
+//! ordering and idempotence of the upserts.
+
+use std::time::Duration;
+
+use chat_system::resources::now;
+use chat_system::store::mysql::{self, MessageWrite};
+use serde_json::json;
+
+use crate::helpers::{TestApp, eventually};
+
+#[tokio::test]
+async fn counts_converge_within_the_sync_interval() {
+    let app = TestApp::spawn().await;
+    let _worker = app.spawn_worker().await; // COUNTS_SYNC_INTERVAL = 200ms
+    let token = app.application("a").await;
+    let (one, two) = (app.chat(&token).await, app.chat(&token).await);
+    app.chat(&token).await;
+    for i in 0..4 {
+        app.message(&token, one, &format!("m{i}")).await;
+    }
+    app.message(&token, two, "x").await;
+    eventually(Duration::from_secs(5), "counts to converge", || async {
+        let application = app.get(&format!("/applications/{token}")).await.body;
+        let chat_one = app
+            .get(&format!("/applications/{token}/chats/{one}"))
+            .await
+            .body;
+        let chat_two = app
+            .get(&format!("/applications/{token}/chats/{two}"))
+            .await
+            .body;
+        application["chats_count"] == 3
+            && chat_one["messages_count"] == 4
+            && chat_two["messages_count"] == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn lost_counters_and_tokens_are_rebuilt_from_mysql() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    for _ in 0..3 {
+        app.chat(&token).await;
+    }
+    app.message(&token, 2, "a").await;
+    app.message(&token, 2, "b").await;
+    app.drain().await;
+
+    let keys = &app.store.queue.keys;
+    let _: () = redis::cmd("DEL")
+        .arg(keys.chat_counter(&token))
+        .arg(keys.message_counter(&token, 2))
+        .arg(keys.message_counter(&token, 3))
+        .arg(keys.application(&token))
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        app.message(&token, 2, "c").await,
+        3,
+        "continues after the persisted maximum"
+    );
+    assert_eq!(app.message(&token, 3, "first").await, 1);
+    assert_eq!(app.chat(&token).await, 4);
+    app.post(
+        &format!("/applications/{token}/chats/5/messages"),
+        json!({"body": "x"}),
+    )
+    .await
+    .assert_problem(404);
+    app.drain().await;
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 4);
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM chats").await, 4);
+}
+
+#[tokio::test]
+async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_goes_on() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let keys = app.store.queue.keys.clone();
+    let mut conn = app.redis().await;
+    let _: String = redis::cmd("XADD")
+        .arg(keys.stream())
+        .arg("*")
+        .arg(&["k", "msg", "a", "not-a-number"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    app.message(&token, chat, "after the bad one").await;
+    app.drain().await;
+
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 1);
+    let dead: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg(keys.dead_letters())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(keys.dead_letters())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reason: String = reply.ids[0].get("dlq_reason").unwrap();
+    assert!(reason.contains("`a`"), "{reason}");
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(keys.stream())
+        .arg("persist")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending.count(), 0, "nothing is left unacknowledged");
+}
+
+#[tokio::test]
+async fn an_entry_mysql_rejects_is_dead_lettered_alone() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let keys = app.store.queue.keys.clone();
+    // Well formed, but for an application that does not exist: the foreign key fails.
+    let _: String = redis::cmd("XADD")
+        .arg(keys.stream())
+        .arg("*")
+        .arg(&[
+            "k",
+            "msg",
+            "a",
+            "999999",
+            "t",
+            "x",
+            "c",
+            "1",
+            "n",
+            "1",
+            "b",
+            "orphan",
+            "ca",
+            "1700000000000000",
+            "ua",
+            "1700000000000000",
+        ])
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    app.message(&token, chat, "kept").await;
+    app.drain().await;
+    let bodies: Vec<String> = sqlx::query_scalar("SELECT body FROM messages")
+        .fetch_all(&app.store.mysql)
+        .await
+        .unwrap();
+    assert_eq!(bodies, ["kept"]);
+    let dead: u64 = redis::cmd("XLEN")
+        .arg(keys.dead_letters())
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    assert_eq!(dead, 1);
+}
+
+#[tokio::test]
+async fn upserts_keep_the_highest_version_whatever_the_order_and_repeat_harmlessly() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let app_id = app
+        .store
+        .application_id(&chat_system::domain::Token::parse(&token).unwrap())
+        .await
+        .unwrap();
+    let at = now();
+    let write = |version: u64, body: &str| MessageWrite {
+        app_id,
+        chat_number: 1,
+        number: 1,
+        body: body.to_owned(),
+        version,
+        created_at: at,
+        updated_at: at,
+    };
+    // The update (version 20) is persisted before its create (version 10), then both
+    // are delivered again.
+    for batch in [
+        vec![write(20, "updated")],
+        vec![write(10, "created")],
+        vec![write(10, "created"), write(20, "updated")],
+    ] {
+        let mut tx = app.store.mysql.begin().await.unwrap();
+        mysql::upsert_messages(&mut tx, &batch).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let (body, version): (String, u64) = sqlx::query_as("SELECT body, version FROM messages")
+        .fetch_one(&app.store.mysql)
+        .await
+        .unwrap();
+    assert_eq!((body.as_str(), version), ("updated", 20));
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 1);
+}
+
+#[tokio::test]
+async fn entries_left_by_a_dead_consumer_are_taken_over() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    for i in 0..10 {
+        app.message(&token, chat, &format!("m{i}")).await;
+    }
+    // A consumer reads everything and dies without acknowledging.
+    let keys = app.store.queue.keys.clone();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&["GROUP", "persist", "doomed", "COUNT", "100", "STREAMS"])
+        .arg(keys.stream())
+        .arg(">")
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let _worker = app.spawn_worker().await; // WORKER_CLAIM_IDLE = 1s
+    eventually(
+        Duration::from_secs(10),
+        "the entries to be taken over",
+        || async {
+            app.scalar("SELECT COUNT(*) FROM messages").await == 10
+                && app.scalar("SELECT COUNT(*) FROM chats").await == 1
+        },
+    )
+    .await;
+}
