@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ApiConfig, LogConfig, StoreConfig, WorkerConfig};
+use crate::config::{ApiConfig, LogConfig, SearchConfig, StoreConfig, WorkerConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +24,8 @@ pub enum Command {
         #[command(flatten)]
         store: StoreConfig,
         #[command(flatten)]
+        search: SearchConfig,
+        #[command(flatten)]
         api: ApiConfig,
         #[command(flatten)]
         worker: WorkerConfig,
@@ -33,12 +35,16 @@ pub enum Command {
         #[command(flatten)]
         store: StoreConfig,
         #[command(flatten)]
+        search: SearchConfig,
+        #[command(flatten)]
         api: ApiConfig,
     },
-    /// The queue worker only.
+    /// The queue workers only (persisting and, if this process can write it, indexing).
     Worker {
         #[command(flatten)]
         store: StoreConfig,
+        #[command(flatten)]
+        search: SearchConfig,
         #[command(flatten)]
         worker: WorkerConfig,
     },
@@ -46,6 +52,17 @@ pub enum Command {
     Migrate {
         #[command(flatten)]
         store: StoreConfig,
+    },
+    /// Rebuild the search index from MySQL, in batches; safe to re-run. With the embedded
+    /// index, stop the process holding its writer first.
+    Reindex {
+        #[command(flatten)]
+        store: StoreConfig,
+        #[command(flatten)]
+        search: SearchConfig,
+        /// Messages read from MySQL per batch.
+        #[arg(long, default_value_t = 5000)]
+        batch: u32,
     },
 }
 

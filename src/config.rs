@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -81,6 +82,22 @@ pub struct WorkerConfig {
     /// How often `chats_count` and `messages_count` are refreshed.
     #[arg(long, env = "COUNTS_SYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub counts_sync_interval: Duration,
+}
+
+/// Settings of the search backend.
+#[derive(Args, Clone, Debug)]
+pub struct SearchConfig {
+    /// Elasticsearch 8 base URL. Unset: the embedded Tantivy index is used.
+    #[arg(long, env = "ELASTICSEARCH_URL")]
+    pub elasticsearch_url: Option<SecretUrl>,
+
+    /// Name of the Elasticsearch index.
+    #[arg(long, env = "ELASTICSEARCH_INDEX", default_value = "messages")]
+    pub elasticsearch_index: String,
+
+    /// Directory of the embedded Tantivy index.
+    #[arg(long, env = "SEARCH_INDEX_DIR", default_value = ".data/search")]
+    pub search_index_dir: PathBuf,
 }
 
 /// Settings of logging.

@@ -9,7 +9,7 @@
 //!
 //! | module | holds |
 //! |---|---|
-//! | [`cli`] | the subcommands: `serve`, `api`, `worker`, `migrate` |
+//! | [`cli`] | the subcommands: `serve`, `api`, `worker`, `migrate`, `reindex` |
 //! | [`config`] | typed configuration from environment variables |
 //! | [`startup`] | building and running the processes, graceful shutdown |
 //! | [`http`] | routes by resource, extractors, middleware, OpenAPI |
@@ -17,8 +17,10 @@
 //! | [`domain`] | input validation: tokens, numbers, names, titles, bodies |
 //! | [`resources`] | the public JSON shapes |
 //! | [`service`] | chat and message operations over Redis and MySQL |
+//! | [`search`] | message search: embedded Tantivy or Elasticsearch |
 //! | [`store`] | MySQL statements; Redis keys, scripts and pending records |
-//! | [`worker`] | the queue consumer, dead letters, count sync |
+//! | [`worker`] | the queue consumers (persist, index), dead letters, count sync |
+//! | [`reindex`] | rebuilding the search index from MySQL |
 //! | [`telemetry`] | logging |
 
 pub mod cli;
@@ -26,7 +28,9 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod reindex;
 pub mod resources;
+pub mod search;
 pub mod service;
 pub mod startup;
 pub mod store;

@@ -3,9 +3,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use chat_system::cli::{Cli, Command};
+use chat_system::search::Search;
 use chat_system::startup::{self, ApiServer, StartError};
-use chat_system::store::{MIGRATOR, Store};
-use chat_system::telemetry;
+use chat_system::store::{ConnectError, MIGRATOR, Store};
+use chat_system::{reindex, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -37,29 +38,33 @@ async fn run(command: Command) -> Result<(), StartError> {
     match command {
         Command::Migrate { store } => {
             let pool = chat_system::store::connect_mysql(&store).await?;
-            MIGRATOR
-                .run(&pool)
-                .await
-                .map_err(chat_system::store::ConnectError::from)?;
+            MIGRATOR.run(&pool).await.map_err(ConnectError::from)?;
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::Api { store, api } => {
+        Command::Api { store, search, api } => {
             let store = Store::connect(&store).await?;
-            let server = ApiServer::build(store, &api).await?;
+            let search = Search::open(&search, false).await?;
+            let server = ApiServer::build(store, search, &api).await?;
             server.run(startup::wait_for(shutdown)).await
         }
         Command::Worker {
             store: config,
+            search,
             worker,
         } => {
             let store = Store::connect(&config).await?;
-            let worker = startup::build_worker(store, &config, &worker).await?;
-            worker.run(shutdown).await;
+            let search = Search::open(&search, true).await?;
+            let tasks =
+                startup::spawn_workers(&store, &search, &config, &worker, &shutdown).await?;
+            for task in tasks {
+                let _ = task.await;
+            }
             Ok(())
         }
         Command::Serve {
             store: config,
+            search,
             api,
             worker,
         } => {
@@ -67,13 +72,25 @@ async fn run(command: Command) -> Result<(), StartError> {
             MIGRATOR
                 .run(&store.mysql)
                 .await
-                .map_err(chat_system::store::ConnectError::from)?;
-            let worker = startup::build_worker(store.clone(), &config, &worker).await?;
-            let worker = tokio::spawn(worker.run(shutdown.clone()));
-            let server = ApiServer::build(store, &api).await?;
+                .map_err(ConnectError::from)?;
+            let search = Search::open(&search, true).await?;
+            let tasks =
+                startup::spawn_workers(&store, &search, &config, &worker, &shutdown).await?;
+            let server = ApiServer::build(store, search, &api).await?;
             let served = server.run(startup::wait_for(shutdown)).await;
-            let _ = worker.await;
+            for task in tasks {
+                let _ = task.await;
+            }
             served
+        }
+        Command::Reindex {
+            store,
+            search,
+            batch,
+        } => {
+            let pool = chat_system::store::connect_mysql(&store).await?;
+            let search = Search::open(&search, true).await?;
+            reindex::run(&pool, &search, batch).await
         }
     }
 }

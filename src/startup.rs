@@ -11,8 +11,9 @@ use tokio::sync::watch;
 
 use crate::config::{ApiConfig, StoreConfig, WorkerConfig};
 use crate::http::{self, AppState};
+use crate::search::{Search, SearchError};
 use crate::store::{self, ConnectError, Store};
-use crate::worker::{Worker, WorkerError};
+use crate::worker::{Role, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -23,6 +24,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("search index: {0}")]
+    Search(#[from] SearchError),
     #[error("worker: {0}")]
     Worker(#[from] WorkerError),
     #[error("server: {0}")]
@@ -36,7 +39,11 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    pub async fn build(store: Store, config: &ApiConfig) -> Result<Self, StartError> {
+    pub async fn build(
+        store: Store,
+        search: Search,
+        config: &ApiConfig,
+    ) -> Result<Self, StartError> {
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| StartError::Bind {
@@ -45,6 +52,7 @@ impl ApiServer {
             })?;
         let state = AppState::new(
             store,
+            search,
             http::install_metrics_recorder(),
             config.admin_api_key.clone(),
         );
@@ -78,11 +86,38 @@ pub async fn build_worker(
     store: Store,
     store_config: &StoreConfig,
     config: &WorkerConfig,
+    role: Role,
 ) -> Result<Worker, StartError> {
     let mut reader_config = store_config.clone();
     reader_config.dependency_timeout += config.batch_wait;
     let reader = store::connect_redis(&reader_config).await?;
-    Ok(Worker::new(store, reader, config.clone()).await?)
+    Ok(Worker::new(store, reader, config.clone(), role).await?)
+}
+
+/// Starts the persisting worker and, when this process may write the search index, the
+/// indexing worker; returns their tasks.
+pub async fn spawn_workers(
+    store: &Store,
+    search: &Search,
+    store_config: &StoreConfig,
+    config: &WorkerConfig,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
+    let persist = build_worker(store.clone(), store_config, config, Role::Persist).await?;
+    let mut tasks = vec![tokio::spawn(persist.run(shutdown.clone()))];
+    if search.can_index() {
+        let mut index_config = config.clone();
+        index_config.name = config.name.as_ref().map(|n| format!("{n}-index"));
+        let indexer = build_worker(
+            store.clone(),
+            store_config,
+            &index_config,
+            Role::Index(search.clone()),
+        )
+        .await?;
+        tasks.push(tokio::spawn(indexer.run(shutdown.clone())));
+    }
+    Ok(tasks)
 }
 
 /// A watch channel that turns true on SIGINT or SIGTERM.

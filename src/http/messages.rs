@@ -6,13 +6,14 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::get;
 use serde::Deserialize;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{JsonBody, NumberPage, QueryParams, page_limit};
-use super::{AppState, created, paginated};
+use super::{AppState, created, paginated, paginated_query};
 use crate::domain::{Token, parse_body, parse_number};
 use crate::error::{ApiError, Problem};
 use crate::resources::Message;
+use crate::search::{SearchQuery, parse_terms};
 use crate::store::mysql;
 
 pub fn router() -> Router<AppState> {
@@ -20,6 +21,10 @@ pub fn router() -> Router<AppState> {
         .route(
             "/applications/{token}/chats/{chat}/messages",
             get(list).post(create),
+        )
+        .route(
+            "/applications/{token}/chats/{chat}/messages/search",
+            get(search),
         )
         .route(
             "/applications/{token}/chats/{chat}/messages/{number}",
@@ -164,4 +169,77 @@ pub async fn update(
             .update_message(&token, chat, number, body)
             .await?,
     ))
+}
+
+/// Query of the search endpoint.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SearchParams {
+    /// Required. Every whitespace-separated term must occur in the body, as a
+    /// case-insensitive substring; special characters are literal.
+    pub q: Option<String>,
+    /// Page size, 1 to 1000 (default 50).
+    pub limit: Option<u32>,
+    /// The last `number` of the previous page.
+    pub after: Option<u64>,
+}
+
+/// Searches the messages of one chat by partial, case-insensitive match of every term.
+/// A message is findable within seconds of its creation.
+#[utoipa::path(
+    get, path = "/applications/{token}/chats/{chat}/messages/search", tag = "messages",
+    params(
+        ("token" = String, Path, description = "The application's token"),
+        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
+        SearchParams,
+    ),
+    responses(
+        (status = 200, description = "Matching messages, ascending `number`", body = [Message],
+            headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
+        (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem),
+    )
+)]
+pub async fn search(
+    State(state): State<AppState>,
+    Path((token, chat)): Path<(String, String)>,
+    QueryParams(params): QueryParams<SearchParams>,
+) -> Result<Response, ApiError> {
+    let token = Token::parse(&token)?;
+    let chat = parse_number(&chat, "chat")?;
+    let terms = parse_terms(params.q.as_deref())?;
+    let limit = page_limit(params.limit)?;
+    state.store.chat(&token, chat).await?;
+    let query = SearchQuery {
+        token: token.as_str().to_owned(),
+        chat,
+        terms: terms.clone(),
+        after: params.after.unwrap_or(0),
+        limit,
+    };
+    let mut found = state.search.search(query).await?;
+    let next = (found.len() > limit as usize).then(|| {
+        found.truncate(limit as usize);
+        found.last().map_or(0, |m| m.number)
+    });
+    let q: String = terms.join("+");
+    let path = format!(
+        "/applications/{}/chats/{chat}/messages/search?q={}",
+        token.as_str(),
+        encode_query(&q)
+    );
+    Ok(paginated_query(&path, limit, next, found))
+}
+
+/// Percent-encodes a query value (terms joined by `+`, which decodes to a space).
+fn encode_query(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'+' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }

@@ -28,6 +28,7 @@ use tracing::Level;
 
 use crate::config::ApiConfig;
 use crate::error::{ApiError, PROBLEM_JSON};
+use crate::search::Search;
 use crate::store::Store;
 
 pub use openapi::ApiDoc;
@@ -36,14 +37,21 @@ pub use openapi::ApiDoc;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    pub search: Search,
     pub metrics: PrometheusHandle,
     admin_api_key: Option<Arc<str>>,
 }
 
 impl AppState {
-    pub fn new(store: Store, metrics: PrometheusHandle, admin_api_key: Option<String>) -> Self {
+    pub fn new(
+        store: Store,
+        search: Search,
+        metrics: PrometheusHandle,
+        admin_api_key: Option<String>,
+    ) -> Self {
         Self {
             store,
+            search,
             metrics,
             admin_api_key: admin_api_key.map(Into::into),
         }
@@ -184,9 +192,20 @@ fn paginated<T: Serialize, C: std::fmt::Display>(
     next: Option<C>,
     items: Vec<T>,
 ) -> Response {
+    paginated_query(&format!("{path}?"), limit, next, items)
+}
+
+/// Like [`paginated`], for a `path` that already carries a query string.
+fn paginated_query<T: Serialize, C: std::fmt::Display>(
+    path: &str,
+    limit: u32,
+    next: Option<C>,
+    items: Vec<T>,
+) -> Response {
+    let separator = if path.ends_with('?') { "" } else { "&" };
     let mut response = Json(items).into_response();
     if let Some(after) = next {
-        let link = format!("<{path}?limit={limit}&after={after}>; rel=\"next\"");
+        let link = format!("<{path}{separator}limit={limit}&after={after}>; rel=\"next\"");
         if let Ok(value) = HeaderValue::from_str(&link) {
             response.headers_mut().insert(header::LINK, value);
         }

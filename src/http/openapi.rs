@@ -17,7 +17,7 @@ use crate::resources::{Application, Chat, Message};
     paths(
         applications::create, applications::list, applications::show, applications::update,
         chats::create, chats::list, chats::show, chats::update,
-        messages::create, messages::list, messages::show, messages::update,
+        messages::create, messages::list, messages::show, messages::update, messages::search,
         ops::healthz, ops::readyz, ops::metrics_text, ops::openapi_json,
     ),
     components(schemas(

@@ -70,19 +70,21 @@ pub struct Readiness {
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Readiness: 200 when MySQL and Redis answer, else 503 naming those that do not.
+/// Readiness: 200 when MySQL, Redis and the search backend answer, else 503 naming those that do not.
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Readiness), (status = 503, body = Problem))
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let (mysql_ok, redis_ok) = tokio::join!(
+    let (mysql_ok, redis_ok, search_ok) = tokio::join!(
         tokio::time::timeout(CHECK_TIMEOUT, mysql::ping(&state.store.mysql)),
         tokio::time::timeout(CHECK_TIMEOUT, state.store.queue.ping()),
+        tokio::time::timeout(CHECK_TIMEOUT, state.search.ping()),
     );
     let checks = [
         ("mysql", matches!(mysql_ok, Ok(Ok(())))),
         ("redis", matches!(redis_ok, Ok(Ok(())))),
+        ("search", matches!(search_ok, Ok(Ok(())))),
     ];
     let down: Vec<&str> = checks
         .iter()

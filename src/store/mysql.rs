@@ -361,3 +361,71 @@ pub async fn sync_messages_count(db: &MySqlPool, app_id: u64, chat: u64) -> sqlx
 pub async fn ping(db: &MySqlPool) -> sqlx::Result<()> {
     sqlx::query("SELECT 1").execute(db).await.map(drop)
 }
+
+// ---- reindexing ---------------------------------------------------------------------
+
+/// Where a reindex has got to: the primary key of the last message read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MessageCursor {
+    pub app_id: u64,
+    pub chat: u64,
+    pub number: u64,
+}
+
+#[derive(FromRow)]
+struct IndexRow {
+    application_id: u64,
+    token: String,
+    chat_number: u64,
+    number: u64,
+    body: String,
+    version: u64,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+}
+
+/// The next `limit` messages after `cursor`, in primary-key order, with their token.
+pub async fn messages_for_index(
+    db: &MySqlPool,
+    cursor: MessageCursor,
+    limit: u32,
+) -> sqlx::Result<(Vec<crate::search::MessageDoc>, MessageCursor)> {
+    let rows: Vec<IndexRow> = sqlx::query_as(
+        "SELECT m.application_id, a.token, m.chat_number, m.number, m.body, m.version, \
+                m.created_at, m.updated_at \
+         FROM messages m JOIN applications a ON a.id = m.application_id \
+         WHERE (m.application_id, m.chat_number, m.number) > (?, ?, ?) \
+         ORDER BY m.application_id, m.chat_number, m.number LIMIT ?",
+    )
+    .bind(cursor.app_id)
+    .bind(cursor.chat)
+    .bind(cursor.number)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    let next = rows.last().map_or(cursor, |r| MessageCursor {
+        app_id: r.application_id,
+        chat: r.chat_number,
+        number: r.number,
+    });
+    let docs = rows
+        .into_iter()
+        .map(|r| crate::search::MessageDoc {
+            token: r.token,
+            chat: r.chat_number,
+            number: r.number,
+            body: r.body,
+            version: r.version,
+            created_at: r.created_at.and_utc(),
+            updated_at: r.updated_at.and_utc(),
+        })
+        .collect();
+    Ok((docs, next))
+}
+
+pub async fn count_messages(db: &MySqlPool) -> sqlx::Result<u64> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM messages")
+        .fetch_one(db)
+        .await?;
+    Ok(n as u64)
+}

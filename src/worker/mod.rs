@@ -1,14 +1,18 @@
-//! The worker: drains the write queue into MySQL in batches, and keeps counts fresh.
+//! The worker: drains the write queue into MySQL and into the search index, in batches,
+//! and keeps counts fresh. Each destination has its own consumer group on the one
+//! stream (`persist`, `index`), so a search outage delays indexing, never persistence.
 //!
-//! * Reads the stream through the consumer group `persist`, up to `WORKER_BATCH_SIZE`
-//!   entries per read, waiting at most `WORKER_BATCH_WAIT` for the first one.
+//! * Reads the stream through its consumer group, up to `WORKER_BATCH_SIZE` entries per
+//!   read, waiting at most `WORKER_BATCH_WAIT` for the first one.
 //! * Persists a batch as multi-row idempotent upserts in one transaction and acknowledges
 //!   the entries only after the commit: a crash before the ack means redelivery, and
 //!   redelivery changes nothing.
 //! * Takes over entries another consumer left unacknowledged for `WORKER_CLAIM_IDLE`.
 //! * Sends an entry that cannot be persisted to the dead-letter stream, with the reason.
-//! * Trims the stream behind the slowest consumer group.
-//! * Every `COUNTS_SYNC_INTERVAL`, refreshes the counts of the parents touched since.
+//! * `persist` only: trims the stream behind the slowest consumer group and, every
+//!   `COUNTS_SYNC_INTERVAL`, refreshes the counts of the parents touched since.
+//! * `index` only: indexes message bodies; an entry it cannot parse is left to the
+//!   `persist` group, which owns the dead-letter stream.
 
 mod entry;
 
@@ -23,11 +27,21 @@ use tokio::sync::watch;
 pub use entry::{Entry, Parent, Write};
 
 use crate::config::WorkerConfig;
+use crate::search::{MessageDoc, Search, SearchError};
 use crate::store::queue::accepted_ms;
 use crate::store::{Store, mysql, mysql_is_down};
 
 /// The consumer group that persists to MySQL.
 pub const PERSIST_GROUP: &str = "persist";
+/// The consumer group that feeds the search index.
+pub const INDEX_GROUP: &str = "index";
+
+/// What a worker does with the entries it reads.
+#[derive(Clone)]
+pub enum Role {
+    Persist,
+    Index(Search),
+}
 
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -38,6 +52,8 @@ pub enum WorkerError {
     Mysql(#[from] sqlx::Error),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("search: {0}")]
+    Search(#[from] SearchError),
 }
 
 pub struct Worker {
@@ -47,6 +63,7 @@ pub struct Worker {
     config: WorkerConfig,
     consumer: String,
     claim_cursor: String,
+    role: Role,
 }
 
 impl Worker {
@@ -54,6 +71,7 @@ impl Worker {
         store: Store,
         reader: ConnectionManager,
         config: WorkerConfig,
+        role: Role,
     ) -> Result<Self, WorkerError> {
         let consumer = config.name.clone().unwrap_or_else(default_consumer_name);
         let worker = Self {
@@ -62,6 +80,7 @@ impl Worker {
             config,
             consumer,
             claim_cursor: "0-0".into(),
+            role,
         };
         worker.ensure_group().await?;
         Ok(worker)
@@ -72,11 +91,18 @@ impl Worker {
     async fn ensure_group(&self) -> Result<(), WorkerError> {
         let result: redis::RedisResult<()> = self
             .conn()
-            .xgroup_create_mkstream(self.store.queue.keys.stream(), PERSIST_GROUP, "0")
+            .xgroup_create_mkstream(self.store.queue.keys.stream(), self.group(), "0")
             .await;
         match result {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             other => Ok(other?),
+        }
+    }
+
+    fn group(&self) -> &'static str {
+        match self.role {
+            Role::Persist => PERSIST_GROUP,
+            Role::Index(_) => INDEX_GROUP,
         }
     }
 
@@ -87,7 +113,7 @@ impl Worker {
     /// Runs until `shutdown` turns true; the batch in hand is finished and acknowledged
     /// first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        tracing::info!(consumer = %self.consumer, "worker started");
+        tracing::info!(consumer = %self.consumer, group = self.group(), "worker started");
         let mut own_backlog = true;
         let mut backoff = Duration::from_millis(100);
         let (mut last_claim, mut last_trim, mut last_counts) =
@@ -98,11 +124,12 @@ impl Worker {
                     last_claim = Instant::now();
                     self.claim_idle().await?;
                 }
-                if last_trim.elapsed() >= TRIM_EVERY {
+                let persist = matches!(self.role, Role::Persist);
+                if persist && last_trim.elapsed() >= TRIM_EVERY {
                     last_trim = Instant::now();
                     self.trim_and_measure().await?;
                 }
-                if last_counts.elapsed() >= self.config.counts_sync_interval {
+                if persist && last_counts.elapsed() >= self.config.counts_sync_interval {
                     last_counts = Instant::now();
                     self.sync_counts().await?;
                 }
@@ -128,7 +155,7 @@ impl Worker {
                 }
             }
         }
-        tracing::info!(consumer = %self.consumer, "worker stopped");
+        tracing::info!(consumer = %self.consumer, group = self.group(), "worker stopped");
     }
 
     /// Persists everything queued now, then refreshes counts: a worker step callable from
@@ -144,13 +171,15 @@ impl Worker {
                 total += self.process(entries).await?;
             }
         }
-        self.sync_counts().await?;
+        if let Role::Persist = self.role {
+            self.sync_counts().await?;
+        }
         Ok(total)
     }
 
     async fn read(&mut self, from: &str) -> Result<Vec<StreamId>, WorkerError> {
         let mut options = StreamReadOptions::default()
-            .group(PERSIST_GROUP, &self.consumer)
+            .group(self.group(), &self.consumer)
             .count(self.config.batch_size);
         if from == ">" {
             options = options.block(self.config.batch_wait.as_millis() as usize);
@@ -170,7 +199,7 @@ impl Worker {
     async fn claim_idle(&mut self) -> Result<(), WorkerError> {
         let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(self.store.queue.keys.stream())
-            .arg(PERSIST_GROUP)
+            .arg(self.group())
             .arg(&self.consumer)
             .arg(self.config.claim_idle.as_millis() as u64)
             .arg(&self.claim_cursor)
@@ -187,11 +216,57 @@ impl Worker {
         Ok(())
     }
 
-    /// Persists one batch; returns how many entries it acknowledged.
+    /// Handles one batch; returns how many entries it acknowledged.
     async fn process(&self, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
         if raw.is_empty() {
             return Ok(0);
         }
+        match &self.role {
+            Role::Persist => self.persist_batch(raw).await,
+            Role::Index(search) => self.index_batch(search, raw).await,
+        }
+    }
+
+    /// Indexes the messages of one batch, then acknowledges it.
+    async fn index_batch(&self, search: &Search, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
+        let docs: Vec<MessageDoc> = raw
+            .iter()
+            .filter_map(|item| Entry::parse(item).ok())
+            .filter_map(|entry| match entry.write {
+                Write::Message(m) => Some(MessageDoc {
+                    token: entry.token,
+                    chat: m.chat_number,
+                    number: m.number,
+                    body: m.body,
+                    version: m.version,
+                    created_at: m.created_at,
+                    updated_at: m.updated_at,
+                }),
+                Write::Chat(_) => None,
+            })
+            .collect();
+        match search.index(docs).await {
+            Ok(()) => {}
+            Err(e @ SearchError::Unavailable(_)) => return Err(e.into()),
+            Err(e) => {
+                // The index can be rebuilt from MySQL (`reindex`); holding the queue
+                // for a document the backend refuses would stall every later one.
+                tracing::error!(error = %e, "documents refused by the search backend");
+                metrics::counter!("index_failures_total").increment(1);
+            }
+        }
+        let ids: Vec<&str> = raw.iter().map(|r| r.id.as_str()).collect();
+        let _: i64 = self
+            .conn()
+            .xack(self.store.queue.keys.stream(), INDEX_GROUP, &ids)
+            .await?;
+        record_lag("index_lag_seconds", raw.iter().map(|r| r.id.as_str()));
+        metrics::counter!("worker_indexed_total").increment(raw.len() as u64);
+        Ok(raw.len())
+    }
+
+    /// Persists one batch; returns how many entries it acknowledged.
+    async fn persist_batch(&self, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
         let mut entries = Vec::with_capacity(raw.len());
         for item in &raw {
             match Entry::parse(item) {
@@ -260,15 +335,7 @@ impl Worker {
             .collect();
         self.store.queue.release_pending(&records).await?;
 
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        for entry in entries {
-            if let Some(ms) = accepted_ms(&entry.id) {
-                metrics::histogram!("persist_lag_seconds")
-                    .record(now_ms.saturating_sub(ms) as f64 / 1000.0);
-            }
-        }
+        record_lag("persist_lag_seconds", entries.iter().map(|e| e.id.as_str()));
         metrics::histogram!("worker_batch_size").record(entries.len() as f64);
         metrics::counter!("worker_persisted_total").increment(entries.len() as u64);
         Ok(())
@@ -370,6 +437,17 @@ impl Worker {
             }
             metrics::counter!("counts_synced_total").increment(members.len() as u64);
         }
+    }
+}
+
+/// Records, for each entry, the time from its acceptance (its stream id) to now.
+fn record_lag<'a>(metric: &'static str, ids: impl Iterator<Item = &'a str>) {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let histogram = metrics::histogram!(metric);
+    for ms in ids.filter_map(accepted_ms) {
+        histogram.record(now_ms.saturating_sub(ms) as f64 / 1000.0);
     }
 }
 

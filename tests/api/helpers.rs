@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chat_system::config::{ApiConfig, StoreConfig, WorkerConfig, parse_duration};
+use chat_system::config::{ApiConfig, SearchConfig, StoreConfig, WorkerConfig, parse_duration};
+use chat_system::search::Search;
 use chat_system::startup::{ApiServer, build_worker};
 use chat_system::store::{MIGRATOR, Store};
-use chat_system::worker::Worker;
+use chat_system::worker::{Role, Worker};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
@@ -77,6 +78,9 @@ pub struct TestApp {
     pub store: Store,
     pub store_config: StoreConfig,
     pub worker: Worker,
+    pub indexer: Worker,
+    pub search: Search,
+    pub search_config: SearchConfig,
     pub database: String,
     pub prefix: String,
     pub mysql_proxy: Option<Proxy>,
@@ -129,20 +133,44 @@ impl TestApp {
             request_timeout: Duration::from_secs(10),
             admin_api_key: options.admin_api_key,
         };
-        let server = ApiServer::build(store.clone(), &api_config)
+        let search_config = SearchConfig {
+            elasticsearch_url: None,
+            elasticsearch_index: "messages".into(),
+            search_index_dir: std::env::temp_dir().join(format!("chat-system-test-{prefix}")),
+        };
+        let search = Search::open(&search_config, true)
+            .await
+            .expect("search index");
+        let server = ApiServer::build(store.clone(), search.clone(), &api_config)
             .await
             .expect("build");
         let addr = server.local_addr();
         tokio::spawn(server.run(std::future::pending()));
-        let worker = build_worker(store.clone(), &store_config, &worker_config())
-            .await
-            .expect("worker");
+        let worker = build_worker(
+            store.clone(),
+            &store_config,
+            &worker_config(),
+            Role::Persist,
+        )
+        .await
+        .expect("worker");
+        let indexer = build_worker(
+            store.clone(),
+            &store_config,
+            &worker_config(),
+            Role::Index(search.clone()),
+        )
+        .await
+        .expect("indexer");
         Self {
             addr,
             client: reqwest::Client::new(),
             store,
             store_config,
             worker,
+            indexer,
+            search,
+            search_config,
             database,
             prefix,
             mysql_proxy,
@@ -220,7 +248,8 @@ impl TestApp {
 
     /// Persists everything queued so far and refreshes counts.
     pub async fn drain(&mut self) -> usize {
-        self.worker.drain().await.expect("drain")
+        self.indexer.drain().await.expect("drain the index group");
+        self.worker.drain().await.expect("drain the persist group")
     }
 
     pub async fn redis(&self) -> redis::aio::ConnectionManager {
@@ -257,6 +286,7 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         let database = self.database.clone();
         let prefix = self.prefix.clone();
+        let _ = std::fs::remove_dir_all(&self.search_config.search_index_dir);
         // The test's runtime is going away: clean up on a thread with a runtime of its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -368,12 +398,26 @@ impl Drop for Proxy {
 }
 
 impl TestApp {
-    /// Runs another worker in the background (its own consumer name) until the returned
-    /// sender is dropped or set.
+    /// Runs another persisting worker in the background (its own consumer name) until
+    /// the returned sender is dropped or set.
     pub async fn spawn_worker(&self) -> tokio::sync::watch::Sender<bool> {
-        let worker = build_worker(self.store.clone(), &self.store_config, &worker_config())
-            .await
-            .expect("worker");
+        self.spawn_role(Role::Persist).await
+    }
+
+    /// Runs another indexing worker in the background, like [`TestApp::spawn_worker`].
+    pub async fn spawn_indexer(&self) -> tokio::sync::watch::Sender<bool> {
+        self.spawn_role(Role::Index(self.search.clone())).await
+    }
+
+    async fn spawn_role(&self, role: Role) -> tokio::sync::watch::Sender<bool> {
+        let worker = build_worker(
+            self.store.clone(),
+            &self.store_config,
+            &worker_config(),
+            role,
+        )
+        .await
+        .expect("worker");
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(worker.run(rx));
         tx

@@ -7,4 +7,6 @@ mod helpers;
 mod messages;
 mod operations;
 mod processes;
+mod search;
+mod search_conformance;
 mod worker;

@@ -16,7 +16,10 @@ async fn healthz_and_readyz_answer() {
     );
     let ready = app.get("/readyz").await;
     assert_eq!(ready.status, 200);
-    assert_eq!(ready.body["checks"], json!({"mysql": "ok", "redis": "ok"}));
+    assert_eq!(
+        ready.body["checks"],
+        json!({"mysql": "ok", "redis": "ok", "search": "ok"})
+    );
 }
 
 #[tokio::test]
@@ -34,7 +37,7 @@ async fn readyz_names_the_dependency_that_is_down() {
     reply.assert_problem(503);
     assert_eq!(
         reply.body["checks"],
-        json!({"mysql": "unavailable", "redis": "ok"})
+        json!({"mysql": "unavailable", "redis": "ok", "search": "ok"})
     );
     assert!(reply.body["detail"].as_str().unwrap().contains("mysql"));
     mysql.restore();

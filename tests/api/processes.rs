@@ -27,6 +27,7 @@ impl Process {
             .env("DATABASE_URL", app.store_config.database_url.expose())
             .env("REDIS_URL", app.store_config.redis_url.expose())
             .env("REDIS_PREFIX", &app.prefix)
+            .env("SEARCH_INDEX_DIR", &app.search_config.search_index_dir)
             .env("LOG_LEVEL", "warn")
             .env("WORKER_CLAIM_IDLE", "1s")
             .env("COUNTS_SYNC_INTERVAL", "200ms")

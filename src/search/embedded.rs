@@ -1,0 +1,260 @@
+//! The embedded backend: a Tantivy index on local disk.
+//!
+//! Bodies are indexed as lowercased 1- to 3-character n-grams. A query term of at most
+//! three characters is itself one gram, so its posting list is the exact answer. A longer
+//! term becomes the conjunction of its trigrams, which finds every body containing it
+//! plus a few that hold the trigrams apart; those candidates are checked against the
+//! stored body, so results are exactly the substring matches.
+//!
+//! Tantivy allows one writer per index: the process that gets it indexes, the others on
+//! the same host only read (their reader reloads when the writer commits).
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Mutex;
+
+use tantivy::collector::TopDocs;
+use tantivy::directory::MmapDirectory;
+use tantivy::query::{BooleanQuery, Occur, Query, RangeQuery, TermQuery};
+use tantivy::schema::{
+    FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
+    TextOptions, Value,
+};
+use tantivy::tokenizer::{LowerCaser, NgramTokenizer, TextAnalyzer};
+use tantivy::{
+    DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term,
+};
+
+use super::{MessageDoc, SearchError, SearchQuery, matches};
+use crate::resources::{from_micros, to_micros};
+
+const TOKENIZER: &str = "ngram1_3";
+const GRAM: usize = 3;
+const WRITER_HEAP: usize = 32 * 1024 * 1024;
+
+struct Fields {
+    id: Field,
+    token: Field,
+    chat: Field,
+    number: Field,
+    body: Field,
+    version: Field,
+    created_at: Field,
+    updated_at: Field,
+}
+
+pub struct EmbeddedIndex {
+    reader: IndexReader,
+    writer: Option<Mutex<IndexWriter>>,
+    fields: Fields,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut builder = Schema::builder();
+    let body_options = TextOptions::default().set_stored().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer(TOKENIZER)
+            .set_index_option(IndexRecordOption::Basic),
+    );
+    let fields = Fields {
+        id: builder.add_text_field("id", STRING),
+        token: builder.add_text_field("token", STRING),
+        chat: builder.add_u64_field("chat", INDEXED),
+        number: builder.add_u64_field("number", INDEXED | FAST | STORED),
+        body: builder.add_text_field("body", body_options),
+        version: builder.add_u64_field("version", STORED),
+        created_at: builder.add_i64_field("created_at", STORED),
+        updated_at: builder.add_i64_field("updated_at", STORED),
+    };
+    (builder.build(), fields)
+}
+
+fn failed(e: impl std::fmt::Display) -> SearchError {
+    SearchError::Failed(e.to_string())
+}
+
+impl EmbeddedIndex {
+    /// Opens (or creates) the index in `dir`. With `writer`, tries to take the writer
+    /// lock; if another process holds it, this one opens read-only.
+    pub fn open(dir: &Path, writer: bool) -> Result<Self, SearchError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+        let (schema, fields) = schema();
+        let directory = MmapDirectory::open(dir).map_err(failed)?;
+        let index = Index::open_or_create(directory, schema).map_err(failed)?;
+        let analyzer = TextAnalyzer::builder(NgramTokenizer::new(1, GRAM, false).map_err(failed)?)
+            .filter(LowerCaser)
+            .build();
+        index.tokenizers().register(TOKENIZER, analyzer);
+        let writer = if writer {
+            match index.writer_with_num_threads(1, WRITER_HEAP) {
+                Ok(w) => Some(Mutex::new(w)),
+                Err(tantivy::TantivyError::LockFailure(..)) => {
+                    tracing::warn!(dir = %dir.display(), "another process holds the search index writer; this one only reads");
+                    None
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        } else {
+            None
+        };
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::OnCommitWithDelay)
+            .try_into()
+            .map_err(failed)?;
+        Ok(Self {
+            reader,
+            writer,
+            fields,
+        })
+    }
+
+    pub fn has_writer(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Adds or replaces documents, keeping the highest version of each, then commits.
+    pub fn index(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
+        let writer = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| failed("this process does not hold the index writer"))?;
+        let mut latest: HashMap<String, MessageDoc> = HashMap::new();
+        for doc in docs {
+            let id = doc.id();
+            if latest.get(&id).is_none_or(|d| d.version < doc.version) {
+                latest.insert(id, doc);
+            }
+        }
+        let searcher = self.reader.searcher();
+        let mut writer = writer.lock().map_err(|_| failed("index writer poisoned"))?;
+        for (id, doc) in latest {
+            let id_term = Term::from_field_text(self.fields.id, &id);
+            let existing = searcher
+                .search(
+                    &TermQuery::new(id_term.clone(), IndexRecordOption::Basic),
+                    &TopDocs::with_limit(1).order_by_score(),
+                )
+                .map_err(failed)?;
+            if let Some((_, address)) = existing.first() {
+                let stored: TantivyDocument = searcher.doc(*address).map_err(failed)?;
+                let version = stored
+                    .get_first(self.fields.version)
+                    .and_then(|v| v.as_u64());
+                if version.is_some_and(|v| v >= doc.version) {
+                    continue;
+                }
+            }
+            writer.delete_term(id_term);
+            let mut document = TantivyDocument::default();
+            document.add_text(self.fields.id, &id);
+            document.add_text(self.fields.token, &doc.token);
+            document.add_u64(self.fields.chat, doc.chat);
+            document.add_u64(self.fields.number, doc.number);
+            document.add_text(self.fields.body, &doc.body);
+            document.add_u64(self.fields.version, doc.version);
+            document.add_i64(self.fields.created_at, to_micros(doc.created_at));
+            document.add_i64(self.fields.updated_at, to_micros(doc.updated_at));
+            writer.add_document(document).map_err(failed)?;
+        }
+        writer.commit().map_err(failed)?;
+        drop(writer);
+        self.reader.reload().map_err(failed)?;
+        Ok(())
+    }
+
+    pub fn search(&self, query: &SearchQuery) -> Result<Vec<MessageDoc>, SearchError> {
+        let f = &self.fields;
+        let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![
+            term(Term::from_field_text(f.token, &query.token)),
+            term(Term::from_field_u64(f.chat, query.chat)),
+            (
+                Occur::Must,
+                Box::new(RangeQuery::new(
+                    Bound::Excluded(Term::from_field_u64(f.number, query.after)),
+                    Bound::Unbounded,
+                )),
+            ),
+        ];
+        let mut grams = HashSet::new();
+        for t in &query.terms {
+            let chars: Vec<char> = t.chars().collect();
+            if chars.len() <= GRAM {
+                grams.insert(t.clone());
+            } else {
+                grams.extend(chars.windows(GRAM).map(|w| w.iter().collect::<String>()));
+            }
+        }
+        clauses.extend(grams.iter().map(|g| term(Term::from_field_text(f.body, g))));
+        let boolean = BooleanQuery::new(clauses);
+        // Short terms are answered exactly by their gram; longer ones need a check.
+        let verify = query.terms.iter().any(|t| t.chars().count() > GRAM);
+        let wanted = query.limit as usize + 1;
+        let searcher = self.reader.searcher();
+        let mut cap = if verify { wanted * 2 + 64 } else { wanted };
+        loop {
+            let candidates: Vec<(Option<u64>, DocAddress)> = searcher
+                .search(
+                    &boolean,
+                    &TopDocs::with_limit(cap).order_by_fast_field("number", Order::Asc),
+                )
+                .map_err(failed)?;
+            let exhausted = candidates.len() < cap;
+            let mut found = Vec::with_capacity(wanted);
+            for (_, address) in candidates {
+                let stored: TantivyDocument = searcher.doc(address).map_err(failed)?;
+                let Some(doc) = self.to_doc(&stored, query) else {
+                    continue;
+                };
+                if !verify || matches(&doc.body, &query.terms) {
+                    found.push(doc);
+                    if found.len() == wanted {
+                        return Ok(found);
+                    }
+                }
+            }
+            if exhausted {
+                return Ok(found);
+            }
+            cap *= 4;
+        }
+    }
+
+    fn to_doc(&self, stored: &TantivyDocument, query: &SearchQuery) -> Option<MessageDoc> {
+        let f = &self.fields;
+        let u64_of = |field| stored.get_first(field).and_then(|v| v.as_u64());
+        let time_of = |field| {
+            stored
+                .get_first(field)
+                .and_then(|v| v.as_i64())
+                .and_then(from_micros)
+        };
+        Some(MessageDoc {
+            token: query.token.clone(),
+            chat: query.chat,
+            number: u64_of(f.number)?,
+            body: stored.get_first(f.body)?.as_str()?.to_owned(),
+            version: u64_of(f.version)?,
+            created_at: time_of(f.created_at)?,
+            updated_at: time_of(f.updated_at)?,
+        })
+    }
+
+    /// Documents in the index (all of them; for tests and tools).
+    pub fn len(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn term(t: Term) -> (Occur, Box<dyn Query>) {
+    (
+        Occur::Must,
+        Box::new(TermQuery::new(t, IndexRecordOption::Basic)),
+    )
+}

@@ -1,0 +1,209 @@
+//! Message search: every whitespace-separated term of the query must occur in the body
+//! as a case-insensitive substring, within one chat. Two backends, one behaviour:
+//!
+//! * [`embedded`]: a Tantivy index on local disk (the default). One process holds its
+//!   writer; any process on the same host can read it.
+//! * [`elastic`]: Elasticsearch 8 over its REST API (set `ELASTICSEARCH_URL`), for more
+//!   than one host.
+//!
+//! Both are fed from the write queue by their own consumer group and can be rebuilt from
+//! MySQL with `chat-system reindex`. Each document carries the version of the write it
+//! holds; a backend never replaces a document with an older version, so redelivered or
+//! reordered entries cannot bring back an old body.
+
+pub mod elastic;
+pub mod embedded;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::SearchConfig;
+use crate::error::{ApiError, Dependency};
+use crate::resources::Message;
+
+/// A message as the index holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageDoc {
+    pub token: String,
+    pub chat: u64,
+    pub number: u64,
+    pub body: String,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl MessageDoc {
+    /// Deterministic document id: re-indexing replaces rather than duplicates.
+    pub fn id(&self) -> String {
+        format!("{}:{}:{}", self.token, self.chat, self.number)
+    }
+
+    pub fn into_message(self) -> Message {
+        Message {
+            number: self.number,
+            chat_number: self.chat,
+            body: self.body,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// A validated search: lowercased terms, one chat, one page.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchQuery {
+    pub token: String,
+    pub chat: u64,
+    pub terms: Vec<String>,
+    pub after: u64,
+    pub limit: u32,
+}
+
+/// Splits `q` into lowercased terms; 400 when nothing is left after trimming.
+pub fn parse_terms(q: Option<&str>) -> Result<Vec<String>, ApiError> {
+    let terms: Vec<String> = q
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_lowercase)
+        .collect();
+    if terms.is_empty() {
+        return Err(ApiError::BadRequest(
+            "`q` is required and must not be blank".into(),
+        ));
+    }
+    if terms.len() > 32 || terms.iter().any(|t| t.len() > 256) {
+        return Err(ApiError::BadRequest(
+            "`q` may hold at most 32 terms of at most 256 bytes".into(),
+        ));
+    }
+    Ok(terms)
+}
+
+/// True when `body` contains every term, ignoring case: the definition of a match.
+pub fn matches(body: &str, terms: &[String]) -> bool {
+    let body = body.to_lowercase();
+    terms.iter().all(|t| body.contains(t.as_str()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error("search backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("search backend failed: {0}")]
+    Failed(String),
+}
+
+impl From<SearchError> for ApiError {
+    fn from(err: SearchError) -> Self {
+        match err {
+            SearchError::Unavailable(cause) => {
+                tracing::warn!(%cause, "search unavailable");
+                ApiError::Unavailable(Dependency::Search)
+            }
+            SearchError::Failed(cause) => ApiError::Internal(cause),
+        }
+    }
+}
+
+/// The configured backend; cheap to clone.
+#[derive(Clone)]
+pub enum Search {
+    Embedded(Arc<embedded::EmbeddedIndex>),
+    Elastic(elastic::ElasticIndex),
+}
+
+impl Search {
+    /// Opens the configured backend. `writer` asks for the right to index; with the
+    /// embedded index only one process on a host can have it.
+    pub async fn open(config: &SearchConfig, writer: bool) -> Result<Self, SearchError> {
+        match &config.elasticsearch_url {
+            Some(url) => Ok(Self::Elastic(
+                elastic::ElasticIndex::connect(url.expose(), &config.elasticsearch_index).await?,
+            )),
+            None => {
+                let dir = config.search_index_dir.clone();
+                let index = tokio::task::spawn_blocking(move || {
+                    embedded::EmbeddedIndex::open(&dir, writer)
+                })
+                .await
+                .map_err(|e| SearchError::Failed(e.to_string()))??;
+                Ok(Self::Embedded(Arc::new(index)))
+            }
+        }
+    }
+
+    /// True when this handle may index.
+    pub fn can_index(&self) -> bool {
+        match self {
+            Self::Embedded(index) => index.has_writer(),
+            Self::Elastic(_) => true,
+        }
+    }
+
+    /// Adds or replaces documents; a document older than the indexed one is skipped.
+    pub async fn index(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Self::Embedded(index) => {
+                let index = index.clone();
+                tokio::task::spawn_blocking(move || index.index(docs))
+                    .await
+                    .map_err(|e| SearchError::Failed(e.to_string()))?
+            }
+            Self::Elastic(index) => index.index(&docs).await,
+        }
+    }
+
+    /// One page of matches, in ascending message number.
+    pub async fn search(&self, query: SearchQuery) -> Result<Vec<Message>, SearchError> {
+        let docs = match self {
+            Self::Embedded(index) => {
+                let index = index.clone();
+                tokio::task::spawn_blocking(move || index.search(&query))
+                    .await
+                    .map_err(|e| SearchError::Failed(e.to_string()))??
+            }
+            Self::Elastic(index) => index.search(&query).await?,
+        };
+        Ok(docs.into_iter().map(MessageDoc::into_message).collect())
+    }
+
+    pub async fn ping(&self) -> Result<(), SearchError> {
+        match self {
+            Self::Embedded(_) => Ok(()),
+            Self::Elastic(index) => index.ping().await,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Embedded(_) => "tantivy",
+            Self::Elastic(_) => "elasticsearch",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terms_are_split_and_lowercased() {
+        assert_eq!(parse_terms(Some("  Hel  WOR ")).unwrap(), ["hel", "wor"]);
+        assert!(parse_terms(Some("   ")).is_err());
+        assert!(parse_terms(None).is_err());
+    }
+
+    #[test]
+    fn matching_is_case_insensitive_substring_of_every_term() {
+        let terms = |q| parse_terms(Some(q)).unwrap();
+        assert!(matches("Hello World", &terms("ell")));
+        assert!(matches("hello world", &terms("hel wor")));
+        assert!(!matches("hello world", &terms("hel xyz")));
+        assert!(matches("100% *sure*", &terms("% *s")));
+    }
+}

@@ -1,0 +1,211 @@
+//! Search through the HTTP API, on the embedded index (the default backend).
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::{TestApp, eventually};
+
+async fn search(app: &TestApp, token: &str, chat: u64, query: &str) -> Vec<String> {
+    let reply = app
+        .send(
+            app.client
+                .get(app.url(&format!(
+                    "/applications/{token}/chats/{chat}/messages/search"
+                )))
+                .query(&[("q", query)]),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn matching_is_partial_case_insensitive_and_needs_every_term() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let other = app.chat(&token).await;
+    for body in [
+        "Hello World",
+        "hello there",
+        "say HELLO to the world",
+        "nothing here",
+        "abcd xbcde",
+        "100% *sure* a_b",
+    ] {
+        app.message(&token, chat, body).await;
+    }
+    app.message(&token, other, "hello from another chat").await;
+    app.drain().await;
+
+    assert_eq!(
+        search(&app, &token, chat, "ell").await,
+        ["Hello World", "hello there", "say HELLO to the world"]
+    );
+    assert_eq!(
+        search(&app, &token, chat, "hel wor").await,
+        ["Hello World", "say HELLO to the world"]
+    );
+    assert_eq!(
+        search(&app, &token, chat, "WORLD").await,
+        ["Hello World", "say HELLO to the world"]
+    );
+    assert_eq!(
+        search(&app, &token, chat, "lo th").await,
+        ["hello there", "say HELLO to the world"],
+        "terms match separately, anywhere"
+    );
+    assert_eq!(
+        search(&app, &token, chat, "o").await.len(),
+        4,
+        "one-character terms"
+    );
+    assert_eq!(
+        search(&app, &token, chat, "%").await,
+        ["100% *sure* a_b"],
+        "special characters are literal"
+    );
+    assert_eq!(
+        search(&app, &token, chat, "*sure*").await,
+        ["100% *sure* a_b"]
+    );
+    assert_eq!(search(&app, &token, chat, "a_b").await, ["100% *sure* a_b"]);
+    assert_eq!(
+        search(&app, &token, chat, "a*").await,
+        Vec::<String>::new(),
+        "`*` is not a wildcard"
+    );
+    assert_eq!(
+        search(&app, &token, chat, "xyz hello").await,
+        Vec::<String>::new(),
+        "every term must match"
+    );
+    assert_eq!(
+        search(&app, &token, chat, "abcde").await,
+        Vec::<String>::new(),
+        "the trigrams of `abcde` are all in `abcd xbcde`, but not together"
+    );
+    assert_eq!(
+        search(&app, &token, other, "hello").await,
+        ["hello from another chat"],
+        "one chat only"
+    );
+}
+
+#[tokio::test]
+async fn results_are_paginated_in_number_order() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    for i in 1..=7 {
+        app.message(&token, chat, &format!("match {i}")).await;
+        app.message(&token, chat, "other").await;
+    }
+    app.drain().await;
+    let base = format!("/applications/{token}/chats/{chat}/messages/search");
+    let mut path = format!("{base}?q=Match&limit=3");
+    let mut seen = Vec::new();
+    loop {
+        let reply = app.get(&path).await;
+        assert_eq!(reply.status, 200);
+        seen.extend(
+            reply
+                .body
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["body"].as_str().unwrap().to_owned()),
+        );
+        match reply.header("link") {
+            Some(link) => path = link[1..link.find('>').unwrap()].to_owned(),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (1..=7).map(|i| format!("match {i}")).collect();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn bad_searches_are_rejected() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let base = format!("/applications/{token}/chats/{chat}/messages/search");
+    app.get(&base).await.assert_problem(400);
+    app.get(&format!("{base}?q=%20%20"))
+        .await
+        .assert_problem(400);
+    app.get(&format!("{base}?q=x&limit=0"))
+        .await
+        .assert_problem(400);
+    app.get(&format!(
+        "/applications/{token}/chats/9/messages/search?q=x"
+    ))
+    .await
+    .assert_problem(404);
+    app.get("/applications/unknown/chats/1/messages/search?q=x")
+        .await
+        .assert_problem(404);
+}
+
+#[tokio::test]
+async fn an_updated_body_replaces_the_old_one() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.message(&token, chat, "first draft").await;
+    app.drain().await;
+    assert_eq!(search(&app, &token, chat, "draft").await, ["first draft"]);
+    app.patch(
+        &format!("/applications/{token}/chats/{chat}/messages/1"),
+        json!({"body": "final text"}),
+    )
+    .await;
+    app.drain().await;
+    assert_eq!(
+        search(&app, &token, chat, "draft").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(search(&app, &token, chat, "final").await, ["final text"]);
+}
+
+#[tokio::test]
+async fn a_message_is_findable_within_seconds_of_its_201() {
+    let app = TestApp::spawn().await;
+    let _indexer = app.spawn_indexer().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.message(&token, chat, "needle in a haystack").await;
+    eventually(
+        Duration::from_secs(3),
+        "the message to be findable",
+        || async { search(&app, &token, chat, "needle").await == ["needle in a haystack"] },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn reindex_rebuilds_the_index_from_mysql() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.message(&token, chat, "alpha").await;
+    app.message(&token, chat, "beta").await;
+    // Persist only: the index group is left behind, as if search had been down.
+    app.worker.drain().await.unwrap();
+    assert_eq!(search(&app, &token, chat, "a").await, Vec::<String>::new());
+    for _ in 0..2 {
+        // Safe to re-run.
+        chat_system::reindex::run(&app.store.mysql, &app.search, 1)
+            .await
+            .unwrap();
+    }
+    assert_eq!(search(&app, &token, chat, "a").await, ["alpha", "beta"]);
+}
