@@ -79,6 +79,10 @@ pub struct WorkerConfig {
     #[arg(long, env = "WORKER_NAME")]
     pub name: Option<String>,
 
+    /// When set, the `worker` command serves `/healthz` and `/metrics` on this address.
+    #[arg(long, env = "WORKER_METRICS_BIND")]
+    pub metrics_bind: Option<SocketAddr>,
+
     /// How often `chats_count` and `messages_count` are refreshed.
     #[arg(long, env = "COUNTS_SYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub counts_sync_interval: Duration,

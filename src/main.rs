@@ -57,6 +57,9 @@ async fn run(command: Command) -> Result<(), StartError> {
             let search = Search::open(&search, true).await?;
             let tasks =
                 startup::spawn_workers(&store, &search, &config, &worker, &shutdown).await?;
+            if let Some(addr) = worker.metrics_bind {
+                startup::serve_worker_metrics(addr, shutdown.clone()).await?;
+            }
             for task in tasks {
                 let _ = task.await;
             }

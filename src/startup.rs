@@ -120,6 +120,26 @@ pub async fn spawn_workers(
     Ok(tasks)
 }
 
+/// Serves `/healthz` and `/metrics` of a worker process in the background.
+pub async fn serve_worker_metrics(
+    addr: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let router = http::worker_router(http::install_metrics_recorder());
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(wait_for(shutdown))
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "worker metrics server failed");
+        }
+    });
+    Ok(())
+}
+
 /// A watch channel that turns true on SIGINT or SIGTERM.
 pub fn shutdown_signal() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);

@@ -213,4 +213,4 @@ fn paginated_query<T: Serialize, C: std::fmt::Display>(
     response
 }
 
-pub use ops::install_metrics_recorder;
+pub use ops::{install_metrics_recorder, worker_router};

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
 use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
@@ -34,9 +34,14 @@ pub fn install_metrics_recorder() -> PrometheusHandle {
             const LATENCY: &[f64] = &[
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
-            let builder = PrometheusBuilder::new();
-            let builder = builder
+            // Queue lags get finer buckets around their targets (250 ms, 1 s).
+            const LAG: &[f64] = &[
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4,
+                0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+            ];
+            let builder = PrometheusBuilder::new()
                 .set_buckets(LATENCY)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("lag_seconds".into()), LAG))
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             builder.install_recorder().unwrap_or_else(|_| {
                 // Another recorder is installed (only possible in tests): render an
@@ -51,6 +56,17 @@ pub fn install_metrics_recorder() -> PrometheusHandle {
 pub struct Health {
     /// `ok`
     status: &'static str,
+}
+
+/// The endpoints a worker process serves: liveness and metrics.
+pub fn worker_router(metrics: PrometheusHandle) -> Router {
+    Router::new().route("/healthz", get(healthz)).route(
+        "/metrics",
+        get(move || {
+            let text = metrics.render();
+            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+        }),
+    )
 }
 
 /// Liveness: 200 while the process runs.

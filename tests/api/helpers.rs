@@ -278,6 +278,7 @@ pub fn worker_config() -> WorkerConfig {
         batch_wait: Duration::from_millis(20),
         claim_idle: Duration::from_secs(1),
         name: Some(unique_name("w")),
+        metrics_bind: None,
         counts_sync_interval: parse_duration("200ms").unwrap(),
     }
 }

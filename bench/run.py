@@ -1,0 +1,497 @@
+#!/usr/bin/env python3
+"""The benchmark behind `scripts/bench`: builds in release mode, starts a private stack
+(MariaDB, Redis, one `api` and one `worker` process), loads it from a second process on
+loopback with wrk, and measures the ceilings of the same machine in the same run.
+
+Results go to bench/results/ (markdown table + SVG chart). Every phase is bounded in
+time; the default run takes about 10 minutes, `--quick` about 2.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / ".data" / "bench"
+MYSQL_PORT, REDIS_PORT = 33406, 36479
+API, WORKER_METRICS, PROBE = "127.0.0.1:3100", "127.0.0.1:3101", "127.0.0.1:3102"
+PREFIX = "bench"
+WORDS = [f"w{i:03d}" for i in range(1000)]  # search vocabulary: each word in ~0.3% of bodies
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def http(method, path, body=None, base=API):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://{base}{path}", data=data, method=method)
+    if data is not None:
+        req.add_header("content-type", "application/json")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read()
+        return json.loads(text) if text and r.headers.get_content_type().endswith("json") else text
+
+
+def redis(*args):
+    return run(["redis-cli", "-p", str(REDIS_PORT), *map(str, args)]).strip()
+
+
+def wait_until(what, check, limit=60.0, every=0.05):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(every)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+
+# ---- wrk ----------------------------------------------------------------------------
+
+WRK_DONE = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.stderr:write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,"p50":%d,"p99":%d,"p999":%d,"max":%d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.max))
+end
+"""
+
+
+def wrk(name, lua, seconds, connections=64, threads=2, url=None):
+    """Runs wrk with a Lua request script; returns its figures."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(lua + WRK_DONE)
+        script = f.name
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
+           "--timeout", "5s", "-s", script, url or f"http://{API}"]
+    out = subprocess.run(cmd, text=True, capture_output=True)
+    os.unlink(script)
+    m = re.search(r"WRKJSON (\{.*\})", out.stderr)
+    if not m:
+        raise SystemExit(f"bench: wrk failed for {name}:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    secs = r["duration_us"] / 1e6
+    result = {
+        "scenario": name,
+        "rps": r["requests"] / secs,
+        "requests": r["requests"],
+        "p50_ms": r["p50"] / 1000, "p99_ms": r["p99"] / 1000, "p999_ms": r["p999"] / 1000,
+        "errors": r["connect"] + r["read"] + r["write"] + r["timeout"],
+        "non2xx": r["status"],
+    }
+    log(f"{name}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
+        f"p99 {result['p99_ms']:.2f} ms, p99.9 {result['p999_ms']:.2f} ms, "
+        f"errors {result['errors']}, non-2xx {result['non2xx']}")
+    return result
+
+
+def lua_post(path_expr, body_expr, delay_ms=None):
+    delay = f"delay = function() return {delay_ms} end\n" if delay_ms else ""
+    return f"""
+math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", {path_expr}, {{["Content-Type"] = "application/json"}}, {body_expr})
+end
+{delay}"""
+
+
+def lua_get(path_expr):
+    return f"""
+math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
+request = function() return wrk.format("GET", {path_expr}) end
+"""
+
+
+def body_expr():
+    words = ",".join(f'"{w}"' for w in WORDS)
+    return ('(function() local W = {' + words + '} '
+            'return string.format(\'{"body":"message %d %s %s %s lorem ipsum"}\', n, '
+            'W[math.random(#W)], W[math.random(#W)], W[math.random(#W)]) end)()')
+
+
+# ---- metrics ------------------------------------------------------------------------
+
+def scrape(base):
+    text = urllib.request.urlopen(f"http://{base}/metrics", timeout=5).read().decode()
+    buckets = {}
+    for line in text.splitlines():
+        m = re.match(r'(\w+)_bucket\{le="([^"]+)"\} (\S+)', line)
+        if m:
+            buckets.setdefault(m.group(1), []).append((float(m.group(2)), float(m.group(3))))
+    return buckets
+
+
+def quantile(before, after, metric, q):
+    """Quantile of the observations made between two scrapes, interpolated in buckets."""
+    b = dict(before.get(metric, []))
+    rows = [(le, c - b.get(le, 0.0)) for le, c in after.get(metric, [])]
+    if not rows or rows[-1][1] <= 0:
+        return None
+    total, target, prev_le, prev_c = rows[-1][1], rows[-1][1] * q, 0.0, 0.0
+    for le, c in rows:
+        if c >= target:
+            if le == float("inf"):
+                return prev_le
+            frac = (target - prev_c) / (c - prev_c) if c > prev_c else 1.0
+            return prev_le + (le - prev_le) * frac
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def group_lag(group):
+    out = redis("XINFO", "GROUPS", f"{PREFIX}:q")
+    lines = out.splitlines()
+    # redis-cli prints the nested reply as flat name/value lines.
+    info, current = {}, None
+    for k, v in zip(lines[0::2], lines[1::2]):
+        if k == "name":
+            current = v
+            info[current] = {}
+        elif current:
+            info[current][k] = v
+    g = info.get(group, {})
+    lag = g.get("lag")
+    pending = int(g.get("pending", 0))
+    return (int(lag) if lag not in (None, "", "(nil)") else 0) + pending
+
+
+def rss_kib(pid):
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+    cur = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+    return hwm, cur
+
+
+# ---- the stack ----------------------------------------------------------------------
+
+class Stack:
+    def __init__(self, binary):
+        self.binary = binary
+        self.procs = {}
+        self.env = dict(os.environ,
+                        DATABASE_URL=f"mysql://root@127.0.0.1:{MYSQL_PORT}/chat_bench",
+                        REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}",
+                        REDIS_PREFIX=PREFIX, LOG_LEVEL="warn",
+                        SEARCH_INDEX_DIR=str(DATA / "search"),
+                        COUNTS_SYNC_INTERVAL="10s")
+
+    def start(self, name, *args, **extra):
+        env = dict(self.env, **extra)
+        logf = open(DATA / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen([self.binary, *args], env=env, stdout=logf, stderr=logf)
+
+    def stop(self, name):
+        p = self.procs.pop(name, None)
+        if p and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def stop_all(self):
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="about 2 minutes instead of 10")
+    args = parser.parse_args()
+    quick = args.quick
+    d = 4 if quick else 12               # seconds per throughput scenario
+    steady_s = 15 if quick else 60       # the steady phase
+    backlog = 200_000 if quick else 1_000_000
+    search_corpus = 100_000
+
+    target_dir = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    log("building (release)")
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "chat-system",
+                    "--example", "probe"], cwd=ROOT, check=True)
+    binary = str(target_dir / "release" / "chat-system")
+    probe_bin = str(target_dir / "release" / "examples" / "probe")
+    if not shutil.which("wrk"):
+        log("installing wrk")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    deps_env = dict(os.environ, DEPS_DIR=str(DATA / "deps"), DEPS_MYSQL_PORT=str(MYSQL_PORT),
+                    DEPS_REDIS_PORT=str(REDIS_PORT))
+    subprocess.run([ROOT / "scripts" / "deps", "start"], env=deps_env, check=True)
+    stack = Stack(binary)
+    results, figures = [], {}
+    try:
+        redis("FLUSHALL")
+        run(["mariadb", "--no-defaults", "-h127.0.0.1", f"-P{MYSQL_PORT}", "-uroot", "-e",
+             "DROP DATABASE IF EXISTS chat_bench"])
+        shutil.rmtree(DATA / "search", ignore_errors=True)
+        subprocess.run([binary, "migrate"], env=stack.env, check=True)
+        stack.start("worker", "worker", WORKER_METRICS_BIND=WORKER_METRICS)
+        stack.start("api", "api", BIND=API)
+        wait_until("the api", lambda: _ok(f"http://{API}/healthz"))
+        wait_until("the worker", lambda: _ok(f"http://{WORKER_METRICS}/healthz"))
+
+        token = http("POST", "/applications", {"name": "bench"})["token"]
+        for _ in range(1000):
+            http("POST", f"/applications/{token}/chats", {"title": "bench"})
+        base = f"/applications/{token}/chats"
+
+        # Ceilings, same machine, same run.
+        results.append(wrk("ceiling: HTTP (GET /healthz)", lua_get('"/healthz"'), d))
+        figures["http_ceiling"] = results[-1]["rps"]
+        figures["redis_ceiling"] = redis_ceiling()
+        probe = subprocess.Popen([probe_bin, PROBE, f"redis://127.0.0.1:{REDIS_PORT}", "probe"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until("the probe", lambda: _port_open(PROBE))
+            results.append(wrk("ceiling: HTTP+Redis probe (POST, one EVALSHA)",
+                               lua_post('"/probe/" .. math.random(1000)', body_expr()), d,
+                               url=f"http://{PROBE}"))
+            figures["probe_ceiling"] = results[-1]["rps"]
+        finally:
+            probe.terminate()
+            probe.wait()
+            redis("DEL", "probe:q")
+
+        # Throughput scenarios.
+        results.append(wrk("create chat", lua_post(f'"{base}"', "'{\"title\":\"t\"}'"), d))
+        results.append(wrk("create message, 1,000 chats",
+                           lua_post(f'"{base}/" .. math.random(1000) .. "/messages"', body_expr()), d))
+        figures["create_rps"] = results[-1]["rps"]
+        hot = wrk("create message, one hot chat", lua_post(f'"{base}/1/messages"', body_expr()), d)
+        results.append(hot)
+        # Top the hot chat up to the search corpus size, then wait for persistence and indexing.
+        have = int(redis("GET", f"{PREFIX}:{{{token}}}:c:1:msgs") or 0)
+        if have < search_corpus:
+            wrk("(fill the search chat)", lua_post(f'"{base}/1/messages"', body_expr()),
+                max(2, int((search_corpus - have) / max(hot["rps"], 1000) * 1.3) + 1))
+        wait_until("the queue to drain", lambda: group_lag("persist") == 0 and group_lag("index") == 0, 300, 0.2)
+        corpus = int(redis("GET", f"{PREFIX}:{{{token}}}:c:1:msgs"))
+        figures["search_corpus"] = corpus
+
+        results.append(wrk("get message", lua_get(f'"{base}/1/messages/" .. math.random({corpus})'), d))
+        results.append(wrk("list page (50)",
+                           lua_get(f'"{base}/1/messages?limit=50&after=" .. math.random({corpus - 50})'), d))
+        words = ",".join(f'"{w}"' for w in WORDS)
+        results.append(wrk(f"search, chat of {corpus:,} messages",
+                           lua_get(f'(function() local W = {{{words}}} return "{base}/1/messages/search?q=" .. W[math.random(#W)] end)()'), d))
+
+        # Steady creates at half the maximum rate: latency, lags, queue.
+        rate = figures["create_rps"] / 2
+        conns = 64
+        delay = max(1, round(conns * 1000 / rate))
+        before = scrape(WORKER_METRICS)
+        queue_samples = []
+        sampler = _Sampler(lambda: queue_samples.append(group_lag("persist")))
+        steady = wrk(f"steady creates at ~{conns * 1000 / delay:,.0f}/s for {steady_s}s",
+                     lua_post(f'"{base}/" .. math.random(1000) .. "/messages"', body_expr(), delay_ms=delay),
+                     steady_s, connections=conns)
+        sampler.stop()
+        time.sleep(1.5)
+        after = scrape(WORKER_METRICS)
+        results.append(steady)
+        figures["steady"] = steady
+        for metric in ("persist_lag_seconds", "index_lag_seconds"):
+            for q in (0.5, 0.99):
+                v = quantile(before, after, metric, q)
+                figures[f"{metric}_p{int(q * 100)}"] = v * 1000 if v is not None else None
+        figures["queue_max"] = max(queue_samples or [0])
+        figures["queue_end"] = queue_samples[-1] if queue_samples else 0
+        figures["queue_samples"] = len(queue_samples)
+
+        # Mixed load at a fixed rate: 70% creates, 20% gets, 10% list pages.
+        mixed_lua = f"""
+math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
+local n = 0
+request = function()
+  n = n + 1
+  local r = math.random(10)
+  if r <= 7 then
+    return wrk.format("POST", "{base}/" .. math.random(1000) .. "/messages", {{["Content-Type"] = "application/json"}}, '{{"body":"mixed ' .. n .. '"}}')
+  elseif r <= 9 then
+    return wrk.format("GET", "{base}/1/messages/" .. math.random({corpus}))
+  else
+    return wrk.format("GET", "{base}/1/messages?limit=50&after=" .. math.random({corpus - 50}))
+  end
+end
+delay = function() return {delay} end
+"""
+        results.append(wrk(f"mixed 70/20/10 at ~{conns * 1000 / delay:,.0f}/s", mixed_lua, d * 2, connections=conns))
+
+        figures["rss_api"] = rss_kib(stack.procs["api"].pid)
+        figures["rss_worker_load"] = rss_kib(stack.procs["worker"].pid)
+
+        # Backlog drain: stop the worker, queue a backlog, time the drain.
+        stack.stop("worker")
+        log(f"queueing a backlog of {backlog:,} messages")
+        fill_backlog(token, backlog)
+        start = time.time()
+        stack.start("worker2", "worker", WORKER_METRICS_BIND=WORKER_METRICS)
+        wait_until("the backlog to persist", lambda: group_lag("persist") == 0, 600, 0.1)
+        persisted_s = time.time() - start
+        wait_until("the backlog to be indexed", lambda: group_lag("index") == 0, 900, 0.2)
+        indexed_s = time.time() - start
+        figures["drain_persist_rps"] = backlog / persisted_s
+        figures["drain_index_rps"] = backlog / indexed_s
+        figures["backlog"] = backlog
+        figures["rss_worker_drain"] = rss_kib(stack.procs["worker2"].pid)
+        log(f"backlog: persisted at {figures['drain_persist_rps']:,.0f}/s, indexed at {figures['drain_index_rps']:,.0f}/s")
+    finally:
+        stack.stop_all()
+        subprocess.run([ROOT / "scripts" / "deps", "stop"], env=deps_env)
+    write_results(results, figures, quick)
+
+
+def _ok(url):
+    try:
+        return urllib.request.urlopen(url, timeout=1).status == 200
+    except OSError:
+        return False
+
+
+def _port_open(addr):
+    import socket
+    host, port = addr.split(":")
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, int(port))) == 0
+
+
+class _Sampler:
+    """Calls `fn` every 0.5 s on a thread until stopped."""
+
+    def __init__(self, fn):
+        import threading
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, fn):
+        while not self._stop.wait(0.5):
+            fn()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def create_script():
+    src = (ROOT / "src" / "store" / "queue.rs").read_text()
+    return re.search(r'const CREATE_MESSAGE: &str = r"(.*?)";', src, re.S).group(1)
+
+
+def redis_ceiling():
+    """redis-benchmark running the product's own create script, 50 clients."""
+    sha = redis("SCRIPT", "LOAD", create_script())
+    redis("HSET", "rb:{t}:app", "id", "1")
+    redis("SET", "rb:{t}:chats", "10")
+    redis("SET", "rb:{t}:c:1:msgs", "0")
+    out = run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", "300000", "-q",
+               "EVALSHA", sha, "5", "rb:{t}:app", "rb:{t}:chats", "rb:{t}:c:1:msgs", "rb:q",
+               "rb:{t}:c:1:m:", "t", "1", "hello benchmark body", "1700000000000000"])
+    rps = float(re.search(r"([\d.]+) requests per second", out).group(1))
+    redis("DEL", "rb:q")
+    run(["redis-cli", "-p", str(REDIS_PORT), "--scan", "--pattern", "rb:*"])
+    subprocess.run(f"redis-cli -p {REDIS_PORT} --scan --pattern 'rb:*' | xargs -r -n 1000 redis-cli -p {REDIS_PORT} DEL > /dev/null",
+                   shell=True, check=True)
+    log(f"ceiling: Redis (redis-benchmark, create script, 50 clients): {rps:,.0f}/s")
+    return rps
+
+
+def fill_backlog(token, count):
+    """Queues `count` messages in chat 2 with the product's script (pipelined)."""
+    sha = redis("SCRIPT", "LOAD", create_script())
+    keys = [f"{PREFIX}:{{{token}}}:app", f"{PREFIX}:{{{token}}}:chats",
+            f"{PREFIX}:{{{token}}}:c:2:msgs", f"{PREFIX}:q", f"{PREFIX}:{{{token}}}:c:2:m:"]
+    now = str(int(time.time() * 1e6))
+    run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", str(count), "-P", "16", "-q",
+         "EVALSHA", sha, "5", *keys, token, "2", "backlog message w001 lorem ipsum", now])
+
+
+def fmt(v, unit="", digits=0):
+    if v is None:
+        return "n/a"
+    return f"{v:,.{digits}f}{unit}"
+
+
+def write_results(results, f, quick):
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    probe, http_c, redis_c = f.get("probe_ceiling"), f.get("http_ceiling"), f.get("redis_ceiling")
+    lines = [f"# Benchmark results — {stamp}{' (quick)' if quick else ''}", "",
+             "Machine: " + run(["sh", "-c", "nproc; free -g | awk '/Mem/{print $2}'"]).replace("\n", " cores, ", 1).strip() + " GiB; "
+             "load from wrk (2 threads) on the same machine, over loopback.", "",
+             "| scenario | req/s | vs HTTP+Redis ceiling | p50 ms | p99 ms | p99.9 ms | errors | non-2xx |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        ratio = f"{r['rps'] / probe:.0%}" if probe and r["scenario"].startswith(("create", "steady")) else ""
+        lines.append(f"| {r['scenario']} | {r['rps']:,.0f} | {ratio} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['p999_ms']:.2f} | {r['errors']} | {r['non2xx']} |")
+    steady = f.get("steady", {})
+    lines += ["", "| measure | figure | target |", "|---|---:|---|",
+              f"| HTTP ceiling (GET /healthz) | {fmt(http_c, '/s')} | |",
+              f"| Redis ceiling (create script, redis-benchmark 50 clients) | {fmt(redis_c, '/s')} | |",
+              f"| HTTP+Redis ceiling (probe) | {fmt(probe, '/s')} | |",
+              f"| create message / HTTP+Redis ceiling | {f['create_rps'] / probe:.0%} | ≥ 60% |" if probe and f.get("create_rps") else "",
+              f"| steady: create p99 | {fmt(steady.get('p99_ms'), ' ms', 2)} | ≤ 5 ms |",
+              f"| steady: persistence lag p50 / p99 | {fmt(f.get('persist_lag_seconds_p50'), ' ms', 1)} / {fmt(f.get('persist_lag_seconds_p99'), ' ms', 1)} | p99 ≤ 250 ms |",
+              f"| steady: indexing lag p50 / p99 | {fmt(f.get('index_lag_seconds_p50'), ' ms', 1)} / {fmt(f.get('index_lag_seconds_p99'), ' ms', 1)} | p99 ≤ 1 s |",
+              f"| steady: queue (persist group) max / at end, {f.get('queue_samples', 0)} samples | {f.get('queue_max', 'n/a')} / {f.get('queue_end', 'n/a')} | does not grow |",
+              f"| backlog of {f.get('backlog', 0):,}: persisted | {fmt(f.get('drain_persist_rps'), '/s')} | ≥ 100,000/s |",
+              f"| backlog: indexed | {fmt(f.get('drain_index_rps'), '/s')} | |",
+              f"| search corpus (messages in the chat) | {f.get('search_corpus', 0):,} | 100,000 |",
+              f"| peak RSS, api | {fmt(f['rss_api'][0] / 1024, ' MiB', 1)} | ≤ 64 MiB |" if f.get("rss_api") else "",
+              f"| peak RSS, worker under load | {fmt(f['rss_worker_load'][0] / 1024, ' MiB', 1)} | ≤ 128 MiB |" if f.get("rss_worker_load") else "",
+              f"| peak RSS, worker draining the backlog | {fmt(f['rss_worker_drain'][0] / 1024, ' MiB', 1)} | ≤ 128 MiB |" if f.get("rss_worker_drain") else "",
+              "", "Reproduce: `scripts/bench" + (" --quick" if quick else "") + "`."]
+    text = "\n".join(l for l in lines if l is not None) + "\n"
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    name = "latest-quick" if quick else "latest"
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.svg").write_text(chart(results))
+    (out / f"{name}.json").write_text(json.dumps({"results": results, "figures": f}, indent=1, default=str))
+    print(text)
+
+
+def chart(results):
+    """A bar chart of req/s with p99 latency, as plain SVG."""
+    rows = [r for r in results if not r["scenario"].startswith("(")]
+    width, bar_h, gap, left = 900, 22, 10, 330
+    height = 40 + len(rows) * (bar_h + gap)
+    top = max(r["rps"] for r in rows) or 1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+             '<text x="10" y="20" font-size="14" font-weight="bold">Throughput (req/s) and p99 latency per scenario</text>']
+    for i, r in enumerate(rows):
+        y = 35 + i * (bar_h + gap)
+        w = (width - left - 170) * r["rps"] / top
+        parts.append(f'<text x="10" y="{y + 15}">{_esc(r["scenario"][:48])}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="#4878a8"/>')
+        parts.append(f'<text x="{left + w + 6:.1f}" y="{y + 15}">{r["rps"]:,.0f}/s · p99 {r["p99_ms"]:.2f} ms</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _esc(s):
+    return s.replace("&", "&amp;").replace("<", "&lt;")
+
+
+if __name__ == "__main__":
+    main()
