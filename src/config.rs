@@ -67,6 +67,10 @@ pub struct WorkerConfig {
     #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 1000)]
     pub batch_size: usize,
 
+    /// Persisting consumers per worker process, each with a batch in flight.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+
     /// Longest wait for new queue entries before a read returns.
     #[arg(long, env = "WORKER_BATCH_WAIT", default_value = "50ms", value_parser = parse_duration)]
     pub batch_wait: Duration,

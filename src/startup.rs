@@ -103,11 +103,26 @@ pub async fn spawn_workers(
     config: &WorkerConfig,
     shutdown: &watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
-    let persist = build_worker(store.clone(), store_config, config, Role::Persist).await?;
-    let mut tasks = vec![tokio::spawn(persist.run(shutdown.clone()))];
+    let base = config
+        .name
+        .clone()
+        .unwrap_or_else(crate::worker::default_consumer_name);
+    let mut tasks = Vec::new();
+    // Several persisting consumers per process overlap one batch's MySQL commit with the
+    // next batch's Redis reads; one of them does the periodic maintenance.
+    for i in 0..config.concurrency.max(1) {
+        let mut persist_config = config.clone();
+        persist_config.name = Some(format!("{base}-p{i}"));
+        let mut persist =
+            build_worker(store.clone(), store_config, &persist_config, Role::Persist).await?;
+        if i > 0 {
+            persist.skip_maintenance();
+        }
+        tasks.push(tokio::spawn(persist.run(shutdown.clone())));
+    }
     if search.can_index() {
         let mut index_config = config.clone();
-        index_config.name = config.name.as_ref().map(|n| format!("{n}-index"));
+        index_config.name = Some(format!("{base}-index"));
         let indexer = build_worker(
             store.clone(),
             store_config,

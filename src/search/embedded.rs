@@ -23,7 +23,8 @@ use tantivy::schema::{
 };
 use tantivy::tokenizer::{LowerCaser, NgramTokenizer, TextAnalyzer};
 use tantivy::{
-    DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term,
+    DocAddress, DocSet, Index, IndexReader, IndexWriter, Order, ReloadPolicy, Searcher, TERMINATED,
+    TantivyDocument, Term,
 };
 
 use super::{MessageDoc, SearchError, SearchQuery, matches};
@@ -46,8 +47,15 @@ struct Fields {
 
 pub struct EmbeddedIndex {
     reader: IndexReader,
-    writer: Option<Mutex<IndexWriter>>,
+    writer: Option<Mutex<Writer>>,
     fields: Fields,
+}
+
+/// The index writer and the versions of the documents added since its last commit
+/// (which searches cannot see yet).
+struct Writer {
+    inner: IndexWriter,
+    uncommitted: HashMap<String, u64>,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -89,7 +97,10 @@ impl EmbeddedIndex {
         index.tokenizers().register(TOKENIZER, analyzer);
         let writer = if writer {
             match index.writer_with_num_threads(1, WRITER_HEAP) {
-                Ok(w) => Some(Mutex::new(w)),
+                Ok(inner) => Some(Mutex::new(Writer {
+                    inner,
+                    uncommitted: HashMap::new(),
+                })),
                 Err(tantivy::TantivyError::LockFailure(..)) => {
                     tracing::warn!(dir = %dir.display(), "another process holds the search index writer; this one only reads");
                     None
@@ -115,8 +126,9 @@ impl EmbeddedIndex {
         self.writer.is_some()
     }
 
-    /// Adds or replaces documents, keeping the highest version of each, then commits.
-    pub fn index(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
+    /// Adds or replaces documents (the highest version of each wins), without
+    /// committing: they become visible, and durable, at the next [`Self::commit`].
+    pub fn add(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
         let writer = self
             .writer
             .as_ref()
@@ -132,22 +144,18 @@ impl EmbeddedIndex {
         let mut writer = writer.lock().map_err(|_| failed("index writer poisoned"))?;
         for (id, doc) in latest {
             let id_term = Term::from_field_text(self.fields.id, &id);
-            let existing = searcher
-                .search(
-                    &TermQuery::new(id_term.clone(), IndexRecordOption::Basic),
-                    &TopDocs::with_limit(1).order_by_score(),
-                )
-                .map_err(failed)?;
-            if let Some((_, address)) = existing.first() {
-                let stored: TantivyDocument = searcher.doc(*address).map_err(failed)?;
-                let version = stored
-                    .get_first(self.fields.version)
-                    .and_then(|v| v.as_u64());
-                if version.is_some_and(|v| v >= doc.version) {
-                    continue;
+            let known = match writer.uncommitted.get(&id) {
+                Some(version) => Some(*version),
+                None => self.indexed_version(&searcher, &id_term)?,
+            };
+            match known {
+                Some(version) if version >= doc.version => continue,
+                // Deletes apply to every earlier document, committed or not.
+                Some(_) => {
+                    writer.inner.delete_term(id_term);
                 }
+                None => {}
             }
-            writer.delete_term(id_term);
             let mut document = TantivyDocument::default();
             document.add_text(self.fields.id, &id);
             document.add_text(self.fields.token, &doc.token);
@@ -157,12 +165,60 @@ impl EmbeddedIndex {
             document.add_u64(self.fields.version, doc.version);
             document.add_i64(self.fields.created_at, to_micros(doc.created_at));
             document.add_i64(self.fields.updated_at, to_micros(doc.updated_at));
-            writer.add_document(document).map_err(failed)?;
+            writer.inner.add_document(document).map_err(failed)?;
+            writer.uncommitted.insert(id, doc.version);
         }
-        writer.commit().map_err(failed)?;
-        drop(writer);
-        self.reader.reload().map_err(failed)?;
         Ok(())
+    }
+
+    /// Makes every added document durable and visible to searches.
+    pub fn commit(&self) -> Result<(), SearchError> {
+        let Some(writer) = self.writer.as_ref() else {
+            return Ok(());
+        };
+        let mut writer = writer.lock().map_err(|_| failed("index writer poisoned"))?;
+        if writer.uncommitted.is_empty() {
+            return Ok(());
+        }
+        writer.inner.commit().map_err(failed)?;
+        writer.uncommitted.clear();
+        drop(writer);
+        self.reader.reload().map_err(failed)
+    }
+
+    /// Adds and commits.
+    pub fn index(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
+        self.add(docs)?;
+        self.commit()
+    }
+
+    /// The version of the live indexed document with this id, if any. A term-dictionary
+    /// lookup per segment: most ids (new messages) stop there.
+    fn indexed_version(&self, searcher: &Searcher, id: &Term) -> Result<Option<u64>, SearchError> {
+        let mut found = None;
+        for (ordinal, segment) in searcher.segment_readers().iter().enumerate() {
+            let inverted = segment.inverted_index(self.fields.id).map_err(failed)?;
+            let Some(mut postings) = inverted
+                .read_postings(id, IndexRecordOption::Basic)
+                .map_err(failed)?
+            else {
+                continue;
+            };
+            let mut doc = postings.doc();
+            while doc != TERMINATED {
+                if !segment.is_deleted(doc) {
+                    let stored: TantivyDocument = searcher
+                        .doc(DocAddress::new(ordinal as u32, doc))
+                        .map_err(failed)?;
+                    let version = stored
+                        .get_first(self.fields.version)
+                        .and_then(|v| v.as_u64());
+                    found = found.max(version);
+                }
+                doc = postings.advance();
+            }
+        }
+        Ok(found)
     }
 
     pub fn search(&self, query: &SearchQuery) -> Result<Vec<MessageDoc>, SearchError> {

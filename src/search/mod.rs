@@ -142,20 +142,47 @@ impl Search {
         }
     }
 
-    /// Adds or replaces documents; a document older than the indexed one is skipped.
+    /// Adds or replaces documents and makes them durable and visible; a document older
+    /// than the indexed one is skipped.
     pub async fn index(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
+        self.add(docs).await?;
+        self.commit().await
+    }
+
+    /// Adds or replaces documents. Elasticsearch makes them durable at once; the
+    /// embedded index does so at the next [`Search::commit`], which is what makes
+    /// batching commits (far cheaper than one per batch) possible.
+    pub async fn add(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
         if docs.is_empty() {
             return Ok(());
         }
         match self {
             Self::Embedded(index) => {
                 let index = index.clone();
-                tokio::task::spawn_blocking(move || index.index(docs))
+                tokio::task::spawn_blocking(move || index.add(docs))
                     .await
                     .map_err(|e| SearchError::Failed(e.to_string()))?
             }
             Self::Elastic(index) => index.index(&docs).await,
         }
+    }
+
+    /// Makes everything added so far durable and visible.
+    pub async fn commit(&self) -> Result<(), SearchError> {
+        match self {
+            Self::Embedded(index) => {
+                let index = index.clone();
+                tokio::task::spawn_blocking(move || index.commit())
+                    .await
+                    .map_err(|e| SearchError::Failed(e.to_string()))?
+            }
+            Self::Elastic(_) => Ok(()),
+        }
+    }
+
+    /// True when documents only become durable at [`Search::commit`].
+    pub fn batches_commits(&self) -> bool {
+        matches!(self, Self::Embedded(_))
     }
 
     /// One page of matches, in ascending message number.

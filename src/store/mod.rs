@@ -114,6 +114,16 @@ pub fn mysql_is_down(err: &sqlx::Error) -> bool {
     )
 }
 
+/// True when retrying the same statement later can succeed: MySQL is down, or the
+/// statement lost a deadlock or a lock wait to a concurrent transaction.
+pub fn mysql_is_transient(err: &sqlx::Error) -> bool {
+    mysql_is_down(err)
+        || err
+            .as_database_error()
+            .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+            .is_some_and(|e| matches!(e.number(), 1205 | 1213))
+}
+
 /// True when the error means Redis cannot be reached (rather than a bad command).
 pub fn redis_is_down(err: &redis::RedisError) -> bool {
     err.is_io_error()

@@ -4,7 +4,7 @@ use redis::streams::StreamId;
 
 use crate::resources::from_micros;
 use crate::store::mysql::{ChatWrite, MessageWrite};
-use crate::store::queue::{Keys, version_of};
+use crate::store::queue::{Keys, Kind, QueuedWrite, version_of};
 
 /// One accepted write, ready to persist.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,50 +23,34 @@ pub struct Entry {
 impl Entry {
     /// Parses a stream entry; the error says why it cannot be persisted.
     pub fn parse(raw: &StreamId) -> Result<Self, String> {
-        let text = |name: &str| -> Result<String, String> {
-            raw.get::<String>(name)
-                .ok_or_else(|| format!("field `{name}` is missing"))
-        };
-        let number = |name: &str| -> Result<u64, String> {
-            text(name)?
-                .parse()
-                .map_err(|_| format!("field `{name}` is not a number"))
-        };
-        let time = |name: &str| {
-            text(name)?
-                .parse()
-                .ok()
-                .and_then(from_micros)
-                .ok_or_else(|| format!("field `{name}` is not a timestamp"))
-        };
         let version = version_of(&raw.id).ok_or("the entry id is not a stream id")?;
-        let app_id = number("a")?;
-        let token = text("t")?;
-        let chat_number = number("c")?;
-        let (created_at, updated_at) = (time("ca")?, time("ua")?);
-        let write = match text("k")?.as_str() {
-            "chat" => Write::Chat(ChatWrite {
-                app_id,
-                number: chat_number,
-                title: raw.get("ti"),
+        let payload: String = raw.get("e").ok_or("field `e` is missing")?;
+        let w = QueuedWrite::decode(&payload)?;
+        let time =
+            |us: i64| from_micros(us).ok_or_else(|| format!("timestamp {us} is out of range"));
+        let (created_at, updated_at) = (time(w.created_us)?, time(w.updated_us)?);
+        let write = match w.kind {
+            Kind::Chat => Write::Chat(ChatWrite {
+                app_id: w.app_id,
+                number: w.chat,
+                title: w.text,
                 version,
                 created_at,
                 updated_at,
             }),
-            "msg" => Write::Message(MessageWrite {
-                app_id,
-                chat_number,
-                number: number("n")?,
-                body: text("b")?,
+            Kind::Message => Write::Message(MessageWrite {
+                app_id: w.app_id,
+                chat_number: w.chat,
+                number: w.number,
+                body: w.text.unwrap_or_default(),
                 version,
                 created_at,
                 updated_at,
             }),
-            other => return Err(format!("unknown kind `{other}`")),
         };
         Ok(Self {
             id: raw.id.clone(),
-            token,
+            token: w.token,
             write,
         })
     }
@@ -115,30 +99,23 @@ mod tests {
     use super::*;
     use redis::Value;
 
-    fn raw(fields: &[(&str, &str)]) -> StreamId {
+    fn raw(payload: &str) -> StreamId {
         StreamId {
             id: "1700000000000-3".into(),
-            map: fields
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), Value::BulkString(v.as_bytes().to_vec())))
-                .collect(),
+            map: [(
+                "e".to_owned(),
+                Value::BulkString(payload.as_bytes().to_vec()),
+            )]
+            .into_iter()
+            .collect(),
             ..StreamId::default()
         }
     }
 
     #[test]
     fn messages_parse() {
-        let entry = Entry::parse(&raw(&[
-            ("k", "msg"),
-            ("a", "7"),
-            ("t", "tok"),
-            ("c", "2"),
-            ("n", "5"),
-            ("b", "hi"),
-            ("ca", "1700000000000000"),
-            ("ua", "1700000000000001"),
-        ]))
-        .unwrap();
+        let entry =
+            Entry::parse(&raw("m|7|tok|2|5|1700000000000000|1700000000000001|1|hi")).unwrap();
         let Write::Message(m) = &entry.write else {
             panic!("not a message")
         };
@@ -152,15 +129,7 @@ mod tests {
 
     #[test]
     fn chats_without_title_parse() {
-        let entry = Entry::parse(&raw(&[
-            ("k", "chat"),
-            ("a", "7"),
-            ("t", "tok"),
-            ("c", "2"),
-            ("ca", "1700000000000000"),
-            ("ua", "1700000000000000"),
-        ]))
-        .unwrap();
+        let entry = Entry::parse(&raw("c|7|tok|2|0|1700000000000000|1700000000000000|0|")).unwrap();
         let Write::Chat(c) = &entry.write else {
             panic!("not a chat")
         };
@@ -170,18 +139,13 @@ mod tests {
 
     #[test]
     fn malformed_entries_say_why() {
-        let err = Entry::parse(&raw(&[("k", "msg"), ("a", "x")])).unwrap_err();
-        assert!(err.contains("`a`"), "{err}");
-        let err = Entry::parse(&raw(&[
-            ("k", "zzz"),
-            ("a", "1"),
-            ("t", "t"),
-            ("c", "1"),
-            ("ca", "1"),
-            ("ua", "1"),
-        ]))
-        .unwrap_err();
-        assert!(err.contains("unknown kind"), "{err}");
+        let err = Entry::parse(&raw("m|x|tok|1|1|1|1|1|b")).unwrap_err();
+        assert!(err.contains("app id"), "{err}");
+        let missing = StreamId {
+            id: "1-1".into(),
+            ..StreamId::default()
+        };
+        assert!(Entry::parse(&missing).unwrap_err().contains("`e`"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub use entry::{Entry, Parent, Write};
 use crate::config::WorkerConfig;
 use crate::search::{MessageDoc, Search, SearchError};
 use crate::store::queue::accepted_ms;
-use crate::store::{Store, mysql, mysql_is_down};
+use crate::store::{Store, mysql, mysql_is_transient};
 
 /// The consumer group that persists to MySQL.
 pub const PERSIST_GROUP: &str = "persist";
@@ -44,6 +44,10 @@ pub enum Role {
 }
 
 const TRIM_EVERY: Duration = Duration::from_secs(1);
+/// The embedded index commits (and the `index` group acknowledges) at most this often:
+/// a commit per small batch would cost more than the indexing itself.
+const INDEX_COMMIT_EVERY: Duration = Duration::from_millis(200);
+const INDEX_COMMIT_MAX_PENDING: usize = 50_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +68,12 @@ pub struct Worker {
     consumer: String,
     claim_cursor: String,
     role: Role,
+    /// Index role: entries added to the index but not yet committed, hence not yet
+    /// acknowledged, and since when.
+    unacked: Vec<String>,
+    unacked_since: Option<Instant>,
+    /// Persist role: trims the stream and syncs counts (one consumer per process does).
+    maintenance: bool,
 }
 
 impl Worker {
@@ -81,6 +91,9 @@ impl Worker {
             consumer,
             claim_cursor: "0-0".into(),
             role,
+            unacked: Vec::new(),
+            unacked_since: None,
+            maintenance: true,
         };
         worker.ensure_group().await?;
         Ok(worker)
@@ -97,6 +110,11 @@ impl Worker {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             other => Ok(other?),
         }
+    }
+
+    /// Leaves trimming and count syncing to another consumer of this process.
+    pub fn skip_maintenance(&mut self) {
+        self.maintenance = false;
     }
 
     fn group(&self) -> &'static str {
@@ -124,7 +142,7 @@ impl Worker {
                     last_claim = Instant::now();
                     self.claim_idle().await?;
                 }
-                let persist = matches!(self.role, Role::Persist);
+                let persist = matches!(self.role, Role::Persist) && self.maintenance;
                 if persist && last_trim.elapsed() >= TRIM_EVERY {
                     last_trim = Instant::now();
                     self.trim_and_measure().await?;
@@ -139,7 +157,10 @@ impl Worker {
                 if own_backlog && entries.is_empty() {
                     own_backlog = false;
                 }
-                self.process(entries).await
+                let idle = entries.is_empty();
+                let handled = self.process(entries).await?;
+                self.flush_index(idle).await?;
+                Ok::<usize, WorkerError>(handled)
             }
             .await;
             match result {
@@ -154,6 +175,9 @@ impl Worker {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+        if let Err(e) = self.flush_index(true).await {
+            tracing::warn!(error = %e, "could not commit the last indexed entries; they will be redelivered");
         }
         tracing::info!(consumer = %self.consumer, group = self.group(), "worker stopped");
     }
@@ -171,6 +195,7 @@ impl Worker {
                 total += self.process(entries).await?;
             }
         }
+        self.flush_index(true).await?;
         if let Role::Persist = self.role {
             self.sync_counts().await?;
         }
@@ -217,18 +242,54 @@ impl Worker {
     }
 
     /// Handles one batch; returns how many entries it acknowledged.
-    async fn process(&self, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
+    async fn process(&mut self, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
         if raw.is_empty() {
             return Ok(0);
         }
         match &self.role {
             Role::Persist => self.persist_batch(raw).await,
-            Role::Index(search) => self.index_batch(search, raw).await,
+            Role::Index(search) => {
+                let search = search.clone();
+                self.index_batch(&search, raw).await
+            }
         }
     }
 
-    /// Indexes the messages of one batch, then acknowledges it.
-    async fn index_batch(&self, search: &Search, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
+    /// Commits the index and acknowledges what it now holds, when due (or `now`).
+    async fn flush_index(&mut self, now: bool) -> Result<(), WorkerError> {
+        let Role::Index(search) = &self.role else {
+            return Ok(());
+        };
+        let Some(since) = self.unacked_since else {
+            return Ok(());
+        };
+        let due = now
+            || since.elapsed() >= INDEX_COMMIT_EVERY
+            || self.unacked.len() >= INDEX_COMMIT_MAX_PENDING
+            || !search.batches_commits();
+        if !due {
+            return Ok(());
+        }
+        search.commit().await?;
+        for ids in self.unacked.chunks(10_000) {
+            let _: i64 = self
+                .conn()
+                .xack(self.store.queue.keys.stream(), INDEX_GROUP, ids)
+                .await?;
+        }
+        record_lag("index_lag_seconds", self.unacked.iter().map(String::as_str));
+        metrics::counter!("worker_indexed_total").increment(self.unacked.len() as u64);
+        self.unacked.clear();
+        self.unacked_since = None;
+        Ok(())
+    }
+
+    /// Adds the messages of one batch to the index; they are acknowledged once committed.
+    async fn index_batch(
+        &mut self,
+        search: &Search,
+        raw: Vec<StreamId>,
+    ) -> Result<usize, WorkerError> {
         let docs: Vec<MessageDoc> = raw
             .iter()
             .filter_map(|item| Entry::parse(item).ok())
@@ -245,7 +306,7 @@ impl Worker {
                 Write::Chat(_) => None,
             })
             .collect();
-        match search.index(docs).await {
+        match search.add(docs).await {
             Ok(()) => {}
             Err(e @ SearchError::Unavailable(_)) => return Err(e.into()),
             Err(e) => {
@@ -255,13 +316,8 @@ impl Worker {
                 metrics::counter!("index_failures_total").increment(1);
             }
         }
-        let ids: Vec<&str> = raw.iter().map(|r| r.id.as_str()).collect();
-        let _: i64 = self
-            .conn()
-            .xack(self.store.queue.keys.stream(), INDEX_GROUP, &ids)
-            .await?;
-        record_lag("index_lag_seconds", raw.iter().map(|r| r.id.as_str()));
-        metrics::counter!("worker_indexed_total").increment(raw.len() as u64);
+        self.unacked.extend(raw.iter().map(|r| r.id.clone()));
+        self.unacked_since.get_or_insert_with(Instant::now);
         Ok(raw.len())
     }
 
@@ -274,8 +330,11 @@ impl Worker {
                 Err(reason) => self.dead_letter(item, &reason).await?,
             }
         }
-        if let Err(err) = self.persist(&entries).await {
-            if mysql_is_down(&err) {
+        let started = Instant::now();
+        let persisted = self.persist(&entries).await;
+        let sql_done = started.elapsed();
+        if let Err(err) = persisted {
+            if mysql_is_transient(&err) {
                 return Err(err.into());
             }
             // A statement failed on its data: find the culprits one by one, so that
@@ -285,7 +344,7 @@ impl Worker {
             for entry in entries {
                 match self.persist(std::slice::from_ref(&entry)).await {
                     Ok(()) => kept.push(entry),
-                    Err(e) if mysql_is_down(&e) => return Err(e.into()),
+                    Err(e) if mysql_is_transient(&e) => return Err(e.into()),
                     Err(e) => {
                         let item = raw.iter().find(|r| r.id == entry.id);
                         if let Some(item) = item {
@@ -297,6 +356,7 @@ impl Worker {
             entries = kept;
         }
         self.acknowledge(&entries).await?;
+        tracing::debug!(entries = raw.len(), sql = ?sql_done, total = ?started.elapsed(), "batch persisted");
         Ok(raw.len())
     }
 
@@ -459,7 +519,8 @@ fn stream_id_le(a: &str, b: &str) -> bool {
     parse(a) <= parse(b)
 }
 
-fn default_consumer_name() -> String {
+/// A consumer name unique to this process: host name and pid.
+pub fn default_consumer_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "worker".into());

@@ -279,6 +279,7 @@ pub fn worker_config() -> WorkerConfig {
         claim_idle: Duration::from_secs(1),
         name: Some(unique_name("w")),
         metrics_bind: None,
+        concurrency: 1,
         counts_sync_interval: parse_duration("200ms").unwrap(),
     }
 }

@@ -226,12 +226,16 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
             .arg("persist")
             .arg("-")
             .arg("+")
-            .arg(10_000)
-            .arg("doomed")
+            .arg(100_000)
             .query_async(&mut app.redis().await)
             .await
             .unwrap();
-        reply.ids.len()
+        // The process's persisting consumers are named doomed-p0, doomed-p1, ...
+        reply
+            .ids
+            .iter()
+            .filter(|p| p.consumer.starts_with("doomed-"))
+            .count()
     };
     eventually(
         Duration::from_secs(20),
