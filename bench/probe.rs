@@ -31,7 +31,7 @@ async fn create(
 ) -> (StatusCode, String) {
     for _ in 0..2 {
         match queue
-            .allocate_message(TOKEN, chat, &input.body, now())
+            .allocate_message(TOKEN, chat, &input.body, now(), None)
             .await
         {
             Ok(Allocation::Created { number, .. }) => {

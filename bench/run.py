@@ -405,8 +405,9 @@ def redis_ceiling():
     redis("SET", "rb:{t}:chats", "10")
     redis("SET", "rb:{t}:c:1:msgs", "0")
     out = run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", "300000", "-q",
-               "EVALSHA", sha, "5", "rb:{t}:app", "rb:{t}:chats", "rb:{t}:c:1:msgs", "rb:q",
-               "rb:{t}:c:1:m:", "t", "1", "hello benchmark body", "1700000000000000"])
+               "EVALSHA", sha, "6", "rb:{t}:app", "rb:{t}:chats", "rb:{t}:c:1:msgs", "rb:q",
+               "rb:{t}:c:1:m:", "rb:{t}:app", "t", "1", "hello benchmark body", "1700000000000000",
+               "", "86400"])
     rps = float(re.search(r"([\d.]+) requests per second", out).group(1))
     redis("DEL", "rb:q")
     run(["redis-cli", "-p", str(REDIS_PORT), "--scan", "--pattern", "rb:*"])
@@ -420,10 +421,11 @@ def fill_backlog(token, count):
     """Queues `count` messages in chat 2 with the product's script (pipelined)."""
     sha = redis("SCRIPT", "LOAD", create_script())
     keys = [f"{PREFIX}:{{{token}}}:app", f"{PREFIX}:{{{token}}}:chats",
-            f"{PREFIX}:{{{token}}}:c:2:msgs", f"{PREFIX}:q", f"{PREFIX}:{{{token}}}:c:2:m:"]
+            f"{PREFIX}:{{{token}}}:c:2:msgs", f"{PREFIX}:q", f"{PREFIX}:{{{token}}}:c:2:m:",
+            f"{PREFIX}:{{{token}}}:app"]
     now = str(int(time.time() * 1e6))
     run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", str(count), "-P", "16", "-q",
-         "EVALSHA", sha, "5", *keys, token, "2", "backlog message w001 lorem ipsum", now])
+         "EVALSHA", sha, "6", *keys, token, "2", "backlog message w001 lorem ipsum", now, "", "86400"])
 
 
 def fmt(v, unit="", digits=0):

@@ -53,6 +53,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("not found: {0}")]
     NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body too large")]
@@ -84,6 +86,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -101,6 +104,7 @@ impl ApiError {
                 "this endpoint requires `Authorization: Bearer <ADMIN_API_KEY>`".into(),
             ),
             Self::NotFound(what) => ("not-found", format!("{what} was not found")),
+            Self::Conflict(detail) => ("conflict", detail.clone()),
             Self::MethodNotAllowed => (
                 "method-not-allowed",
                 "this method is not allowed on this path; see the Allow header".into(),

@@ -13,6 +13,7 @@
 //! | [`config`] | typed configuration from environment variables |
 //! | [`startup`] | building and running the processes, graceful shutdown |
 //! | [`http`] | routes by resource, extractors, middleware, OpenAPI |
+//! | [`idempotency`] | `Idempotency-Key` on the create endpoints |
 //! | [`error`] | the one API error type and its problem+json mapping |
 //! | [`domain`] | input validation: tokens, numbers, names, titles, bodies |
 //! | [`resources`] | the public JSON shapes |
@@ -28,6 +29,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod idempotency;
 pub mod reindex;
 pub mod resources;
 pub mod search;

@@ -1,10 +1,10 @@
 //! The public resources, exactly as API.md shows them. No internal id appears here.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Application {
     /// The application's secret handle, used in every URL under it.
     #[schema(example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx")]

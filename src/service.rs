@@ -3,7 +3,8 @@
 
 use crate::domain::Token;
 use crate::error::ApiError;
-use crate::resources::{Chat, Message, now};
+use crate::idempotency::{IdempotencyKey, fingerprint, mismatch};
+use crate::resources::{Chat, Message, from_micros, now};
 use crate::store::queue::Allocation;
 use crate::store::{Store, mysql};
 
@@ -54,14 +55,39 @@ impl Store {
         &self,
         token: &Token,
         title: Option<String>,
+        key: Option<&IdempotencyKey>,
     ) -> Result<Chat, ApiError> {
         let at = now();
+        let fingerprint = fingerprint(&[title.as_deref()]);
+        let idem_key = key.map(|k| {
+            self.queue
+                .keys
+                .idempotency_chats(token.as_str(), k.as_str())
+        });
+        let idempotency = idem_key.as_deref().map(|k| (k, fingerprint.as_str()));
         for _ in 0..CREATE_ATTEMPTS {
             match self
                 .queue
-                .allocate_chat(token.as_str(), title.as_deref(), at)
+                .allocate_chat(token.as_str(), title.as_deref(), at, idempotency)
                 .await?
             {
+                Allocation::Replayed {
+                    fingerprint: recorded,
+                    number,
+                    at_us,
+                } => {
+                    if recorded != fingerprint {
+                        return Err(mismatch());
+                    }
+                    let at = from_micros(at_us).unwrap_or(at);
+                    return Ok(Chat {
+                        number,
+                        title,
+                        messages_count: 0,
+                        created_at: at,
+                        updated_at: at,
+                    });
+                }
                 Allocation::Created { number, .. } => {
                     metrics::counter!("chats_created_total").increment(1);
                     return Ok(Chat {
@@ -89,14 +115,39 @@ impl Store {
         token: &Token,
         chat: u64,
         body: String,
+        key: Option<&IdempotencyKey>,
     ) -> Result<Message, ApiError> {
         let at = now();
+        let fingerprint = fingerprint(&[Some(&body)]);
+        let idem_key = key.map(|k| {
+            self.queue
+                .keys
+                .idempotency_messages(token.as_str(), chat, k.as_str())
+        });
+        let idempotency = idem_key.as_deref().map(|k| (k, fingerprint.as_str()));
         for _ in 0..CREATE_ATTEMPTS {
             match self
                 .queue
-                .allocate_message(token.as_str(), chat, &body, at)
+                .allocate_message(token.as_str(), chat, &body, at, idempotency)
                 .await?
             {
+                Allocation::Replayed {
+                    fingerprint: recorded,
+                    number,
+                    at_us,
+                } => {
+                    if recorded != fingerprint {
+                        return Err(mismatch());
+                    }
+                    let at = from_micros(at_us).unwrap_or(at);
+                    return Ok(Message {
+                        number,
+                        chat_number: chat,
+                        body,
+                        created_at: at,
+                        updated_at: at,
+                    });
+                }
                 Allocation::Created { number, .. } => {
                     metrics::counter!("messages_created_total").increment(1);
                     return Ok(Message {

@@ -13,8 +13,10 @@ use super::extract::{CursorPage, JsonBody, QueryParams, page_limit};
 use super::{AppState, created, paginated};
 use crate::domain::{Token, parse_name};
 use crate::error::{ApiError, Problem};
+use crate::idempotency::{MaybeIdempotencyKey, TTL_SECONDS, fingerprint, mismatch};
 use crate::resources::{Application, now};
 use crate::store::mysql;
+use redis::AsyncCommands;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -33,20 +35,82 @@ pub struct ApplicationInput {
 /// Registers an application and returns its token.
 #[utoipa::path(
     post, path = "/applications", tag = "applications",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body within 24 h get the original 201 and create nothing; the same key with another body is a 422"),
+    ),
     request_body = ApplicationInput,
     responses(
         (status = 201, description = "Created", body = Application,
             headers(("Location" = String, description = "URL of the new application"))),
         (status = 400, body = Problem), (status = 413, body = Problem),
+        (status = 409, body = Problem, description = "A request with this Idempotency-Key is still in progress"),
         (status = 415, body = Problem), (status = 422, body = Problem),
         (status = 503, body = Problem),
     )
 )]
 pub async fn create(
     State(state): State<AppState>,
+    MaybeIdempotencyKey(key): MaybeIdempotencyKey,
     JsonBody(input): JsonBody<ApplicationInput>,
 ) -> Result<Response, ApiError> {
     let name = parse_name(input.name).map_err(|e| ApiError::Validation(vec![e]))?;
+    let Some(key) = key else {
+        let app = insert_application(&state, name).await?;
+        return Ok(created(format!("/applications/{}", app.token), app));
+    };
+    // Reserve the key, create, then record the answer for retries.
+    let queue = &state.store.queue;
+    let redis_key = queue.keys.idempotency_applications(key.as_str());
+    let fingerprint = fingerprint(&[Some(&name)]);
+    let mut conn = queue.conn.clone();
+    let reserved: bool = redis::cmd("SET")
+        .arg(&redis_key)
+        .arg(format!("pending|{fingerprint}"))
+        .arg("NX")
+        .arg("EX")
+        .arg(TTL_SECONDS)
+        .query_async::<Option<String>>(&mut conn)
+        .await?
+        .is_some();
+    if !reserved {
+        let prior: Option<String> = conn.get(&redis_key).await?;
+        let prior = prior.unwrap_or_default();
+        let mut parts = prior.splitn(3, '|');
+        let (state_of, recorded, json) = (parts.next(), parts.next(), parts.next());
+        if recorded != Some(fingerprint.as_str()) {
+            return Err(mismatch());
+        }
+        return match (
+            state_of,
+            json.and_then(|j| serde_json::from_str::<Application>(j).ok()),
+        ) {
+            (Some("done"), Some(app)) => Ok(created(format!("/applications/{}", app.token), app)),
+            _ => Err(ApiError::Conflict(
+                "a request with this Idempotency-Key is still in progress; retry later".into(),
+            )),
+        };
+    }
+    match insert_application(&state, name).await {
+        Ok(app) => {
+            let json = serde_json::to_string(&app).unwrap_or_default();
+            let _: () = conn
+                .set_ex(
+                    &redis_key,
+                    format!("done|{fingerprint}|{json}"),
+                    TTL_SECONDS,
+                )
+                .await?;
+            Ok(created(format!("/applications/{}", app.token), app))
+        }
+        Err(e) => {
+            let _: Result<(), _> = conn.del(&redis_key).await;
+            Err(e)
+        }
+    }
+}
+
+/// Writes a new application to MySQL and caches its token.
+async fn insert_application(state: &AppState, name: String) -> Result<Application, ApiError> {
     let at = now();
     let app = Application {
         token: Token::generate()?.as_str().to_owned(),
@@ -62,7 +126,7 @@ pub async fn create(
         .cache_application(&app.token, id, true)
         .await?;
     tracing::info!(token = %app.token, "application created");
-    Ok(created(format!("/applications/{}", app.token), app))
+    Ok(app)
 }
 
 /// Lists applications in creation order. Restricted by `ADMIN_API_KEY` when it is set,

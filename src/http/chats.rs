@@ -12,6 +12,7 @@ use super::extract::{JsonBody, NumberPage, OptionalJsonBody, QueryParams, nullab
 use super::{AppState, created, paginated};
 use crate::domain::{Token, parse_number, parse_title};
 use crate::error::{ApiError, Problem};
+use crate::idempotency::MaybeIdempotencyKey;
 use crate::resources::Chat;
 use crate::store::mysql;
 
@@ -44,7 +45,10 @@ impl ChatInput {
 /// Creates a chat; its number is allocated at once and it is persisted asynchronously.
 #[utoipa::path(
     post, path = "/applications/{token}/chats", tag = "chats",
-    params(("token" = String, Path, description = "The application's token")),
+    params(
+        ("token" = String, Path, description = "The application's token"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body within 24 h get the original 201 and create nothing; the same key with another body is a 422"),
+    ),
     request_body(content = ChatInput, description = "Optional: an empty body is allowed"),
     responses(
         (status = 201, description = "Created", body = Chat,
@@ -57,11 +61,12 @@ impl ChatInput {
 pub async fn create(
     State(state): State<AppState>,
     Path(token): Path<String>,
+    MaybeIdempotencyKey(key): MaybeIdempotencyKey,
     OptionalJsonBody(input): OptionalJsonBody<ChatInput>,
 ) -> Result<Response, ApiError> {
     let token = Token::parse(&token)?;
     let title = input.title()?.flatten();
-    let chat = state.store.create_chat(&token, title).await?;
+    let chat = state.store.create_chat(&token, title, key.as_ref()).await?;
     let location = format!("/applications/{}/chats/{}", token.as_str(), chat.number);
     Ok(created(location, chat))
 }

@@ -12,6 +12,7 @@ use super::extract::{JsonBody, NumberPage, QueryParams, page_limit};
 use super::{AppState, created, paginated, paginated_query};
 use crate::domain::{Token, parse_body, parse_number};
 use crate::error::{ApiError, Problem};
+use crate::idempotency::MaybeIdempotencyKey;
 use crate::resources::Message;
 use crate::search::{SearchQuery, parse_terms};
 use crate::store::mysql;
@@ -47,6 +48,7 @@ pub struct MessageInput {
     params(
         ("token" = String, Path, description = "The application's token"),
         ("chat" = u64, Path, description = "The chat's number", minimum = 1),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body within 24 h get the original 201 and create nothing; the same key with another body is a 422"),
     ),
     request_body = MessageInput,
     responses(
@@ -60,12 +62,16 @@ pub struct MessageInput {
 pub async fn create(
     State(state): State<AppState>,
     Path((token, chat)): Path<(String, String)>,
+    MaybeIdempotencyKey(key): MaybeIdempotencyKey,
     JsonBody(input): JsonBody<MessageInput>,
 ) -> Result<Response, ApiError> {
     let token = Token::parse(&token)?;
     let chat = parse_number(&chat, "chat")?;
     let body = parse_body(input.body).map_err(|e| ApiError::Validation(vec![e]))?;
-    let message = state.store.create_message(&token, chat, body).await?;
+    let message = state
+        .store
+        .create_message(&token, chat, body, key.as_ref())
+        .await?;
     let location = format!(
         "/applications/{}/chats/{chat}/messages/{}",
         token.as_str(),

@@ -51,12 +51,19 @@ use chrono::{DateTime, Utc};
 const CREATE_CHAT: &str = r"
 local app = redis.call('HGET', KEYS[1], 'id')
 if not app then return {'noapp', 0, ''} end
+if ARGV[5] ~= '' then
+  local prior = redis.call('GET', KEYS[5])
+  if prior then return {'replay', 0, prior} end
+end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {'nochatseq', 0, ''} end
 local n = redis.call('INCR', KEYS[2])
 local id = redis.call('XADD', KEYS[3], '*', 'e',
   'c|' .. app .. '|' .. ARGV[1] .. '|' .. n .. '|0|' .. ARGV[2] .. '|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
 redis.call('SET', KEYS[4] .. n, id .. '|' .. ARGV[2] .. '|' .. ARGV[2] .. '|0|' .. ARGV[3] .. '|' .. ARGV[4])
 redis.call('SET', KEYS[4] .. n .. ':msgs', 0)
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[5] .. '|' .. n .. '|' .. ARGV[2], 'EX', ARGV[6])
+end
 return {'ok', n, id}
 ";
 
@@ -66,11 +73,18 @@ if not app then return {'noapp', 0, ''} end
 local chats = redis.call('GET', KEYS[2])
 if not chats then return {'nochatseq', 0, ''} end
 if tonumber(ARGV[2]) > tonumber(chats) then return {'nochat', 0, ''} end
+if ARGV[5] ~= '' then
+  local prior = redis.call('GET', KEYS[6])
+  if prior then return {'replay', 0, prior} end
+end
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'nomsgseq', 0, ''} end
 local n = redis.call('INCR', KEYS[3])
 local id = redis.call('XADD', KEYS[4], '*', 'e',
   'm|' .. app .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. n .. '|' .. ARGV[4] .. '|' .. ARGV[4] .. '|1|' .. ARGV[3])
 redis.call('SET', KEYS[5] .. n, id .. '|' .. ARGV[4] .. '|' .. ARGV[4] .. '|0|1|' .. ARGV[3])
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[5] .. '|' .. n .. '|' .. ARGV[4], 'EX', ARGV[6])
+end
 return {'ok', n, id}
 ";
 
@@ -103,6 +117,12 @@ pub enum Allocation {
         number: u64,
         entry_id: String,
     },
+    /// The idempotency key was used before: what it recorded.
+    Replayed {
+        fingerprint: String,
+        number: u64,
+        at_us: i64,
+    },
     /// The token is not in the cache: look it up in MySQL.
     NoApplication,
     /// The application's chat counter is missing: rebuild it from MySQL.
@@ -117,6 +137,18 @@ impl Allocation {
     fn from_reply((status, number, entry_id): (String, u64, String)) -> Self {
         match status.as_str() {
             "ok" => Self::Created { number, entry_id },
+            "replay" => {
+                // The recorded value: fingerprint|number|accepted_us.
+                let mut parts = entry_id.splitn(3, '|');
+                let fingerprint = parts.next().unwrap_or_default().to_owned();
+                let number = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let at_us = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                Self::Replayed {
+                    fingerprint,
+                    number,
+                    at_us,
+                }
+            }
             "noapp" => Self::NoApplication,
             "nochatseq" => Self::NoChatCounter,
             "nochat" => Self::NoChat,
@@ -281,6 +313,15 @@ impl Keys {
     pub fn touched(&self) -> String {
         format!("{}:touched", self.prefix)
     }
+    pub fn idempotency_applications(&self, key: &str) -> String {
+        format!("{}:idem:apps:{key}", self.prefix)
+    }
+    pub fn idempotency_chats(&self, token: &str, key: &str) -> String {
+        format!("{}:{{{token}}}:idem:c:{key}", self.prefix)
+    }
+    pub fn idempotency_messages(&self, token: &str, chat: u64, key: &str) -> String {
+        format!("{}:{{{token}}}:idem:m:{chat}:{key}", self.prefix)
+    }
 }
 
 /// The Redis side of the store; cheap to clone (one multiplexed connection).
@@ -336,45 +377,59 @@ impl Queue {
         Ok(())
     }
 
+    /// `idempotency`: the key's Redis name and the request's fingerprint.
     pub async fn allocate_chat(
         &self,
         token: &str,
         title: Option<&str>,
         at: DateTime<Utc>,
+        idempotency: Option<(&str, &str)>,
     ) -> redis::RedisResult<Allocation> {
+        let app_key = self.keys.application(token);
+        let (idem_key, fingerprint) = idempotency.unwrap_or((&app_key, ""));
         let reply = self
             .create_chat
-            .key(self.keys.application(token))
+            .key(&app_key)
             .key(self.keys.chat_counter(token))
             .key(self.keys.stream())
             .key(self.keys.chat_record_prefix(token))
+            .key(idem_key)
             .arg(token)
             .arg(to_micros(at))
             .arg(if title.is_some() { "1" } else { "0" })
             .arg(title.unwrap_or(""))
+            .arg(fingerprint)
+            .arg(crate::idempotency::TTL_SECONDS)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(Allocation::from_reply(reply))
     }
 
+    /// `idempotency`: the key's Redis name and the request's fingerprint.
     pub async fn allocate_message(
         &self,
         token: &str,
         chat: u64,
         body: &str,
         at: DateTime<Utc>,
+        idempotency: Option<(&str, &str)>,
     ) -> redis::RedisResult<Allocation> {
+        let app_key = self.keys.application(token);
+        let (idem_key, fingerprint) = idempotency.unwrap_or((&app_key, ""));
         let reply = self
             .create_message
-            .key(self.keys.application(token))
+            .key(&app_key)
             .key(self.keys.chat_counter(token))
             .key(self.keys.message_counter(token, chat))
             .key(self.keys.stream())
             .key(self.keys.message_record_prefix(token, chat))
+            .key(idem_key)
             .arg(token)
             .arg(chat)
             .arg(body)
             .arg(to_micros(at))
+            .arg(fingerprint)
+            .arg(crate::idempotency::TTL_SECONDS)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(Allocation::from_reply(reply))

@@ -4,6 +4,7 @@ mod applications;
 mod chats;
 mod errors;
 mod helpers;
+mod idempotency;
 mod messages;
 mod operations;
 mod processes;

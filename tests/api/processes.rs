@@ -203,7 +203,10 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await.unwrap();
             let token = chat_system::domain::Token::parse(&token).unwrap();
-            store.create_message(&token, chat, text).await.unwrap()
+            store
+                .create_message(&token, chat, text, None)
+                .await
+                .unwrap()
         });
     }
     let mut accepted = BTreeMap::new();
