@@ -113,11 +113,22 @@ end
 {delay}"""
 
 
-def lua_get(path_expr):
+def lua_get(path_expr, delay_ms=None):
+    delay = f"delay = function() return {delay_ms} end\n" if delay_ms else ""
     return f"""
 math.randomseed(os.time() + tonumber(tostring({{}}):sub(8), 16))
 request = function() return wrk.format("GET", {path_expr}) end
-"""
+{delay}"""
+
+
+def read_scenario(name, path_expr, seconds):
+    """Maximum throughput (64 connections), then latency at a third of it (16
+    connections, paced): a saturated closed loop only measures its own queueing."""
+    peak = wrk(name, lua_get(path_expr), seconds)
+    conns = 16
+    delay = max(1, round(conns * 1000 / max(peak["rps"] / 3, 1)))
+    paced = wrk(f"{name} at ~{conns * 1000 / delay:,.0f}/s", lua_get(path_expr, delay), seconds, connections=conns)
+    return [peak, paced]
 
 
 def body_expr():
@@ -287,12 +298,12 @@ def main():
         corpus = int(redis("GET", f"{PREFIX}:{{{token}}}:c:1:msgs"))
         figures["search_corpus"] = corpus
 
-        results.append(wrk("get message", lua_get(f'"{base}/1/messages/" .. math.random({corpus})'), d))
-        results.append(wrk("list page (50)",
-                           lua_get(f'"{base}/1/messages?limit=50&after=" .. math.random({corpus - 50})'), d))
+        results += read_scenario("get message", f'"{base}/1/messages/" .. math.random({corpus})', d)
+        results += read_scenario("list page (50)",
+                                 f'"{base}/1/messages?limit=50&after=" .. math.random({corpus - 50})', d)
         words = ",".join(f'"{w}"' for w in WORDS)
-        results.append(wrk(f"search, chat of {corpus:,} messages",
-                           lua_get(f'(function() local W = {{{words}}} return "{base}/1/messages/search?q=" .. W[math.random(#W)] end)()'), d))
+        results += read_scenario(f"search, chat of {corpus:,} messages",
+                                 f'(function() local W = {{{words}}} return "{base}/1/messages/search?q=" .. W[math.random(#W)] end)()', d)
 
         # Steady creates at half the maximum rate: latency, lags, queue.
         rate = figures["create_rps"] / 2

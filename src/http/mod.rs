@@ -111,13 +111,25 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
 }
 
-/// Request ids: 64 random bits, hex.
+/// Request ids: 64 bits, hex, from a per-thread xorshift generator seeded by the OS
+/// (ids need to be unique, not secret, and a system call per request is not free).
 #[derive(Clone, Copy)]
 struct RandomRequestId;
 
 impl MakeRequestId for RandomRequestId {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        let id = getrandom::u64().ok()?;
+        thread_local! {
+            static STATE: std::cell::Cell<u64> =
+                std::cell::Cell::new(getrandom::u64().unwrap_or(0x9e37_79b9_7f4a_7c15) | 1);
+        }
+        let id = STATE.with(|state| {
+            let mut x = state.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            state.set(x);
+            x
+        });
         HeaderValue::from_str(&format!("{id:016x}"))
             .ok()
             .map(RequestId::new)

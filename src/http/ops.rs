@@ -24,6 +24,12 @@ pub fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_json))
+        // The interactive reference, served whole by this process (no CDN), reading
+        // the document above.
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/docs")
+                .config(utoipa_swagger_ui::Config::from("/openapi.json")),
+        )
 }
 
 /// The process-wide Prometheus recorder, installed on first use.

@@ -186,3 +186,23 @@ async fn responses_carry_a_request_id() {
     let reply = app.get("/healthz").await;
     assert_eq!(reply.header("x-request-id").map(str::len), Some(16));
 }
+
+#[tokio::test]
+async fn docs_serve_an_interactive_reference_without_a_cdn() {
+    let app = TestApp::spawn().await;
+    let page = app.get("/docs/").await;
+    assert_eq!(page.status, 200);
+    let html = page.body.as_str().unwrap();
+    assert!(html.contains("swagger-ui"), "{html}");
+    assert!(
+        !html.contains("https://"),
+        "everything is served locally: {html}"
+    );
+    let init = app.get("/docs/swagger-initializer.js").await;
+    assert_eq!(init.status, 200);
+    assert!(init.body.as_str().unwrap().contains("/openapi.json"));
+    let bundle = app
+        .send(app.client.get(app.url("/docs/swagger-ui-bundle.js")))
+        .await;
+    assert_eq!(bundle.status, 200);
+}
