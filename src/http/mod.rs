@@ -106,7 +106,7 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
                         .unwrap_or("");
                     tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
                 })
-                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
 }

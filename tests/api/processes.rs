@@ -336,3 +336,95 @@ async fn updates_through_alternating_apis_apply_in_acceptance_order() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_logs_never_contain_message_bodies() {
+    let app = TestApp::spawn().await;
+    let log_path = std::env::temp_dir().join(format!("chat-system-log-{}.txt", app.prefix));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chat-system"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    command
+        .arg("serve")
+        .env("DATABASE_URL", app.store_config.database_url.expose())
+        .env("REDIS_URL", app.store_config.redis_url.expose())
+        .env("REDIS_PREFIX", &app.prefix)
+        .env("SEARCH_INDEX_DIR", log_path.with_extension("index"))
+        .env("BIND", format!("127.0.0.1:{port}"))
+        .env("LOG_LEVEL", "info")
+        .env("LOG_FORMAT", "json")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(20), "serve to listen", || async {
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let secret = "a secret body 5bd1e7";
+    let token = app.application("logs").await;
+    let chat: serde_json::Value = client
+        .post(format!("{base}/applications/{token}/chats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let path = format!(
+        "{base}/applications/{token}/chats/{}/messages",
+        chat["number"]
+    );
+    let created = client
+        .post(&path)
+        .json(&json!({"body": secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    client
+        .patch(format!("{path}/1"))
+        .json(&json!({"body": format!("{secret} edited")}))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(format!("{path}/search"))
+        .query(&[("q", secret)])
+        .send()
+        .await
+        .unwrap();
+    // Bad input is logged as an event too; its body must not be.
+    client
+        .post(&path)
+        .json(&json!({"body": secret, "x": [1]}))
+        .send()
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the message to be persisted",
+        || async { app.scalar("SELECT COUNT(*) FROM messages").await == 1 },
+    )
+    .await;
+    child.kill().await.unwrap();
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let _ = std::fs::remove_dir_all(log_path.with_extension("index"));
+    assert!(
+        logged.contains("request"),
+        "info logs were written: {logged}"
+    );
+    assert!(
+        !logged.contains("5bd1e7"),
+        "a body reached the logs:\n{logged}"
+    );
+}

@@ -1,0 +1,1061 @@
+#!/usr/bin/env python3
+"""The chaos run behind `scripts/chaos`: a private stack (MariaDB, Redis, two `api` and
+two `worker` processes sharing one Tantivy index), a steady create load spread over both
+API processes, and faults injected in turn while the load runs:
+
+  1. kill -9 the worker that holds the search index writer, left down ~5 s, then replaced;
+  2. kill -9 the other worker, replaced at once;
+  3. kill -9 the index-holding worker again, replaced at once;
+  4. a graceful Redis restart (SHUTDOWN fsyncs the AOF, so nothing may be lost);
+  5. MariaDB stopped (SIGTERM) for 10 s, then started again.
+
+Then, after a bounded wait for the queue to drain, it checks that every 201 is persisted
+exactly once with its number and text, that numbers are gap-free and unique per parent,
+that counts converge, that search finds a sample of messages again, and that every failed
+request was a fast 503 during a dependency outage (never a 500 or a hang) while creates,
+which need Redis only, kept working with MariaDB down. It exits 1 on any violation.
+
+Loopback only, standard library only; every phase is bounded in time: the default run
+takes about 2.5 minutes, `--short` about 1 minute. Logs go to .data/chaos/*.log.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import pathlib
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / ".data" / "chaos"
+DEPS_DIR = ROOT / ".data" / "chaos-deps"
+MYSQL_PORT, REDIS_PORT = 45306, 48379
+APIS = ["127.0.0.1:39931", "127.0.0.1:39932"]
+FIRST_WORKER_METRICS_PORT = 39941
+PREFIX = "chaos"
+PIDFILE = DATA / "pids"
+
+CLIENT_TIMEOUT = 5.0  # a request with no answer by then is a hang
+FAST = 3.0  # a 503 slower than this is not "fast"
+GRACE = 3.0  # after a dependency is back, clients may still see 503s this long
+WRITER_BUSY = "another process holds the search index writer"
+
+T0 = time.monotonic()  # reset when the load starts; every recorded time is relative to it
+
+
+def now():
+    return time.monotonic() - T0
+
+
+def log(msg):
+    print(f"chaos [{now():7.2f}s]: {msg}", file=sys.stderr, flush=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def on_term(signum, _frame):
+    raise Interrupted(f"signal {signum}")
+
+
+# ---- dependencies ---------------------------------------------------------------------
+
+DEPS_ENV = dict(
+    os.environ,
+    DEPS_DIR=str(DEPS_DIR),
+    DEPS_MYSQL_PORT=str(MYSQL_PORT),
+    DEPS_REDIS_PORT=str(REDIS_PORT),
+)
+
+
+def deps(action):
+    # A session of its own: a Ctrl-C on the terminal must not kill mysqld behind our back.
+    subprocess.run(
+        [str(ROOT / "scripts" / "deps"), action],
+        env=DEPS_ENV, check=True, start_new_session=True, timeout=90,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def sql(query, timeout=60):
+    """Rows of a query, as lists of strings (NULL is the string NULL)."""
+    out = subprocess.run(
+        ["mariadb", "--no-defaults", "--protocol=tcp", "-h127.0.0.1", f"-P{MYSQL_PORT}",
+         "-uroot", "-N", "-B", "--raw", "-e", query],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"mariadb: {out.stderr.strip()}")
+    return [line.split("\t") for line in out.stdout.splitlines()]
+
+
+def redis(*args, timeout=30):
+    out = subprocess.run(
+        ["redis-cli", "-p", str(REDIS_PORT), "--raw", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"redis-cli: {out.stderr.strip()}")
+    return out.stdout
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def read_pid(path):
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+# ---- our processes --------------------------------------------------------------------
+
+class Proc:
+    def __init__(self, name, bin_path, command, env, port=None):
+        self.name, self.port = name, port
+        self.log_path = DATA / f"{name}.log"
+        self.log_file = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            [bin_path, command], env=env, stdin=subprocess.DEVNULL,
+            stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.pid = self.popen.pid
+        self.killed_by_us = False
+        with open(PIDFILE, "a") as f:
+            f.write(f"{self.pid}\n")
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def kill9(self):
+        self.killed_by_us = True
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after 10 s."""
+        if self.alive():
+            self.killed_by_us = True
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} did not stop within 10 s; killing it")
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+        self.log_file.close()
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def http_get(addr, path, timeout=2.0):
+    host, port = addr.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_healthy(proc, addr, limit=30.0):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise SystemExit(f"chaos: {proc.name} exited at start; see {proc.log_path}:\n"
+                             + proc.log_text()[-2000:])
+        try:
+            if http_get(addr, "/healthz")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"chaos: {proc.name} did not answer /healthz within {limit:.0f} s")
+
+
+class Stack:
+    def __init__(self, bin_path):
+        self.bin = bin_path
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("ELASTICSEARCH_URL", "WORKER_NAME", "ADMIN_API_KEY", "BIND",
+                                 "WORKER_METRICS_BIND", "RUST_LOG")}
+        self.env.update(
+            DATABASE_URL=f"mysql://root@127.0.0.1:{MYSQL_PORT}/chat_system",
+            REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}",
+            REDIS_PREFIX=PREFIX,
+            SEARCH_INDEX_DIR=str(DATA / "index"),
+            LOG_LEVEL="warn",
+            DEPENDENCY_TIMEOUT="1s",
+            WORKER_CLAIM_IDLE="2s",
+            COUNTS_SYNC_INTERVAL="1s",
+        )
+        self.procs = []
+        self.workers = []  # live worker processes, in start order
+        self.worker_seq = 0
+
+    def migrate(self):
+        out = subprocess.run([self.bin, "migrate"], env=self.env, capture_output=True,
+                             text=True, timeout=60)
+        if out.returncode != 0:
+            raise SystemExit(f"chaos: migrate failed: {out.stdout}{out.stderr}")
+
+    def start_api(self, i):
+        env = dict(self.env, BIND=APIS[i])
+        proc = Proc(f"api{i + 1}", self.bin, "api", env, port=APIS[i])
+        self.procs.append(proc)
+        wait_healthy(proc, APIS[i])
+        return proc
+
+    def start_worker(self):
+        self.worker_seq += 1
+        addr = f"127.0.0.1:{FIRST_WORKER_METRICS_PORT + self.worker_seq - 1}"
+        env = dict(self.env, WORKER_METRICS_BIND=addr)
+        proc = Proc(f"worker{self.worker_seq}", self.bin, "worker", env, port=addr)
+        self.procs.append(proc)
+        # The index is opened (and its writer lock tried) before /healthz is served.
+        wait_healthy(proc, addr)
+        proc.holds_writer = WRITER_BUSY not in proc.log_text()
+        self.workers.append(proc)
+        return proc
+
+    def holder(self):
+        holders = [w for w in self.workers if w.holds_writer]
+        return holders[0] if holders else None
+
+    def stop_all(self):
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except Exception as e:  # keep stopping the others
+                log(f"stopping {proc.name}: {e}")
+
+
+def cleanup_leftovers():
+    """Processes of an earlier run that died without cleaning up (checked by command line)."""
+    if not PIDFILE.exists():
+        return
+    for line in PIDFILE.read_text().split():
+        try:
+            pid = int(line)
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (ValueError, OSError):
+            continue
+        if b"chat-system" in cmdline:
+            log(f"killing leftover chat-system process {pid}")
+            os.kill(pid, signal.SIGKILL)
+    PIDFILE.unlink()
+
+
+# ---- the load ---------------------------------------------------------------------------
+
+class Client:
+    """One keep-alive connection; every failure is reported, never retried."""
+
+    def __init__(self, addr):
+        self.host, port = addr.split(":")
+        self.port = int(port)
+        self.conn = None
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def request(self, method, path, body=None):
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=CLIENT_TIMEOUT)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"content-type": "application/json"} if data is not None else {}
+        try:
+            self.conn.request(method, path, body=data, headers=headers)
+            resp = self.conn.getresponse()
+            raw = resp.read()
+            if (resp.getheader("connection") or "").lower() == "close":
+                self.close()
+            return resp.status, raw
+        except TimeoutError:
+            self.close()
+            return "timeout", b""
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            return f"conn-error {type(e).__name__}", b""
+
+
+class Rec:
+    """One request: what was sent, what came back and when (seconds since the load began)."""
+    __slots__ = ("kind", "api", "t0", "t1", "status", "token", "chat", "number", "text", "detail")
+
+    def __init__(self, kind, api, t0, t1, status, token, chat, number, text, detail=""):
+        self.kind, self.api, self.t0, self.t1, self.status = kind, api, t0, t1, status
+        self.token, self.chat, self.number, self.text, self.detail = token, chat, number, text, detail
+
+    @property
+    def latency(self):
+        return self.t1 - self.t0
+
+
+class Load:
+    def __init__(self, run, apps, rate, threads, chat_share):
+        self.run, self.apps = run, apps
+        self.rate, self.threads, self.chat_share = rate, threads, chat_share
+        self.records = []
+        self.chats = []  # (token, number) of every chat with a 201
+        self.last_message = None  # (api, token, chat, number) of a recent 201
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.stop = threading.Event()
+        self.pool = []
+
+    def next_seq(self):
+        with self.lock:
+            self.seq += 1
+            return self.seq
+
+    def create_chat(self, client, api, token):
+        title = f"chaos-{self.run}-c{self.next_seq():07d}"
+        t0 = now()
+        status, raw = client.request("POST", f"/applications/{token}/chats", {"title": title})
+        t1 = now()
+        number, detail = None, ""
+        if status == 201:
+            try:
+                doc = json.loads(raw)
+                number = int(doc["number"])
+                if doc.get("title") != title:
+                    detail = f"answered title {doc.get('title')!r}"
+            except (ValueError, KeyError, TypeError) as e:
+                detail = f"bad 201 body: {e}: {raw[:200]!r}"
+            if number is not None:
+                self.chats.append((token, number))
+        else:
+            detail = raw[:200].decode(errors="replace")
+        self.records.append(Rec("chat", api, t0, t1, status, token, None, number, title, detail))
+        return number
+
+    def create_message(self, client, api, token, chat):
+        body = f"chaos-{self.run}-{self.next_seq():07d}"
+        t0 = now()
+        status, raw = client.request(
+            "POST", f"/applications/{token}/chats/{chat}/messages", {"body": body})
+        t1 = now()
+        number, detail = None, ""
+        if status == 201:
+            try:
+                doc = json.loads(raw)
+                number = int(doc["number"])
+                if doc.get("body") != body or doc.get("chat_number") != chat:
+                    detail = f"answered {doc!r}"
+            except (ValueError, KeyError, TypeError) as e:
+                detail = f"bad 201 body: {e}: {raw[:200]!r}"
+            if number is not None:
+                self.last_message = (api, token, chat, number)
+        else:
+            detail = raw[:200].decode(errors="replace")
+        self.records.append(Rec("message", api, t0, t1, status, token, chat, number, body, detail))
+
+    def worker(self, index):
+        api = index % len(APIS)
+        client = Client(APIS[api])
+        rng = random.Random(index)
+        interval = self.threads / self.rate
+        next_at = time.monotonic() + rng.random() * interval
+        try:
+            while not self.stop.is_set():
+                wait = next_at - time.monotonic()
+                if wait > 0:
+                    self.stop.wait(wait)
+                    continue
+                # After a stall, catch up by at most one second's worth of requests.
+                next_at = max(next_at + interval, time.monotonic() - 1.0)
+                if not self.chats or rng.random() < self.chat_share:
+                    self.create_chat(client, api, rng.choice(self.apps))
+                else:
+                    token, chat = rng.choice(self.chats)
+                    self.create_message(client, api, token, chat)
+        finally:
+            client.close()
+
+    def probe(self):
+        """Reads at a low rate: an application (MySQL) and a recent message (a pending
+        record in Redis, or MySQL once persisted)."""
+        clients = [Client(a) for a in APIS]
+        i = 0
+        try:
+            while not self.stop.wait(0.1):
+                i += 1
+                api = i % len(APIS)
+                if i % 2 == 0 or self.last_message is None:
+                    token = self.apps[i % len(self.apps)]
+                    path, kind, chat, number = f"/applications/{token}", "get-app", None, None
+                else:
+                    _, token, chat, number = self.last_message
+                    path = f"/applications/{token}/chats/{chat}/messages/{number}"
+                    kind = "get-message"
+                t0 = now()
+                status, raw = clients[api].request("GET", path)
+                t1 = now()
+                detail = "" if status == 200 else raw[:200].decode(errors="replace")
+                self.records.append(Rec(kind, api, t0, t1, status, token, chat, number, None, detail))
+        finally:
+            for c in clients:
+                c.close()
+
+    def start(self):
+        for i in range(self.threads):
+            t = threading.Thread(target=self.worker, args=(i,), daemon=True)
+            t.start()
+            self.pool.append(t)
+        t = threading.Thread(target=self.probe, daemon=True)
+        t.start()
+        self.pool.append(t)
+
+    def finish(self):
+        self.stop.set()
+        for t in self.pool:
+            t.join(timeout=CLIENT_TIMEOUT + 5)
+
+
+# ---- faults -----------------------------------------------------------------------------
+
+class Fault:
+    def __init__(self, name, detail, t_begin):
+        self.name, self.detail, self.t_begin = name, detail, t_begin
+        self.t_end = None  # the dependency or process is back
+        self.down_from = self.down_to = None  # when it was certainly down
+        self.dependency = None  # "redis" or "mysql" for dependency outages
+
+
+def kill_worker(stack, faults, which, down):
+    holder = stack.holder()
+    victim = holder if which == "holder" else next(w for w in stack.workers if w is not holder)
+    role = "index writer holder" if victim.holds_writer else "persist only"
+    fault = Fault("kill -9 worker", f"{victim.name} ({role}), down {down:.0f} s", now())
+    log(f"fault: kill -9 {victim.name} ({role}, pid {victim.pid})")
+    victim.kill9()
+    stack.workers.remove(victim)
+    fault.down_from = now()
+    time.sleep(down)
+    fault.down_to = now()
+    replacement = stack.start_worker()
+    fault.t_end = now()
+    fault.detail += (f"; replaced by {replacement.name} "
+                     f"({'index writer holder' if replacement.holds_writer else 'persist only'})")
+    log(f"  {replacement.name} started (holds index writer: {replacement.holds_writer})")
+    faults.append(fault)
+
+
+def restart_redis(faults):
+    fault = Fault("Redis graceful restart", "SHUTDOWN (AOF fsynced), start again", now())
+    fault.dependency = "redis"
+    log("fault: redis-cli shutdown")
+    pid = read_pid(DEPS_DIR / "redis" / "redis.pid")
+    subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "shutdown"], capture_output=True,
+                   timeout=30)
+    deadline = time.monotonic() + 30
+    while pid and pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if pid and pid_alive(pid):
+        raise SystemExit("chaos: Redis did not shut down within 30 s")
+    fault.down_from = now()
+    fault.down_to = now()
+    deps("start")
+    fault.t_end = now()
+    fault.detail += f"; down {fault.t_end - fault.t_begin:.1f} s"
+    log(f"  Redis back after {fault.t_end - fault.t_begin:.1f} s")
+    faults.append(fault)
+
+
+def stop_mysql(faults, seconds):
+    fault = Fault("MariaDB stopped", f"SIGTERM, {seconds:.0f} s, start again", now())
+    fault.dependency = "mysql"
+    pid = read_pid(DEPS_DIR / "mysql" / "mysqld.pid")
+    if not pid:
+        raise SystemExit("chaos: no MariaDB pid file")
+    log(f"fault: SIGTERM MariaDB (pid {pid}) for {seconds:.0f} s")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        raise SystemExit("chaos: MariaDB did not stop within 30 s")
+    fault.down_from = now()
+    time.sleep(max(0.0, fault.t_begin + seconds - now()))
+    fault.down_to = now()
+    deps("start")
+    fault.t_end = now()
+    fault.detail += f"; down {fault.t_end - fault.t_begin:.1f} s in all"
+    log(f"  MariaDB back after {fault.t_end - fault.t_begin:.1f} s")
+    faults.append(fault)
+
+
+# ---- checks -----------------------------------------------------------------------------
+
+def in_list(tokens):
+    return ",".join(f"'{t}'" for t in tokens)
+
+
+def persisted_totals(tokens):
+    row = sql(f"""SELECT
+        (SELECT COUNT(*) FROM chat_system.chats c JOIN chat_system.applications a
+           ON a.id = c.application_id WHERE a.token IN ({in_list(tokens)})),
+        (SELECT COUNT(*) FROM chat_system.messages m JOIN chat_system.applications a
+           ON a.id = m.application_id WHERE a.token IN ({in_list(tokens)}))""")[0]
+    return int(row[0]), int(row[1])
+
+
+def wait_drained(tokens, want_chats, want_msgs, limit):
+    """Polls the persisted counts until they reach what was accepted and stay put, or
+    stop moving for a while, or the deadline passes. Returns (chats, messages, seconds)."""
+    start = time.monotonic()
+    deadline = start + limit
+    last, still_since = None, time.monotonic()
+    while True:
+        try:
+            got = persisted_totals(tokens)
+        except RuntimeError as e:
+            log(f"drain: {e}")
+            got = None
+        t = time.monotonic()
+        if got != last:
+            last, still_since = got, t
+        if got and got[0] >= want_chats and got[1] >= want_msgs and t - still_since >= 1.5:
+            break
+        if got and t - still_since >= 15:
+            log("drain: persisted counts stopped moving below what was accepted")
+            break
+        if t >= deadline:
+            log("drain: deadline reached")
+            break
+        time.sleep(0.5)
+    return (last or (0, 0)) + (time.monotonic() - start,)
+
+
+def mget(keys):
+    values = []
+    for i in range(0, len(keys), 200):
+        chunk = keys[i:i + 200]
+        out = redis("MGET", *chunk).split("\n")
+        values.extend(out[:len(chunk)])
+    return values
+
+
+class Verdict:
+    def __init__(self):
+        self.violations = []
+        self.warnings = []
+
+    def fail(self, check, msg, examples=()):
+        examples = list(examples)
+        more = f" (first {min(len(examples), 5)} of {len(examples)}: " + "; ".join(
+            map(str, examples[:5])) + ")" if examples else ""
+        self.violations.append(f"[{check}] {msg}{more}")
+
+    def warn(self, msg):
+        self.warnings.append(msg)
+
+
+def check_persistence(v, load, tokens):
+    """(1) every 201 is exactly one row with its number and text; (2) numbers are
+    unique and gap-free per parent, and the Redis counters agree with them."""
+    chats_201, msgs_201 = {}, {}
+    dup_answers = []
+    for r in load.records:
+        if r.status != 201 or r.number is None:
+            continue
+        if r.kind == "chat":
+            key, table = (r.token, r.number), chats_201
+        elif r.kind == "message":
+            key, table = (r.token, r.chat, r.number), msgs_201
+        else:
+            continue
+        if key in table:
+            dup_answers.append(f"{key[1:]} given to {table[key]!r} and {r.text!r}")
+        table[key] = r.text
+    if dup_answers:
+        v.fail(2, "the API answered 201 with the same number twice", dup_answers)
+    bad_echo = [f"{r.kind} {r.text}: {r.detail}" for r in load.records
+                if r.status == 201 and r.detail]
+    if bad_echo:
+        v.fail(1, "201 answers that do not echo what was sent", bad_echo)
+
+    chat_rows = {}
+    for token, number, title in sql(
+            f"""SELECT a.token, c.number, c.title FROM chat_system.chats c
+                JOIN chat_system.applications a ON a.id = c.application_id
+                WHERE a.token IN ({in_list(tokens)})"""):
+        chat_rows[(token, int(number))] = title
+    msg_rows = {}
+    for token, chat, number, body in sql(
+            f"""SELECT a.token, m.chat_number, m.number, m.body FROM chat_system.messages m
+                JOIN chat_system.applications a ON a.id = m.application_id
+                WHERE a.token IN ({in_list(tokens)})"""):
+        msg_rows[(token, int(chat), int(number))] = body
+
+    failed_texts = {r.text for r in load.records
+                    if r.kind in ("chat", "message") and r.status != 201}
+    for what, accepted, rows in (("chat", chats_201, chat_rows), ("message", msgs_201, msg_rows)):
+        lost = [f"{k[1:]} {t!r}" for k, t in accepted.items() if k not in rows]
+        wrong = [f"{k[1:]} sent {t!r}, stored {rows[k]!r}" for k, t in accepted.items()
+                 if k in rows and rows[k] != t]
+        seen = {}
+        for k, t in rows.items():
+            seen.setdefault(t, []).append(k[1:])
+        duplicated = [f"{t!r} at {ks}" for t, ks in seen.items() if len(ks) > 1]
+        accepted_texts = set(accepted.values())
+        after_503 = [f"{k[1:]} {t!r}" for k, t in rows.items()
+                     if t not in accepted_texts and t in failed_texts]
+        phantom = [f"{k[1:]} {t!r}" for k, t in rows.items()
+                   if t not in accepted_texts and t not in failed_texts]
+        if lost:
+            v.fail(1, f"{len(lost)} accepted {what}s are missing from MySQL", lost)
+        if wrong:
+            v.fail(1, f"{len(wrong)} {what}s stored with another text than accepted", wrong)
+        if duplicated:
+            v.fail(1, f"{len(duplicated)} {what} texts are stored more than once", duplicated)
+        if phantom:
+            v.fail(1, f"{len(phantom)} {what} rows match no request that was sent", phantom)
+        if after_503:
+            v.warn(f"{len(after_503)} {what}s were persisted although their create was "
+                   f"answered with an error (outcome unknown to the client): "
+                   + "; ".join(after_503[:5]))
+
+    # (2) gap-free numbering per parent, in MySQL and against the Redis counters.
+    chats_of = {}
+    for token, number in chat_rows:
+        chats_of.setdefault(token, set()).add(number)
+    msgs_of = {}
+    for token, chat, number in msg_rows:
+        msgs_of.setdefault((token, chat), set()).add(number)
+    gaps = []
+    for token, numbers in chats_of.items():
+        if numbers != set(range(1, max(numbers) + 1)):
+            missing = sorted(set(range(1, max(numbers) + 1)) - numbers)
+            gaps.append(f"app {token[:8]}… chats missing {missing[:10]}")
+    for (token, chat), numbers in msgs_of.items():
+        if numbers != set(range(1, max(numbers) + 1)):
+            missing = sorted(set(range(1, max(numbers) + 1)) - numbers)
+            gaps.append(f"app {token[:8]}… chat {chat} messages missing {missing[:10]}")
+    if gaps:
+        v.fail(2, "numbers with gaps in MySQL", gaps)
+    orphans = [f"{k}" for k in msgs_of if k not in chat_rows]
+    if orphans:
+        v.fail(2, "messages persisted in chats that have no row", orphans)
+
+    counter_keys, expected = [], []
+    for token in tokens:
+        counter_keys.append(f"{PREFIX}:{{{token}}}:chats")
+        expected.append((f"app {token[:8]}… chat counter", max(chats_of.get(token, {0}))))
+    for (token, number) in sorted(chat_rows):
+        counter_keys.append(f"{PREFIX}:{{{token}}}:c:{number}:msgs")
+        expected.append((f"app {token[:8]}… chat {number} message counter",
+                         max(msgs_of.get((token, number), {0}))))
+    mismatched = []
+    for (what, want), got in zip(expected, mget(counter_keys)):
+        if got.strip() != str(want):
+            mismatched.append(f"{what}: Redis {got.strip() or 'missing'}, MySQL max {want}")
+    if mismatched:
+        v.fail(2, "Redis counters disagree with the highest persisted number", mismatched)
+    return chats_201, msgs_201, chat_rows, msg_rows
+
+
+def check_counts(v, tokens, limit):
+    """(3) the stored counts reach the real counts within the deadline."""
+    deadline = time.monotonic() + limit
+    start = time.monotonic()
+    while True:
+        off = []
+        for token, stored, real in sql(
+                f"""SELECT a.token, a.chats_count,
+                      (SELECT COUNT(*) FROM chat_system.chats c WHERE c.application_id = a.id)
+                    FROM chat_system.applications a WHERE a.token IN ({in_list(tokens)})"""):
+            if stored != real:
+                off.append(f"app {token[:8]}… chats_count {stored}, real {real}")
+        for token, number, stored, real in sql(
+                f"""SELECT a.token, c.number, c.messages_count,
+                      (SELECT COUNT(*) FROM chat_system.messages m
+                        WHERE m.application_id = c.application_id AND m.chat_number = c.number)
+                    FROM chat_system.chats c JOIN chat_system.applications a
+                      ON a.id = c.application_id WHERE a.token IN ({in_list(tokens)})"""):
+            if stored != real:
+                off.append(f"app {token[:8]}… chat {number} messages_count {stored}, real {real}")
+        if not off:
+            return time.monotonic() - start
+        if time.monotonic() >= deadline:
+            v.fail(3, f"{len(off)} counts still differ from the real counts after {limit:.0f} s",
+                   off)
+            return None
+        time.sleep(0.5)
+
+
+def check_search(v, load, msgs_201, faults, sample_size, limit):
+    """(4) a sample of accepted messages is found again by search, within the deadline.
+    Half of the sample comes from the times the index-holding worker was down."""
+    accepted = [r for r in load.records if r.kind == "message" and r.status == 201
+                and r.number is not None]
+    if not accepted:
+        v.fail(4, "no accepted message to search for")
+        return 0, 0, None
+    rng = random.Random(7)
+    holder_down = [(f.down_from, f.t_end + 2) for f in faults
+                   if f.name == "kill -9 worker" and "index writer holder" in f.detail.split(";")[0]]
+    during = [r for r in accepted if any(a <= r.t0 <= b for a, b in holder_down)]
+    sample = rng.sample(during, min(len(during), sample_size // 2))
+    chosen = set(sample)
+    rest = [r for r in accepted if r not in chosen]
+    sample += rng.sample(rest, min(len(rest), sample_size - len(sample)))
+    pending = list(sample)
+    start = time.monotonic()
+    deadline = start + limit
+    client = [Client(a) for a in APIS]
+    wrong = []
+    i = 0
+    while pending and time.monotonic() < deadline:
+        still = []
+        for r in pending:
+            i += 1
+            q = urllib.parse.quote(r.text.split("-", 1)[1])  # "<run>-<seq>", unique
+            status, raw = client[i % 2].request(
+                "GET", f"/applications/{r.token}/chats/{r.chat}/messages/search?q={q}")
+            found = False
+            if status == 200:
+                try:
+                    for m in json.loads(raw):
+                        if m.get("body") == r.text:
+                            found = True
+                            if m.get("number") != r.number:
+                                wrong.append(f"{r.text!r} found as number {m.get('number')}, "
+                                             f"accepted as {r.number}")
+                except (ValueError, AttributeError):
+                    wrong.append(f"{r.text!r}: bad search answer {raw[:100]!r}")
+            if not found:
+                still.append(r)
+        pending = still
+        if pending:
+            time.sleep(0.5)
+    for c in client:
+        c.close()
+    if wrong:
+        v.fail(4, "search answers with wrong content", wrong)
+    if pending:
+        v.fail(4, f"{len(pending)} of {len(sample)} sampled messages not found by search "
+                  f"within {limit:.0f} s",
+               [f"{r.text!r} (chat {r.chat} #{r.number}, created at {r.t0:.1f}s)" for r in pending])
+    return len(sample), len(during), (time.monotonic() - start) if not pending else None
+
+
+def dependency_windows(faults):
+    return [(f.dependency, f.t_begin - 0.2, f.t_end + GRACE) for f in faults if f.dependency]
+
+
+def check_failures(v, load, faults):
+    """(5) every failed request is a fast 503 during a dependency outage; creates keep
+    working with MariaDB down."""
+    windows = dependency_windows(faults)
+    hangs, five_hundreds, slow_503, stray_503, other = [], [], [], [], []
+    for r in load.records:
+        if r.status in (200, 201):
+            continue
+        what = f"{r.kind} via api{r.api + 1} at {r.t0:.2f}s: {r.status} after {r.latency:.2f}s"
+        if not isinstance(r.status, int):
+            hangs.append(what)
+        elif r.status == 503:
+            if r.latency >= FAST:
+                slow_503.append(what)
+            if not any(a <= r.t1 and r.t0 <= b for _, a, b in windows):
+                stray_503.append(f"{what} {r.detail}")
+        elif r.status >= 500:
+            five_hundreds.append(f"{what} {r.detail}")
+        else:
+            other.append(f"{what} {r.detail}")
+    if hangs:
+        v.fail(5, f"{len(hangs)} requests hung (no answer in {CLIENT_TIMEOUT:.0f} s) "
+                  "or lost their connection", hangs)
+    if five_hundreds:
+        v.fail(5, f"{len(five_hundreds)} answers were 5xx other than 503", five_hundreds)
+    if slow_503:
+        v.fail(5, f"{len(slow_503)} 503s took {FAST:.0f} s or more", slow_503)
+    if stray_503:
+        v.fail(5, f"{len(stray_503)} 503s while every dependency was up "
+                  "(workers being killed must not affect the API)", stray_503)
+    if other:
+        v.fail(5, f"{len(other)} unexpected error answers", other)
+
+    per_fault = []
+    for f in faults:
+        a, b = (f.t_begin - 0.2, f.t_end + GRACE) if f.dependency else (f.t_begin, f.t_end)
+        creates = [r for r in load.records if r.kind in ("chat", "message")
+                   and r.t0 <= b and a <= r.t1]
+        ok = sum(1 for r in creates if r.status == 201)
+        n503 = sum(1 for r in creates if r.status == 503)
+        reads = [r for r in load.records if r.kind.startswith("get-") and r.t0 <= b and a <= r.t1]
+        reads_503 = sum(1 for r in reads if r.status == 503)
+        per_fault.append((f, len(creates), ok, n503, len(reads), reads_503))
+        if f.dependency == "mysql":
+            down = [r for r in load.records if r.kind == "message"
+                    and f.down_from <= r.t0 and r.t1 <= f.down_to]
+            if not any(r.status == 201 for r in down):
+                v.fail(5, f"no message create succeeded while MariaDB was down "
+                          f"({f.down_from:.1f}s to {f.down_to:.1f}s; {len(down)} tried)")
+            f.creates_while_down = (sum(1 for r in down if r.status == 201), len(down))
+            app_reads = [r for r in load.records if r.kind == "get-app"
+                         and f.down_from + 0.5 <= r.t0 and r.t1 <= f.down_to]
+            f.app_reads_while_down = (sum(1 for r in app_reads if r.status == 503), len(app_reads))
+            served = [r for r in app_reads if r.status == 200]
+            if served:
+                v.warn(f"{len(served)} GET /applications/{{token}} answered 200 while MariaDB "
+                       "was down (from a cache?)")
+    return per_fault
+
+
+def check_processes(v, stack):
+    for proc in stack.procs:
+        if not proc.killed_by_us and not proc.alive():
+            v.fail("procs", f"{proc.name} exited by itself with status {proc.popen.returncode}; "
+                            f"see {proc.log_path}", proc.log_text().splitlines()[-5:])
+    holders = [w.name for w in stack.workers if w.holds_writer]
+    if len(holders) != 1:
+        v.fail(4, f"{len(holders)} live workers hold the index writer: {holders}")
+    problems = []
+    for proc in stack.procs:
+        for line in proc.log_text().splitlines():
+            if "panicked" in line or " ERROR " in line or "internal error" in line:
+                problems.append(f"{proc.name}: {line.strip()[:300]}")
+    if problems:
+        v.fail("logs", f"{len(problems)} ERROR or panic lines in the logs", problems)
+
+
+def queue_state():
+    """XLEN of the dead-letter stream and the pending/lag of each consumer group."""
+    dlq = int(redis("XLEN", f"{PREFIX}:dlq").strip() or 0)
+    groups = {}
+    raw = redis("XINFO", "GROUPS", f"{PREFIX}:q").split("\n")
+    # --raw prints each group as flat name/value lines.
+    i = 0
+    current = None
+    while i + 1 < len(raw):
+        key, value = raw[i].strip(), raw[i + 1].strip()
+        if key == "name":
+            current = value
+            groups[current] = {}
+        elif current is not None and key in ("pending", "lag", "consumers"):
+            groups[current][key] = value
+        i += 2
+    return dlq, groups
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+def schedule(short):
+    """(start at, fault) pairs, in seconds after the load began, and the load's length."""
+    if short:
+        return [(2, "kill-holder"), (10, "kill-other"), (13, "kill-holder-again"),
+                (16, "redis"), (19, "mysql")], 30.0
+    return [(8, "kill-holder"), (22, "kill-other"), (32, "kill-holder-again"),
+            (44, "redis"), (58, "mysql")], 90.0
+
+
+def main():
+    global T0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bin", required=True, help="the chat-system binary")
+    p.add_argument("--short", action="store_true", help="~30 s of load with the same faults")
+    p.add_argument("--rate", type=float, default=300, help="creates per second (default 300)")
+    p.add_argument("--threads", type=int, default=8, help="load threads (default 8)")
+    p.add_argument("--mysql-down", type=float, default=10, help="seconds MariaDB stays down")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+
+    faults_plan, duration = schedule(args.short)
+    run = secrets.token_hex(3)
+    started = time.monotonic()
+    DATA.mkdir(parents=True, exist_ok=True)
+    cleanup_leftovers()
+    for old in DATA.glob("*.log"):
+        old.unlink()
+    subprocess.run(["rm", "-rf", str(DATA / "index")], check=True)
+    PIDFILE.write_text("")
+
+    stack = Stack(args.bin)
+    load = None
+    v = Verdict()
+    faults = []
+    try:
+        log(f"run {run}: starting MariaDB :{MYSQL_PORT} and Redis :{REDIS_PORT}")
+        deps("start")
+        # A clean slate on these private instances.
+        sql("DROP DATABASE IF EXISTS chat_system")
+        redis("FLUSHALL")
+        stack.migrate()
+        w1 = stack.start_worker()  # first: takes the index writer
+        w2 = stack.start_worker()
+        if not w1.holds_writer or w2.holds_writer:
+            raise SystemExit(f"chaos: expected {w1.name} to hold the index writer and "
+                             f"{w2.name} not (got {w1.holds_writer}, {w2.holds_writer})")
+        for i in range(len(APIS)):
+            stack.start_api(i)
+        log("stack up: api1, api2, worker1 (index writer), worker2")
+
+        setup = Client(APIS[0])
+        tokens = []
+        for i in range(3):
+            status, raw = setup.request("POST", "/applications", {"name": f"chaos-{run}-app{i}"})
+            if status != 201:
+                raise SystemExit(f"chaos: creating an application answered {status}: {raw[:200]!r}")
+            tokens.append(json.loads(raw)["token"])
+        setup.close()
+
+        T0 = time.monotonic()
+        load = Load(run, tokens, args.rate, args.threads, chat_share=0.05)
+        for i, token in enumerate(tokens * 3):
+            load.create_chat(Client(APIS[i % 2]), i % 2, token)
+        load.start()
+        log(f"load: {args.rate:.0f} creates/s over {args.threads} threads and both APIs, "
+            f"{duration:.0f} s")
+        last_fault_end = 0.0
+        for at, what in faults_plan:
+            time.sleep(max(0.0, at - now()))
+            if what == "kill-holder":
+                kill_worker(stack, faults, "holder", down=5)
+            elif what == "kill-other":
+                kill_worker(stack, faults, "other", down=1)
+            elif what == "kill-holder-again":
+                kill_worker(stack, faults, "holder", down=1)
+            elif what == "redis":
+                restart_redis(faults)
+            elif what == "mysql":
+                stop_mysql(faults, args.mysql_down)
+            last_fault_end = now()
+        # Some load after the last recovery, so the recovered path is exercised too.
+        time.sleep(max(0.0, max(duration, last_fault_end + 3) - now()))
+        load.finish()
+        load_seconds = now()
+        log(f"load stopped after {load_seconds:.1f} s; waiting for the queue to drain")
+
+        creates = [r for r in load.records if r.kind in ("chat", "message")]
+        ok_chats = sum(1 for r in creates if r.kind == "chat" and r.status == 201)
+        ok_msgs = sum(1 for r in creates if r.kind == "message" and r.status == 201)
+        rows_chats, rows_msgs, drain_s = wait_drained(tokens, ok_chats, ok_msgs,
+                                                      45 if args.short else 60)
+        log(f"drained in {drain_s:.1f} s: {rows_chats} chats, {rows_msgs} messages persisted")
+
+        chats_201, msgs_201, chat_rows, msg_rows = check_persistence(v, load, tokens)
+        counts_s = check_counts(v, tokens, 20)
+        sampled, sampled_during, search_s = check_search(
+            v, load, msgs_201, faults, 50, 40)
+        per_fault = check_failures(v, load, faults)
+        check_processes(v, stack)
+        dlq, groups = queue_state()
+        if dlq:
+            v.fail(1, f"{dlq} entries in the dead-letter stream {PREFIX}:dlq")
+        for name, g in groups.items():
+            if g.get("pending", "0") != "0":
+                v.warn(f"consumer group {name} still has {g['pending']} pending entries")
+
+        failed = [r for r in creates + [r for r in load.records if r.kind.startswith("get-")]
+                  if r.status not in (200, 201)]
+        s5xx = sum(1 for r in failed if isinstance(r.status, int) and r.status >= 500)
+        s503 = sum(1 for r in failed if r.status == 503)
+        hangs = sum(1 for r in failed if not isinstance(r.status, int))
+        max_failed = max((r.latency for r in failed), default=0.0)
+        all_latency = sorted(r.latency for r in creates)
+        p99 = all_latency[int(len(all_latency) * 0.99)] if all_latency else 0.0
+        reads = [r for r in load.records if r.kind.startswith("get-")]
+
+        lines = []
+        out = lines.append
+        out("")
+        out(f"chaos summary — run {run} ({'short' if args.short else 'full'}), "
+            f"{load_seconds:.0f} s of load, {time.monotonic() - started:.0f} s in all")
+        out("")
+        rows = [
+            ("requests sent (creates)", f"{len(creates)}  ({len(creates) / load_seconds:.0f}/s)"),
+            ("201s received", f"{ok_chats + ok_msgs}  ({ok_chats} chats, {ok_msgs} messages)"),
+            ("rows found", f"{len(chat_rows) + len(msg_rows)}  ({len(chat_rows)} chats, "
+                           f"{len(msg_rows)} messages)"),
+            ("probe reads sent", f"{len(reads)}  (GET application / recent message)"),
+            ("faults injected", f"{len(faults)}"),
+            ("5xx seen", f"{s5xx}"),
+            ("503s seen", f"{s503}"),
+            ("hangs / connection errors", f"{hangs}"),
+            ("max latency of failed requests", f"{max_failed * 1000:.0f} ms"),
+            ("create latency p99 / max", f"{p99 * 1000:.1f} ms / {max(all_latency, default=0) * 1000:.0f} ms"),
+            ("queue drained in", f"{drain_s:.1f} s"),
+            ("counts converged in", "NO" if counts_s is None else f"{counts_s:.1f} s"),
+            ("search: sample found in", ("NO" if search_s is None else f"{search_s:.1f} s")
+             + f"  ({sampled} sampled, {min(sampled_during, sampled // 2)} from index-writer outages)"),
+            ("dead-letter entries", f"{dlq}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        out(f"  {'metric'.ljust(width)}  value")
+        out(f"  {'-' * width}  {'-' * 30}")
+        for k, val in rows:
+            out(f"  {k.ljust(width)}  {val}")
+        out("")
+        out("  faults (seconds since the load began; creates and reads overlapping the fault,")
+        out("  dependency faults with 3 s of grace after recovery):")
+        for f, n, ok, n503, nr, r503 in per_fault:
+            out(f"  {f.t_begin:6.1f}–{f.t_end:5.1f}s  {f.name}: {f.detail}")
+            out(f"  {'':14}creates {n}: {ok} × 201, {n503} × 503; reads {nr}: {r503} × 503")
+            if f.dependency == "mysql":
+                c_ok, c_n = f.creates_while_down
+                a503, an = f.app_reads_while_down
+                out(f"  {'':14}while certainly down: message creates {c_ok}/{c_n} × 201, "
+                    f"GET application {a503}/{an} × 503")
+        for name, g in groups.items():
+            out(f"  consumer group {name}: pending {g.get('pending')}, lag {g.get('lag')}, "
+                f"consumers {g.get('consumers')}")
+        out("")
+        for w in v.warnings:
+            out(f"  warning: {w}")
+        if v.violations:
+            out(f"  FAILED: {len(v.violations)} violation(s)")
+            for x in v.violations:
+                out(f"  violation {x}")
+        else:
+            out("  PASSED: no violation (1 persisted exactly once, 2 numbers gap-free, "
+                "3 counts converge, 4 search catches up, 5 fast 503s only)")
+        text = "\n".join(lines)
+        print(text, flush=True)
+        (DATA / "summary.txt").write_text(text + "\n")
+        return 1 if v.violations else 0
+    except Interrupted as e:
+        log(f"interrupted ({e}); cleaning up")
+        return 130
+    finally:
+        # Cleaning up is bounded; a second signal must not cut it short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if load is not None:
+            load.stop.set()
+        stack.stop_all()
+        try:
+            deps("stop")
+        except Exception as e:
+            log(f"scripts/deps stop: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
