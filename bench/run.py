@@ -226,6 +226,9 @@ class Stack:
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="about 2 minutes instead of 10")
+    parser.add_argument("--soak", type=float, metavar="MINUTES",
+                        help="instead: creates at 60%% of the maximum rate for MINUTES (e.g. 10), "
+                             "sampling RSS and the queue")
     args = parser.parse_args()
     quick = args.quick
     d = 4 if quick else 12               # seconds per throughput scenario
@@ -264,6 +267,8 @@ def main():
         for _ in range(1000):
             http("POST", f"/applications/{token}/chats", {"title": "bench"})
         base = f"/applications/{token}/chats"
+        if args.soak:
+            return soak(stack, base, args.soak)
 
         # Ceilings, same machine, same run.
         results.append(wrk("ceiling: HTTP (GET /healthz)", lua_get('"/healthz"'), d))
@@ -368,7 +373,57 @@ delay = function() return {delay} end
     finally:
         stack.stop_all()
         subprocess.run([ROOT / "scripts" / "deps", "stop"], env=deps_env)
-    write_results(results, figures, quick)
+    if not args.soak:
+        write_results(results, figures, quick)
+
+
+def soak(stack, base, minutes):
+    """Creates at 60% of the measured maximum for `minutes`; RSS and queue sampled
+    every 10 s. Passes when nothing failed, RSS grew < 10% after the first minute and
+    the queue stayed bounded."""
+    create = lua_post(f'"{base}/" .. math.random(1000) .. "/messages"', body_expr())
+    peak = wrk("create message (peak, for the soak rate)", create, 8)
+    conns = 64
+    delay = max(1, round(conns * 1000 / (peak["rps"] * 0.6)))
+    samples = []
+
+    def sample():
+        samples.append({
+            "t": time.time(),
+            "api_kib": rss_kib(stack.procs["api"].pid)[1],
+            "worker_kib": rss_kib(stack.procs["worker"].pid)[1],
+            "queue": group_lag("persist"),
+        })
+
+    sample()
+    sampler = _Sampler(sample, every=10)
+    run_s = int(minutes * 60)
+    result = wrk(f"soak: creates at ~{conns * 1000 / delay:,.0f}/s for {minutes:g} min",
+                 lua_post(f'"{base}/" .. math.random(1000) .. "/messages"', body_expr(), delay_ms=delay),
+                 run_s, connections=conns)
+    sampler.stop()
+    sample()
+    t0 = samples[0]["t"]
+    warm = next((x for x in samples if x["t"] - t0 >= 60), samples[0])
+    end = samples[-1]
+    growth = {k: (end[k] - warm[k]) / warm[k] for k in ("api_kib", "worker_kib")}
+    queue_max = max(x["queue"] for x in samples)
+    ok = result["errors"] == 0 and result["non2xx"] == 0 and max(growth.values()) < 0.10 and end["queue"] < 10_000
+    lines = [f"# Soak — {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}", "",
+             f"Creates at ~{result['rps']:,.0f}/s (60% of the {peak['rps']:,.0f}/s measured first) for {minutes:g} min: "
+             f"{result['requests']:,} requests, errors {result['errors']}, non-2xx {result['non2xx']}, "
+             f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms.", "",
+             "| after | api RSS MiB | worker RSS MiB | queue (persist) |", "|---:|---:|---:|---:|"]
+    for x in samples:
+        lines.append(f"| {x['t'] - t0:.0f} s | {x['api_kib'] / 1024:.1f} | {x['worker_kib'] / 1024:.1f} | {x['queue']} |")
+    lines += ["", f"RSS growth after the first minute: api {growth['api_kib']:+.1%}, worker {growth['worker_kib']:+.1%} (limit +10%); "
+              f"queue max {queue_max}, at end {end['queue']}.", "",
+              f"Verdict: {'PASS' if ok else 'FAIL'}. Reproduce: `scripts/bench --soak {minutes:g}`.", ""]
+    text = "\n".join(lines)
+    (ROOT / "bench" / "results" / "soak.md").write_text(text)
+    print(text)
+    if not ok:
+        raise SystemExit(1)
 
 
 def _ok(url):
@@ -389,14 +444,15 @@ def _port_open(addr):
 class _Sampler:
     """Calls `fn` every 0.5 s on a thread until stopped."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, every=0.5):
         import threading
+        self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(fn,), daemon=True)
         self._thread.start()
 
     def _loop(self, fn):
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(self._every):
             fn()
 
     def stop(self):
