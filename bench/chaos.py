@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -46,6 +47,7 @@ CLIENT_TIMEOUT = 5.0  # a request with no answer by then is a hang
 FAST = 3.0  # a 503 slower than this is not "fast"
 GRACE = 3.0  # after a dependency is back, clients may still see 503s this long
 WRITER_BUSY = "another process holds the search index writer"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 T0 = time.monotonic()  # reset when the load starts; every recorded time is relative to it
 
@@ -210,6 +212,7 @@ class Stack:
             DEPENDENCY_TIMEOUT="1s",
             WORKER_CLAIM_IDLE="2s",
             COUNTS_SYNC_INTERVAL="1s",
+            NO_COLOR="1",  # plain log files (tracing-subscriber honours it)
         )
         self.procs = []
         self.workers = []  # live worker processes, in start order
@@ -568,9 +571,10 @@ class Verdict:
 
     def fail(self, check, msg, examples=()):
         examples = list(examples)
-        more = f" (first {min(len(examples), 5)} of {len(examples)}: " + "; ".join(
-            map(str, examples[:5])) + ")" if examples else ""
-        self.violations.append(f"[{check}] {msg}{more}")
+        shown = "".join(f"\n      - {e}" for e in examples[:8])
+        if len(examples) > 8:
+            shown += f"\n      - ... {len(examples) - 8} more"
+        self.violations.append(f"[{check}] {msg}{shown}")
 
     def warn(self, msg):
         self.warnings.append(msg)
@@ -623,7 +627,7 @@ def check_persistence(v, load, tokens):
         for k, t in rows.items():
             seen.setdefault(t, []).append(k[1:])
         duplicated = [f"{t!r} at {ks}" for t, ks in seen.items() if len(ks) > 1]
-        accepted_texts = set(accepted.values())
+        accepted_texts = {r.text for r in load.records if r.kind == what and r.status == 201}
         after_503 = [f"{k[1:]} {t!r}" for k, t in rows.items()
                      if t not in accepted_texts and t in failed_texts]
         phantom = [f"{k[1:]} {t!r}" for k, t in rows.items()
@@ -769,6 +773,25 @@ def dependency_windows(faults):
     return [(f.dependency, f.t_begin - 0.2, f.t_end + GRACE) for f in faults if f.dependency]
 
 
+def grouped(records, faults):
+    """Failed requests grouped by kind, status and answer: count, when, where, how slow,
+    and the fault they overlapped."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r.kind, r.status, r.detail), []).append(r)
+    out = []
+    for (kind, status, detail), rs in sorted(groups.items(), key=lambda g: g[1][0].t0):
+        t0, t1 = min(r.t0 for r in rs), max(r.t1 for r in rs)
+        near = [f.name for f in faults if f.t_begin <= t1 and t0 <= (f.t_end or t1)]
+        near = near or [f"{f.name} (+{GRACE:.0f} s)" for f in faults
+                        if f.t_begin <= t1 and t0 <= (f.t_end or t1) + GRACE]
+        apis = ",".join(sorted({f"api{r.api + 1}" for r in rs}))
+        out.append(f"{len(rs)} × {kind} → {status} from {t0:.2f}s to {t1:.2f}s via {apis}, "
+                   f"latency ≤ {max(r.latency for r in rs) * 1000:.0f} ms, during "
+                   f"{' + '.join(near) or 'no fault'}: {detail[:160]}")
+    return out
+
+
 def check_failures(v, load, faults):
     """(5) every failed request is a fast 503 during a dependency outage; creates keep
     working with MariaDB down."""
@@ -777,30 +800,34 @@ def check_failures(v, load, faults):
     for r in load.records:
         if r.status in (200, 201):
             continue
-        what = f"{r.kind} via api{r.api + 1} at {r.t0:.2f}s: {r.status} after {r.latency:.2f}s"
         if not isinstance(r.status, int):
-            hangs.append(what)
+            hangs.append(r)
         elif r.status == 503:
             if r.latency >= FAST:
-                slow_503.append(what)
+                slow_503.append(r)
             if not any(a <= r.t1 and r.t0 <= b for _, a, b in windows):
-                stray_503.append(f"{what} {r.detail}")
+                stray_503.append(r)
         elif r.status >= 500:
-            five_hundreds.append(f"{what} {r.detail}")
+            five_hundreds.append(r)
         else:
-            other.append(f"{what} {r.detail}")
+            other.append(r)
+    hangs, five_hundreds, slow_503, stray_503, other = map(
+        lambda rs: grouped(rs, faults), (hangs, five_hundreds, slow_503, stray_503, other))
+    count = lambda groups: sum(int(g.split(" ", 1)[0]) for g in groups)
+    hangs_n, five_n, slow_n, stray_n, other_n = map(
+        count, (hangs, five_hundreds, slow_503, stray_503, other))
     if hangs:
-        v.fail(5, f"{len(hangs)} requests hung (no answer in {CLIENT_TIMEOUT:.0f} s) "
+        v.fail(5, f"{hangs_n} requests hung (no answer in {CLIENT_TIMEOUT:.0f} s) "
                   "or lost their connection", hangs)
     if five_hundreds:
-        v.fail(5, f"{len(five_hundreds)} answers were 5xx other than 503", five_hundreds)
+        v.fail(5, f"{five_n} answers were 5xx other than 503", five_hundreds)
     if slow_503:
-        v.fail(5, f"{len(slow_503)} 503s took {FAST:.0f} s or more", slow_503)
+        v.fail(5, f"{slow_n} 503s took {FAST:.0f} s or more", slow_503)
     if stray_503:
-        v.fail(5, f"{len(stray_503)} 503s while every dependency was up "
+        v.fail(5, f"{stray_n} 503s while every dependency was up "
                   "(workers being killed must not affect the API)", stray_503)
     if other:
-        v.fail(5, f"{len(other)} unexpected error answers", other)
+        v.fail(5, f"{other_n} unexpected error answers", other)
 
     per_fault = []
     for f in faults:
@@ -837,13 +864,18 @@ def check_processes(v, stack):
     holders = [w.name for w in stack.workers if w.holds_writer]
     if len(holders) != 1:
         v.fail(4, f"{len(holders)} live workers hold the index writer: {holders}")
-    problems = []
+    # 5xx answers are logged at ERROR by the HTTP trace layer, 503s included: only
+    # internal errors and panics count here, grouped by message.
+    problems = {}
     for proc in stack.procs:
-        for line in proc.log_text().splitlines():
-            if "panicked" in line or " ERROR " in line or "internal error" in line:
-                problems.append(f"{proc.name}: {line.strip()[:300]}")
+        for line in ANSI.sub("", proc.log_text()).splitlines():
+            if "panicked" in line or "internal error" in line:
+                message = line.split(" ", 1)[-1].strip()[:300]
+                problems.setdefault(message, []).append(proc.name)
     if problems:
-        v.fail("logs", f"{len(problems)} ERROR or panic lines in the logs", problems)
+        v.fail("logs", f"{sum(map(len, problems.values()))} internal-error or panic lines in "
+                       "the logs", [f"{len(procs)} × in {','.join(sorted(set(procs)))}: {m}"
+                                    for m, procs in problems.items()])
 
 
 def queue_state():
@@ -908,6 +940,13 @@ def main():
         # A clean slate on these private instances.
         sql("DROP DATABASE IF EXISTS chat_system")
         redis("FLUSHALL")
+        # FLUSHALL only appends to the AOF: rewrite it, so a restart loads this run's data
+        # and not every earlier run's history too.
+        redis("BGREWRITEAOF")
+        deadline = time.monotonic() + 30
+        while ("aof_rewrite_in_progress:1" in redis("INFO", "persistence")
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
         stack.migrate()
         w1 = stack.start_worker()  # first: takes the index writer
         w2 = stack.start_worker()
@@ -1037,6 +1076,13 @@ def main():
         else:
             out("  PASSED: no violation (1 persisted exactly once, 2 numbers gap-free, "
                 "3 counts converge, 4 search catches up, 5 fast 503s only)")
+        with open(DATA / "requests.csv", "w") as f:
+            f.write("kind,api,start_s,end_s,latency_ms,status,token,chat,number,text,detail\n")
+            for r in sorted(load.records, key=lambda r: r.t0):
+                detail = (r.detail or "").replace(",", ";").replace("\n", " ")
+                f.write(f"{r.kind},api{r.api + 1},{r.t0:.4f},{r.t1:.4f},{r.latency * 1000:.1f},"
+                        f"{r.status},{r.token},{r.chat or ''},{r.number or ''},{r.text or ''},"
+                        f"{detail}\n")
         text = "\n".join(lines)
         print(text, flush=True)
         (DATA / "summary.txt").write_text(text + "\n")

@@ -221,6 +221,22 @@ mod tests {
     }
 
     #[test]
+    fn redis_not_ready_is_a_503_and_a_bad_command_is_not() {
+        use redis::{ErrorKind, RedisError, ServerErrorKind};
+        for kind in [
+            ServerErrorKind::BusyLoading,
+            ServerErrorKind::TryAgain,
+            ServerErrorKind::MasterDown,
+            ServerErrorKind::ReadOnly,
+        ] {
+            let err = RedisError::from((ErrorKind::Server(kind), "not ready"));
+            assert_eq!(ApiError::from(err).problem().status, 503, "{kind:?}");
+        }
+        let err = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "bad"));
+        assert_eq!(ApiError::from(err).problem().status, 500);
+    }
+
+    #[test]
     fn validation_errors_list_fields() {
         let problem = ApiError::invalid("name", "must not be empty").problem();
         assert_eq!(problem.status, 422);

@@ -124,11 +124,17 @@ pub fn mysql_is_transient(err: &sqlx::Error) -> bool {
             .is_some_and(|e| matches!(e.number(), 1205 | 1213))
 }
 
-/// True when the error means Redis cannot be reached (rather than a bad command).
+/// True when the error means Redis cannot serve us now (rather than a bad command):
+/// unreachable, or up but not ready (loading its data set after a restart, a failover
+/// in progress), which the client library classes as "wait and retry".
 pub fn redis_is_down(err: &redis::RedisError) -> bool {
     err.is_io_error()
         || err.is_timeout()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
         || err.is_unrecoverable_error()
+        || matches!(
+            err.retry_method(),
+            redis::RetryMethod::WaitAndRetry | redis::RetryMethod::RefreshSlotsAndRetry
+        )
 }
