@@ -120,11 +120,17 @@ async fn insert_application(state: &AppState, name: String) -> Result<Applicatio
         updated_at: at,
     };
     let id = mysql::insert_application(&state.store.mysql, &app).await?;
-    state
+    // The application exists from here on: a failed cache write must not turn its 201
+    // into an error (a retry would create a second one). The first create under the
+    // token then finds the cache cold and fills it from MySQL.
+    if let Err(e) = state
         .store
         .queue
         .cache_application(&app.token, id, true)
-        .await?;
+        .await
+    {
+        tracing::warn!(error = %e, "application created but not cached");
+    }
     tracing::info!(token = %app.token, "application created");
     Ok(app)
 }

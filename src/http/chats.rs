@@ -8,7 +8,9 @@ use axum::routing::get;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::extract::{JsonBody, NumberPage, OptionalJsonBody, QueryParams, nullable, page_limit};
+use super::extract::{
+    JsonBody, NumberPage, OptionalJsonBody, QueryParams, nullable, page_after, page_limit,
+};
 use super::{AppState, created, paginated};
 use crate::domain::{Token, parse_number, parse_title};
 use crate::error::{ApiError, Problem};
@@ -92,7 +94,7 @@ pub async fn list(
     let mut chats = mysql::chats_after(
         &state.store.mysql,
         app_id,
-        page.after.unwrap_or(0),
+        page_after(page.after)?,
         limit + 1,
     )
     .await?;

@@ -134,6 +134,18 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     }
 }
 
+/// A validated `after` of a number list: 0 (from the start) up to the largest number
+/// there can be.
+pub fn page_after(after: Option<u64>) -> Result<u64, ApiError> {
+    match after.unwrap_or(0) {
+        n if n <= i64::MAX as u64 => Ok(n),
+        n => Err(ApiError::BadRequest(format!(
+            "after must be between 0 and {}, got {n}",
+            i64::MAX
+        ))),
+    }
+}
+
 /// Deserializes a field that may be absent (`None`), null (`Some(None)`) or set.
 pub fn nullable<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
 where

@@ -8,7 +8,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use super::extract::{JsonBody, NumberPage, QueryParams, page_limit};
+use super::extract::{JsonBody, NumberPage, QueryParams, page_after, page_limit};
 use super::{AppState, created, paginated, paginated_query};
 use crate::domain::{Token, parse_body, parse_number};
 use crate::error::{ApiError, Problem};
@@ -109,7 +109,7 @@ pub async fn list(
         &state.store.mysql,
         app_id,
         chat,
-        page.after.unwrap_or(0),
+        page_after(page.after)?,
         limit + 1,
     )
     .await?;
@@ -219,7 +219,7 @@ pub async fn search(
         token: token.as_str().to_owned(),
         chat,
         terms: terms.clone(),
-        after: params.after.unwrap_or(0),
+        after: page_after(params.after)?,
         limit,
     };
     let mut found = state.search.search(query).await?;
@@ -227,25 +227,12 @@ pub async fn search(
         found.truncate(limit as usize);
         found.last().map_or(0, |m| m.number)
     });
-    let q: String = terms.join("+");
+    // The terms joined by a space, form-encoded (a space is `+`, a `+` is `%2B`).
+    let q = serde_urlencoded::to_string([("q", terms.join(" "))])
+        .map_err(|e| ApiError::Internal(format!("encoding the next link: {e}")))?;
     let path = format!(
-        "/applications/{}/chats/{chat}/messages/search?q={}",
+        "/applications/{}/chats/{chat}/messages/search?{q}",
         token.as_str(),
-        encode_query(&q)
     );
     Ok(paginated_query(&path, limit, next, found))
-}
-
-/// Percent-encodes a query value (terms joined by `+`, which decodes to a space).
-fn encode_query(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'+' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
 }

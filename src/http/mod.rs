@@ -89,11 +89,12 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .fallback(|| async { ApiError::not_found("route") })
         .with_state(state)
         .layer(DefaultBodyLimit::max(config.body_limit))
-        .layer(middleware::map_response(problem_bodies))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             config.request_timeout,
         ))
+        // Outside the timeout, so that its bare 503 gets a problem body too.
+        .layer(middleware::map_response(problem_bodies))
         .layer(middleware::from_fn(record_metrics))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(

@@ -375,25 +375,29 @@ impl Worker {
         tx.commit().await
     }
 
-    /// After the commit: acknowledge, release the pending records, mark parents touched.
+    /// After the commit: release the pending records and mark the parents touched, then
+    /// acknowledge. In that order, a crash or a Redis error part-way leaves the entries
+    /// unacknowledged, so they are redelivered and the whole step runs again (each part
+    /// of it is idempotent); acknowledging first could leave a stale pending record that
+    /// nothing would ever release.
     async fn acknowledge(&self, entries: &[Entry]) -> Result<(), WorkerError> {
         if entries.is_empty() {
             return Ok(());
         }
         let keys = &self.store.queue.keys;
-        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let touched: HashSet<String> = entries.iter().flat_map(Entry::touched).collect();
-        let mut pipe = redis::pipe();
-        pipe.xack(keys.stream(), PERSIST_GROUP, &ids).ignore();
-        pipe.sadd(keys.touched(), touched.into_iter().collect::<Vec<_>>())
-            .ignore();
-        pipe.exec_async(&mut self.conn()).await?;
-
         let records: Vec<(String, String)> = entries
             .iter()
             .map(|e| (e.record_key(keys), e.id.clone()))
             .collect();
         self.store.queue.release_pending(&records).await?;
+
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let touched: HashSet<String> = entries.iter().flat_map(Entry::touched).collect();
+        let mut pipe = redis::pipe();
+        pipe.sadd(keys.touched(), touched.into_iter().collect::<Vec<_>>())
+            .ignore();
+        pipe.xack(keys.stream(), PERSIST_GROUP, &ids).ignore();
+        pipe.exec_async(&mut self.conn()).await?;
 
         record_lag("persist_lag_seconds", entries.iter().map(|e| e.id.as_str()));
         metrics::histogram!("worker_batch_size").record(entries.len() as f64);

@@ -70,6 +70,7 @@ pub struct Options {
     /// Route MySQL and Redis through cuttable proxies.
     pub proxies: bool,
     pub body_limit: Option<usize>,
+    pub request_timeout: Option<Duration>,
 }
 
 pub struct TestApp {
@@ -130,7 +131,7 @@ impl TestApp {
         let api_config = ApiConfig {
             bind: "127.0.0.1:0".parse().unwrap(),
             body_limit: options.body_limit.unwrap_or(256 * 1024),
-            request_timeout: Duration::from_secs(10),
+            request_timeout: options.request_timeout.unwrap_or(Duration::from_secs(10)),
             admin_api_key: options.admin_api_key,
         };
         let search_config = SearchConfig {

@@ -125,6 +125,26 @@ async fn with_redis_down_creates_get_a_503_naming_redis() {
 }
 
 #[tokio::test]
+async fn an_application_created_while_redis_is_down_is_a_201_and_works_after() {
+    let app = TestApp::with(Options {
+        proxies: true,
+        ..Options::default()
+    })
+    .await;
+    app.redis_proxy.as_ref().unwrap().cut();
+    let reply = app.post("/applications", json!({"name": "no cache"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let token = reply.body["token"].as_str().unwrap().to_owned();
+    app.redis_proxy.as_ref().unwrap().restore();
+    // The cold cache is filled from MySQL on first use; numbering starts at 1.
+    let chat = app
+        .post(&format!("/applications/{token}/chats"), json!({}))
+        .await;
+    assert_eq!(chat.status, 201, "{}", chat.body);
+    assert_eq!(chat.body["number"], 1);
+}
+
+#[tokio::test]
 async fn metrics_count_requests_by_route_and_status() {
     let app = TestApp::spawn().await;
     app.get("/applications/nope").await;
@@ -205,4 +225,19 @@ async fn docs_serve_an_interactive_reference_without_a_cdn() {
         .send(app.client.get(app.url("/docs/swagger-ui-bundle.js")))
         .await;
     assert_eq!(bundle.status, 200);
+}
+
+#[tokio::test]
+async fn a_request_over_the_time_limit_gets_a_problem_503() {
+    // A zero limit: any request that waits on a dependency runs out of time.
+    let app = TestApp::with(Options {
+        request_timeout: Some(Duration::ZERO),
+        ..Options::default()
+    })
+    .await;
+    let reply = app
+        .get("/applications/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .await;
+    reply.assert_problem(503);
+    assert_eq!(reply.body["type"], "/problems/timeout");
 }

@@ -105,12 +105,13 @@ async fn results_are_paginated_in_number_order() {
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     for i in 1..=7 {
-        app.message(&token, chat, &format!("match {i}")).await;
-        app.message(&token, chat, "other").await;
+        app.message(&token, chat, &format!("c++ match {i}")).await;
+        // Found too if a `+` of the query were lost in the next page's link.
+        app.message(&token, chat, "c match decoy").await;
     }
     app.drain().await;
     let base = format!("/applications/{token}/chats/{chat}/messages/search");
-    let mut path = format!("{base}?q=Match&limit=3");
+    let mut path = format!("{base}?q=C%2B%2B+Match&limit=3");
     let mut seen = Vec::new();
     loop {
         let reply = app.get(&path).await;
@@ -128,7 +129,7 @@ async fn results_are_paginated_in_number_order() {
             None => break,
         }
     }
-    let expected: Vec<String> = (1..=7).map(|i| format!("match {i}")).collect();
+    let expected: Vec<String> = (1..=7).map(|i| format!("c++ match {i}")).collect();
     assert_eq!(seen, expected);
 }
 
@@ -143,6 +144,10 @@ async fn bad_searches_are_rejected() {
         .await
         .assert_problem(400);
     app.get(&format!("{base}?q=x&limit=0"))
+        .await
+        .assert_problem(400);
+    // Above any number there can be (and above what Elasticsearch's `long` holds).
+    app.get(&format!("{base}?q=x&after=9223372036854775808"))
         .await
         .assert_problem(400);
     app.get(&format!(
