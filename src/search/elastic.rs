@@ -15,6 +15,8 @@
 //!
 //! [`wildcard`]: https://www.elastic.co/guide/en/elasticsearch/reference/8.15/keyword.html#wildcard-field-type
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -28,6 +30,8 @@ pub struct ElasticIndex {
     client: reqwest::Client,
     base: String,
     index: String,
+    /// The index is known to exist. Until then, every call makes sure of it first.
+    ready: Arc<AtomicBool>,
 }
 
 /// The index definition: settings and the explicit mapping.
@@ -141,7 +145,9 @@ fn unavailable(e: impl std::fmt::Display) -> SearchError {
 }
 
 impl ElasticIndex {
-    /// Connects and creates the index with its mapping if it does not exist.
+    /// Connects and creates the index with its mapping if it does not exist. With
+    /// Elasticsearch unreachable, it starts anyway (persistence must not wait for search)
+    /// and creates the index on first use; a definition Elasticsearch rejects is fatal.
     pub async fn connect(base: &str, index: &str) -> Result<Self, SearchError> {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
@@ -152,9 +158,15 @@ impl ElasticIndex {
             client,
             base: base.trim_end_matches('/').to_owned(),
             index: index.to_owned(),
+            ready: Arc::new(AtomicBool::new(false)),
         };
-        this.ensure_index().await?;
-        Ok(this)
+        match this.ensure_index().await {
+            Err(SearchError::Unavailable(e)) => {
+                tracing::warn!(error = %e, "elasticsearch unreachable; the index will be made on first use");
+                Ok(this)
+            }
+            other => other.map(|()| this),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -162,6 +174,9 @@ impl ElasticIndex {
     }
 
     async fn ensure_index(&self) -> Result<(), SearchError> {
+        if self.ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let head = self
             .client
             .head(self.url(&self.index))
@@ -169,7 +184,11 @@ impl ElasticIndex {
             .await
             .map_err(unavailable)?;
         if head.status().is_success() {
+            self.ready.store(true, Ordering::Relaxed);
             return Ok(());
+        }
+        if head.status().is_server_error() {
+            return Err(unavailable(head.status()));
         }
         let created = self
             .client
@@ -179,10 +198,14 @@ impl ElasticIndex {
             .await
             .map_err(unavailable)?;
         let status = created.status();
+        if status.is_server_error() {
+            return Err(unavailable(status));
+        }
         let text = created.text().await.unwrap_or_default();
         // Another process may have created it in between.
         if status.is_success() || text.contains("resource_already_exists_exception") {
             tracing::info!(index = %self.index, "elasticsearch index ready");
+            self.ready.store(true, Ordering::Relaxed);
             Ok(())
         } else {
             Err(SearchError::Failed(format!(
@@ -193,6 +216,7 @@ impl ElasticIndex {
     }
 
     pub async fn index(&self, docs: &[MessageDoc]) -> Result<(), SearchError> {
+        self.ensure_index().await?;
         let response = self
             .client
             .post(self.url("_bulk"))
@@ -232,6 +256,7 @@ impl ElasticIndex {
     }
 
     pub async fn search(&self, query: &SearchQuery) -> Result<Vec<MessageDoc>, SearchError> {
+        self.ensure_index().await?;
         let response = self
             .client
             .post(self.url(&format!("{}/_search", self.index)))

@@ -229,15 +229,25 @@ async fn docs_serve_an_interactive_reference_without_a_cdn() {
 
 #[tokio::test]
 async fn a_request_over_the_time_limit_gets_a_problem_503() {
-    // A zero limit: any request that waits on a dependency runs out of time.
     let app = TestApp::with(Options {
-        request_timeout: Some(Duration::ZERO),
+        request_timeout: Some(Duration::from_millis(300)),
         ..Options::default()
     })
     .await;
+    // An unknown token is looked up in MySQL, where a table lock held here makes the
+    // lookup wait (well past the time limit, and short of the dependency timeout).
+    let mut lock = app.store.mysql.acquire().await.unwrap();
+    sqlx::raw_sql("LOCK TABLES applications WRITE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
     let reply = app
         .get("/applications/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
         .await;
+    sqlx::raw_sql("UNLOCK TABLES")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
     reply.assert_problem(503);
     assert_eq!(reply.body["type"], "/problems/timeout");
 }

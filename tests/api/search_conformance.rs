@@ -447,3 +447,31 @@ async fn elasticsearch_failures_map_to_unavailable_or_failed() {
         Err(SearchError::Unavailable(_))
     ));
 }
+
+#[tokio::test]
+async fn elasticsearch_down_at_start_delays_the_index_creation_not_the_start() {
+    let server = MockServer::start().await;
+    Mock::given(method("HEAD"))
+        .and(path("/messages"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    let search = elastic(&server).await;
+
+    // Back up: the first use makes the index (HEAD 404, then PUT with the mapping,
+    // each expected once), then searches.
+    mount_index_creation(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/messages/_search"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "took": 1, "timed_out": false,
+            "hits": {"total": {"value": 0, "relation": "eq"}, "max_score": null, "hits": []}
+        })))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let case = &CASES[0];
+    assert!(search.search(query(case)).await.unwrap().is_empty());
+    assert!(search.search(query(case)).await.unwrap().is_empty());
+}
