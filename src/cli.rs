@@ -77,6 +77,24 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_value_is_reported_with_its_variable_name() {
+        for (flag, variable) in [
+            ("--batch-size", "WORKER_BATCH_SIZE"),
+            ("--batch-wait", "WORKER_BATCH_WAIT"),
+            ("--database-pool-size", "DATABASE_POOL_SIZE"),
+            ("--request-timeout", "REQUEST_TIMEOUT"),
+        ] {
+            let command = if flag.starts_with("--batch") {
+                "worker"
+            } else {
+                "serve"
+            };
+            let err = Cli::try_parse_from(["chat-system", command, flag, "lots"]).unwrap_err();
+            assert!(err.to_string().contains(variable), "{err}");
+        }
+    }
+
+    #[test]
     fn subcommands_parse_with_defaults() {
         let cli = Cli::try_parse_from(["chat-system", "worker", "--batch-size", "10"]).unwrap();
         match cli.command {

@@ -64,27 +64,37 @@ pub struct ApiConfig {
 #[derive(Args, Clone, Debug)]
 pub struct WorkerConfig {
     /// Most queue entries persisted in one MySQL transaction.
-    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "WORKER_BATCH_SIZE",
+        value_name = "WORKER_BATCH_SIZE",
+        default_value_t = 1000
+    )]
     pub batch_size: usize,
 
     /// Persisting consumers per worker process, each with a batch in flight.
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4)]
+    #[arg(
+        long,
+        env = "WORKER_CONCURRENCY",
+        value_name = "WORKER_CONCURRENCY",
+        default_value_t = 4
+    )]
     pub concurrency: usize,
 
     /// Longest wait for new queue entries before a read returns.
-    #[arg(long, env = "WORKER_BATCH_WAIT", default_value = "50ms", value_parser = parse_duration)]
+    #[arg(long, env = "WORKER_BATCH_WAIT", value_name = "WORKER_BATCH_WAIT", default_value = "50ms", value_parser = parse_duration)]
     pub batch_wait: Duration,
 
     /// Entries left unacknowledged this long by another consumer are taken over.
-    #[arg(long, env = "WORKER_CLAIM_IDLE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "WORKER_CLAIM_IDLE", value_name = "WORKER_CLAIM_IDLE", default_value = "30s", value_parser = parse_duration)]
     pub claim_idle: Duration,
 
     /// Name of this consumer in the Redis consumer group (default: host name and pid).
-    #[arg(long, env = "WORKER_NAME")]
+    #[arg(long, env = "WORKER_NAME", value_name = "WORKER_NAME")]
     pub name: Option<String>,
 
     /// When set, the `worker` command serves `/healthz` and `/metrics` on this address.
-    #[arg(long, env = "WORKER_METRICS_BIND")]
+    #[arg(long, env = "WORKER_METRICS_BIND", value_name = "WORKER_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
 
     /// How often `chats_count` and `messages_count` are refreshed.

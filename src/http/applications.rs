@@ -42,10 +42,10 @@ pub struct ApplicationInput {
     responses(
         (status = 201, description = "Created", body = Application,
             headers(("Location" = String, description = "URL of the new application"))),
-        (status = 400, body = Problem), (status = 413, body = Problem),
-        (status = 409, body = Problem, description = "A request with this Idempotency-Key is still in progress"),
-        (status = 415, body = Problem), (status = 422, body = Problem),
-        (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json", description = "A request with this Idempotency-Key is still in progress"),
+        (status = 415, body = Problem, content_type = "application/problem+json"), (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create(
@@ -144,7 +144,7 @@ async fn insert_application(state: &AppState, name: String) -> Result<Applicatio
     responses(
         (status = 200, description = "A page of applications", body = [Application],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem), (status = 401, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn list(
@@ -154,9 +154,20 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     state.authorize_admin(&headers)?;
     let limit = page_limit(page.limit)?;
-    let mut apps = mysql::applications_after(&state.store.mysql, page.after.as_deref(), limit + 1)
-        .await?
-        .ok_or_else(|| ApiError::BadRequest("`after` is not a cursor this API issued".into()))?;
+    let not_issued = || ApiError::BadRequest("`after` is not a cursor this API issued".into());
+    // The cursor is the last token of the previous page: anything else is refused here,
+    // before it reaches SQL.
+    let after = match page.after.as_deref() {
+        Some(cursor) => Some(Token::parse(cursor).map_err(|_| not_issued())?),
+        None => None,
+    };
+    let mut apps = mysql::applications_after(
+        &state.store.mysql,
+        after.as_ref().map(Token::as_str),
+        limit + 1,
+    )
+    .await?
+    .ok_or_else(not_issued)?;
     let next = (apps.len() > limit as usize).then(|| {
         apps.truncate(limit as usize);
         apps.last().map(|a| a.token.clone()).unwrap_or_default()
@@ -170,7 +181,7 @@ pub async fn list(
     params(("token" = String, Path, description = "The application's token")),
     responses(
         (status = 200, body = Application),
-        (status = 404, body = Problem), (status = 503, body = Problem),
+        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn show(
@@ -191,9 +202,9 @@ pub async fn show(
     request_body = ApplicationInput,
     responses(
         (status = 200, body = Application),
-        (status = 400, body = Problem), (status = 404, body = Problem),
-        (status = 413, body = Problem), (status = 415, body = Problem),
-        (status = 422, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn update(

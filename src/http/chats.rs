@@ -55,9 +55,9 @@ impl ChatInput {
     responses(
         (status = 201, description = "Created", body = Chat,
             headers(("Location" = String, description = "URL of the new chat"))),
-        (status = 400, body = Problem), (status = 404, body = Problem),
-        (status = 413, body = Problem), (status = 415, body = Problem),
-        (status = 422, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create(
@@ -80,7 +80,7 @@ pub async fn create(
     responses(
         (status = 200, description = "A page of chats", body = [Chat],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn list(
@@ -115,7 +115,7 @@ pub async fn list(
     ),
     responses(
         (status = 200, body = Chat),
-        (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn show(
@@ -137,9 +137,9 @@ pub async fn show(
     request_body = ChatInput,
     responses(
         (status = 200, body = Chat),
-        (status = 400, body = Problem), (status = 404, body = Problem),
-        (status = 413, body = Problem), (status = 415, body = Problem),
-        (status = 422, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn update(

@@ -54,9 +54,9 @@ pub struct MessageInput {
     responses(
         (status = 201, description = "Created", body = Message,
             headers(("Location" = String, description = "URL of the new message"))),
-        (status = 400, body = Problem), (status = 404, body = Problem),
-        (status = 413, body = Problem), (status = 415, body = Problem),
-        (status = 422, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn create(
@@ -91,7 +91,7 @@ pub async fn create(
     responses(
         (status = 200, description = "A page of messages", body = [Message],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn list(
@@ -131,7 +131,7 @@ pub async fn list(
     ),
     responses(
         (status = 200, body = Message),
-        (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn show(
@@ -155,9 +155,9 @@ pub async fn show(
     request_body = MessageInput,
     responses(
         (status = 200, body = Message),
-        (status = 400, body = Problem), (status = 404, body = Problem),
-        (status = 413, body = Problem), (status = 415, body = Problem),
-        (status = 422, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn update(
@@ -202,7 +202,7 @@ pub struct SearchParams {
     responses(
         (status = 200, description = "Matching messages, ascending `number`", body = [Message],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn search(

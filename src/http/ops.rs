@@ -95,7 +95,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Readiness: 200 when MySQL, Redis and the search backend answer, else 503 naming those that do not.
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
-    responses((status = 200, body = Readiness), (status = 503, body = Problem))
+    responses((status = 200, body = Readiness), (status = 503, body = Problem, content_type = "application/problem+json"))
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let (mysql_ok, redis_ok, search_ok) = tokio::join!(

@@ -176,6 +176,9 @@ async fn bad_pagination_is_a_400() {
         "limit=abc",
         "limit=-1",
         "after=unknown-cursor",
+        // Not a token at all (bytes MySQL cannot even compare with a token).
+        "after=%13%F3%B8%AD%9D.",
+        "after=%C3%A9t%C3%A9",
     ] {
         app.get(&format!("/applications?{query}"))
             .await

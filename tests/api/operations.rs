@@ -185,6 +185,10 @@ async fn the_openapi_document_covers_every_endpoint() {
             "/applications/{token}/chats/{chat}/messages/{number}",
             &["get", "patch", "put"],
         ),
+        (
+            "/applications/{token}/chats/{chat}/messages/search",
+            &["get"],
+        ),
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
         ("/metrics", &["get"]),
@@ -198,6 +202,21 @@ async fn the_openapi_document_covers_every_endpoint() {
         }
     }
     assert!(doc["components"]["schemas"]["Problem"].is_object());
+    // Every documented error is a problem+json document, as the server sends it.
+    for (path, operations) in paths {
+        for (method, operation) in operations.as_object().unwrap() {
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                if status.starts_with('4') || status.starts_with('5') {
+                    let content = response["content"].as_object().unwrap();
+                    assert_eq!(
+                        content.keys().collect::<Vec<_>>(),
+                        ["application/problem+json"],
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test]
