@@ -27,9 +27,11 @@
 //!   crash is a prefix of history, and a counter is written before every stream entry
 //!   numbered from it (the create of its parent sets it to 0). If the counter is gone,
 //!   so is every later stream entry that used it.
-//! * Entries already read by a worker but not yet committed when Redis lost its data are
-//!   within the `appendfsync everysec` window, which is the documented durability limit.
-
+//! * The one gap is a Redis crash, which loses up to the last second of history
+//!   (`appendfsync everysec`): entries a worker had already committed to MySQL may be
+//!   among the lost, and the counter then restarts below their numbers. That window is
+//!   the documented durability limit (README, docs/RELIABILITY.md); `appendfsync always`
+//!   closes it.
 //!
 //! # Encodings
 //! A queue entry has one field, `e`, and a pending record is one string: both are a few
