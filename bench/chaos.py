@@ -3,7 +3,8 @@
 two `worker` processes sharing one Tantivy index), a steady create load spread over both
 API processes, and faults injected in turn while the load runs:
 
-  1. kill -9 the worker that holds the search index writer, left down ~5 s, then replaced;
+  1. kill -9 the worker that holds the search index writer, left down ~5 s, then replaced
+     (meanwhile the other worker takes the writer over);
   2. kill -9 the other worker, replaced at once;
   3. kill -9 the index-holding worker again, replaced at once;
   4. a graceful Redis restart (SHUTDOWN fsyncs the AOF, so nothing may be lost);
@@ -47,6 +48,7 @@ CLIENT_TIMEOUT = 5.0  # a request with no answer by then is a hang
 FAST = 3.0  # a 503 slower than this is not "fast"
 GRACE = 3.0  # after a dependency is back, clients may still see 503s this long
 WRITER_BUSY = "another process holds the search index writer"
+WRITER_TAKEN = "took over the search index writer"  # a standby took it when its holder died
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 T0 = time.monotonic()  # reset when the load starts; every recorded time is relative to it
@@ -164,6 +166,12 @@ class Proc:
                 self.popen.wait(timeout=10)
         self.log_file.close()
 
+    @property
+    def holds_writer(self):
+        """A worker holds the index writer if it got it at start or took it over since."""
+        text = self.log_text()
+        return WRITER_BUSY not in text or WRITER_TAKEN in text
+
     def log_text(self):
         try:
             return self.log_path.read_text(errors="replace")
@@ -208,7 +216,7 @@ class Stack:
             REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}",
             REDIS_PREFIX=PREFIX,
             SEARCH_INDEX_DIR=str(DATA / "index"),
-            LOG_LEVEL="warn",
+            LOG_LEVEL="warn,chat_system::startup=info",  # startup logs writer takeovers
             DEPENDENCY_TIMEOUT="1s",
             WORKER_CLAIM_IDLE="2s",
             COUNTS_SYNC_INTERVAL="1s",
@@ -239,7 +247,6 @@ class Stack:
         self.procs.append(proc)
         # The index is opened (and its writer lock tried) before /healthz is served.
         wait_healthy(proc, addr)
-        proc.holds_writer = WRITER_BUSY not in proc.log_text()
         self.workers.append(proc)
         return proc
 
@@ -465,7 +472,8 @@ def kill_worker(stack, faults, which, down):
     fault.t_end = now()
     fault.detail += (f"; replaced by {replacement.name} "
                      f"({'index writer holder' if replacement.holds_writer else 'persist only'})")
-    log(f"  {replacement.name} started (holds index writer: {replacement.holds_writer})")
+    log(f"  {replacement.name} started (holds index writer: {replacement.holds_writer}); "
+        f"writer now held by {getattr(stack.holder(), 'name', 'no worker')}")
     faults.append(fault)
 
 

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -120,9 +121,9 @@ pub async fn spawn_workers(
         }
         tasks.push(tokio::spawn(persist.run(shutdown.clone())));
     }
+    let mut index_config = config.clone();
+    index_config.name = Some(format!("{base}-index"));
     if search.can_index() {
-        let mut index_config = config.clone();
-        index_config.name = Some(format!("{base}-index"));
         let indexer = build_worker(
             store.clone(),
             store_config,
@@ -131,8 +132,58 @@ pub async fn spawn_workers(
         )
         .await?;
         tasks.push(tokio::spawn(indexer.run(shutdown.clone())));
+    } else {
+        tasks.push(tokio::spawn(standby_indexer(
+            store.clone(),
+            search.clone(),
+            store_config.clone(),
+            index_config,
+            shutdown.clone(),
+        )));
     }
     Ok(tasks)
+}
+
+/// How often a process without the index writer tries to take it over.
+const STANDBY_POLL: Duration = Duration::from_secs(2);
+
+/// Waits for the embedded index's writer to come free (its holder stopped or died),
+/// takes it and indexes from then on: indexing never stays stalled while a worker runs.
+async fn standby_indexer(
+    store: Store,
+    search: Search,
+    store_config: StoreConfig,
+    config: WorkerConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    while !*shutdown.borrow() {
+        tokio::select! {
+            _ = tokio::time::sleep(STANDBY_POLL) => {}
+            _ = shutdown.changed() => continue,
+        }
+        match search.try_take_writer().await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take the search index writer");
+                continue;
+            }
+        }
+        match build_worker(
+            store.clone(),
+            &store_config,
+            &config,
+            Role::Index(search.clone()),
+        )
+        .await
+        {
+            Ok(indexer) => {
+                tracing::info!("took over the search index writer");
+                return indexer.run(shutdown).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not start the indexing worker"),
+        }
+    }
 }
 
 /// Serves `/healthz` and `/metrics` of a worker process in the background.

@@ -7,7 +7,9 @@
 //! stored body, so results are exactly the substring matches.
 //!
 //! Tantivy allows one writer per index: the process that gets it indexes, the others on
-//! the same host only read (their reader reloads when the writer commits).
+//! the same host only read (their reader reloads when the writer commits). The writer's
+//! lock is a file lock, which the system releases when its process dies, so a standby
+//! process can take the writer over ([`EmbeddedIndex::try_take_writer`]).
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
@@ -46,8 +48,10 @@ struct Fields {
 }
 
 pub struct EmbeddedIndex {
+    index: Index,
     reader: IndexReader,
-    writer: Option<Mutex<Writer>>,
+    /// `None` while another process holds the writer (or none was asked for).
+    writer: Mutex<Option<Writer>>,
     fields: Fields,
 }
 
@@ -95,44 +99,54 @@ impl EmbeddedIndex {
             .filter(LowerCaser)
             .build();
         index.tokenizers().register(TOKENIZER, analyzer);
-        let writer = if writer {
-            match index.writer_with_num_threads(1, WRITER_HEAP) {
-                Ok(inner) => Some(Mutex::new(Writer {
-                    inner,
-                    uncommitted: HashMap::new(),
-                })),
-                Err(tantivy::TantivyError::LockFailure(..)) => {
-                    tracing::warn!(dir = %dir.display(), "another process holds the search index writer; this one only reads");
-                    None
-                }
-                Err(e) => return Err(failed(e)),
-            }
-        } else {
-            None
-        };
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::OnCommitWithDelay)
             .try_into()
             .map_err(failed)?;
-        Ok(Self {
+        let this = Self {
+            index,
             reader,
-            writer,
+            writer: Mutex::new(None),
             fields,
-        })
+        };
+        if writer && !this.try_take_writer()? {
+            tracing::warn!(dir = %dir.display(), "another process holds the search index writer; this one only reads");
+        }
+        Ok(this)
     }
 
     pub fn has_writer(&self) -> bool {
-        self.writer.is_some()
+        self.writer.lock().is_ok_and(|w| w.is_some())
+    }
+
+    /// Takes the index writer if no process holds it; true when this one now does.
+    pub fn try_take_writer(&self) -> Result<bool, SearchError> {
+        let mut writer = self
+            .writer
+            .lock()
+            .map_err(|_| failed("index writer poisoned"))?;
+        if writer.is_some() {
+            return Ok(true);
+        }
+        match self.index.writer_with_num_threads(1, WRITER_HEAP) {
+            Ok(inner) => {
+                *writer = Some(Writer {
+                    inner,
+                    uncommitted: HashMap::new(),
+                });
+                // What the previous holder committed last.
+                self.reader.reload().map_err(failed)?;
+                Ok(true)
+            }
+            Err(tantivy::TantivyError::LockFailure(..)) => Ok(false),
+            Err(e) => Err(failed(e)),
+        }
     }
 
     /// Adds or replaces documents (the highest version of each wins), without
     /// committing: they become visible, and durable, at the next [`Self::commit`].
     pub fn add(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
-        let writer = self
-            .writer
-            .as_ref()
-            .ok_or_else(|| failed("this process does not hold the index writer"))?;
         let mut latest: HashMap<String, MessageDoc> = HashMap::new();
         for doc in docs {
             let id = doc.id();
@@ -141,7 +155,13 @@ impl EmbeddedIndex {
             }
         }
         let searcher = self.reader.searcher();
-        let mut writer = writer.lock().map_err(|_| failed("index writer poisoned"))?;
+        let mut guard = self
+            .writer
+            .lock()
+            .map_err(|_| failed("index writer poisoned"))?;
+        let writer = guard
+            .as_mut()
+            .ok_or_else(|| failed("this process does not hold the index writer"))?;
         for (id, doc) in latest {
             let id_term = Term::from_field_text(self.fields.id, &id);
             let known = match writer.uncommitted.get(&id) {
@@ -173,16 +193,19 @@ impl EmbeddedIndex {
 
     /// Makes every added document durable and visible to searches.
     pub fn commit(&self) -> Result<(), SearchError> {
-        let Some(writer) = self.writer.as_ref() else {
+        let mut guard = self
+            .writer
+            .lock()
+            .map_err(|_| failed("index writer poisoned"))?;
+        let Some(writer) = guard.as_mut() else {
             return Ok(());
         };
-        let mut writer = writer.lock().map_err(|_| failed("index writer poisoned"))?;
         if writer.uncommitted.is_empty() {
             return Ok(());
         }
         writer.inner.commit().map_err(failed)?;
         writer.uncommitted.clear();
-        drop(writer);
+        drop(guard);
         self.reader.reload().map_err(failed)
     }
 

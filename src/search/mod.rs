@@ -142,6 +142,20 @@ impl Search {
         }
     }
 
+    /// Takes the right to index if it is free (the embedded index's writer, released
+    /// when the process holding it stops or dies); true when this handle may index.
+    pub async fn try_take_writer(&self) -> Result<bool, SearchError> {
+        match self {
+            Self::Embedded(index) => {
+                let index = index.clone();
+                tokio::task::spawn_blocking(move || index.try_take_writer())
+                    .await
+                    .map_err(|e| SearchError::Failed(e.to_string()))?
+            }
+            Self::Elastic(_) => Ok(true),
+        }
+    }
+
     /// Adds or replaces documents and makes them durable and visible; a document older
     /// than the indexed one is skipped.
     pub async fn index(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {

@@ -230,6 +230,48 @@ async fn conformance_embedded_tantivy() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[tokio::test]
+async fn a_standby_takes_the_embedded_writer_over_when_its_holder_goes() {
+    let dir = std::env::temp_dir().join(format!(
+        "chat-system-takeover-{:016x}",
+        getrandom::u64().unwrap()
+    ));
+    let config = SearchConfig {
+        elasticsearch_url: None,
+        elasticsearch_index: "messages".into(),
+        search_index_dir: dir.clone(),
+    };
+    let holder = Search::open(&config, true).await.unwrap();
+    let standby = Search::open(&config, true).await.unwrap();
+    assert!(holder.can_index());
+    assert!(!standby.can_index());
+    assert!(!standby.try_take_writer().await.unwrap());
+    holder
+        .index(vec![doc(1, 1, "before the takeover", 1)])
+        .await
+        .unwrap();
+
+    drop(holder); // its writer lock goes with it, as with a process that dies
+    assert!(standby.try_take_writer().await.unwrap());
+    assert!(standby.can_index());
+    standby
+        .index(vec![doc(1, 2, "after the takeover", 2)])
+        .await
+        .unwrap();
+    let mut q = query(&CASES[0]);
+    q.terms = vec!["takeover".into()];
+    let found: Vec<u64> = standby
+        .search(q)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.number)
+        .collect();
+    assert_eq!(found, [1, 2]);
+    drop(standby);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// The `_search` body ES receives for a case, stated from the ES query DSL.
 fn es_request(case: &Case) -> Value {
     let mut filter = vec![
