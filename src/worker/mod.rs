@@ -137,6 +137,7 @@ impl Worker {
         let (mut last_claim, mut last_trim, mut last_counts) =
             (Instant::now(), Instant::now(), Instant::now());
         while !*shutdown.borrow() {
+            let step_started = Instant::now();
             let result = async {
                 if last_claim.elapsed() >= self.config.claim_idle / 2 {
                     last_claim = Instant::now();
@@ -164,7 +165,21 @@ impl Worker {
             }
             .await;
             match result {
-                Ok(_) => backoff = Duration::from_millis(100),
+                Ok(handled) => {
+                    backoff = Duration::from_millis(100);
+                    // A partial batch means the queue is keeping up: linger until the
+                    // batch wait is over, so that the next batch is a bigger one. Many
+                    // tiny transactions (several consumers each taking a few entries as
+                    // they arrive) cost far more CPU per entry, and it is taken from the
+                    // API's latency. A full batch means a backlog: read again at once.
+                    if handled > 0 && handled < self.config.batch_size {
+                        let until = step_started + self.config.batch_wait;
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until.into()) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "worker step failed");
                     own_backlog = true;
