@@ -44,6 +44,10 @@ pub enum Role {
 }
 
 const TRIM_EVERY: Duration = Duration::from_secs(1);
+/// Entries one `XTRIM` call may remove, and calls per trim: up to 2,000,000 entries a
+/// second, far above what the API can queue.
+const TRIM_LIMIT: u64 = 10_000;
+const TRIM_MAX_CALLS: usize = 200;
 /// The embedded index commits (and the `index` group acknowledges) at most this often:
 /// a commit per small batch would cost more than the indexing itself.
 const INDEX_COMMIT_EVERY: Duration = Duration::from_millis(200);
@@ -471,13 +475,26 @@ impl Worker {
             });
         }
         if let Some(floor) = floor {
-            let _: i64 = redis::cmd("XTRIM")
-                .arg(&stream)
-                .arg("MINID")
-                .arg("~")
-                .arg(floor)
-                .query_async(&mut conn)
-                .await?;
+            // An approximate trim removes at most `TRIM_LIMIT` entries per call (Redis's
+            // own default), which alone would fall behind a queue growing faster than
+            // that per second. Call it until it has caught up: each call stays short, so
+            // creates interleave with it.
+            for _ in 0..TRIM_MAX_CALLS {
+                let trimmed: u64 = redis::cmd("XTRIM")
+                    .arg(&stream)
+                    .arg("MINID")
+                    .arg("~")
+                    .arg(&floor)
+                    .arg("LIMIT")
+                    .arg(TRIM_LIMIT)
+                    .query_async(&mut conn)
+                    .await?;
+                // Whole stream nodes go at once, so a call may stop a little short of
+                // the limit with more to come: only a call that removed nothing is last.
+                if trimmed == 0 {
+                    break;
+                }
+            }
         }
         let len: u64 = conn.xlen(&stream).await?;
         metrics::gauge!("queue_length").set(len as f64);

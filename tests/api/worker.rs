@@ -218,3 +218,40 @@ async fn entries_left_by_a_dead_consumer_are_taken_over() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn the_stream_is_trimmed_behind_every_group_however_long_it_grew() {
+    let app = TestApp::spawn().await;
+    let stream = app.store.queue.keys.stream();
+    let mut redis = app.redis().await;
+    // 60,000 entries every group has already acknowledged: far more than one
+    // approximate trim call removes (10,000).
+    let mut pipe = redis::pipe();
+    for i in 0..60_000 {
+        pipe.cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("e")
+            .arg(i)
+            .ignore();
+    }
+    pipe.exec_async(&mut redis).await.unwrap();
+    for group in ["persist", "index"] {
+        let _: () = redis::cmd("XGROUP")
+            .arg("SETID")
+            .arg(&stream)
+            .arg(group)
+            .arg("$")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let _stop = app.spawn_worker().await;
+    // The first trim runs a second after the worker starts, and must finish the job.
+    eventually(
+        Duration::from_millis(2500),
+        "the stream to be trimmed",
+        || async { app.stream_len().await < 1_000 },
+    )
+    .await;
+}
