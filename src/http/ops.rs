@@ -49,13 +49,34 @@ pub fn install_metrics_recorder() -> PrometheusHandle {
                 .set_buckets(LATENCY)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("lag_seconds".into()), LAG))
                 .unwrap_or_else(|_| PrometheusBuilder::new());
-            builder.install_recorder().unwrap_or_else(|_| {
+            let handle = builder.install_recorder().unwrap_or_else(|_| {
                 // Another recorder is installed (only possible in tests): render an
                 // independent one so /metrics still answers.
                 PrometheusBuilder::new().build_recorder().handle()
-            })
+            });
+            spawn_upkeep(handle.clone());
+            handle
         })
         .clone()
+}
+
+/// Histogram samples wait in a buffer until the recorder's upkeep folds them into the
+/// buckets; `install_recorder` leaves running it to the caller, and without it every
+/// request's latency sample is kept forever (memory grows with traffic). A plain thread:
+/// it needs no runtime and lives as long as the process.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread");
+    }
 }
 
 #[derive(Serialize, ToSchema)]

@@ -213,34 +213,30 @@ async fn run_suite(search: &Search) {
     }
 }
 
-#[tokio::test]
-async fn conformance_embedded_tantivy() {
-    let dir = std::env::temp_dir().join(format!(
-        "chat-system-conformance-{:016x}",
-        getrandom::u64().unwrap()
-    ));
-    let config = SearchConfig {
+/// The embedded backend's settings, with an index directory of its own.
+fn embedded_config() -> SearchConfig {
+    SearchConfig {
         elasticsearch_url: None,
         elasticsearch_index: "messages".into(),
-        search_index_dir: dir.clone(),
-    };
+        search_index_dir: std::env::temp_dir().join(format!(
+            "chat-system-search-test-{:016x}",
+            getrandom::u64().unwrap()
+        )),
+    }
+}
+
+#[tokio::test]
+async fn conformance_embedded_tantivy() {
+    let config = embedded_config();
     let search = Search::open(&config, true).await.unwrap();
     run_suite(&search).await;
     drop(search);
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(config.search_index_dir);
 }
 
 #[tokio::test]
 async fn a_standby_takes_the_embedded_writer_over_when_its_holder_goes() {
-    let dir = std::env::temp_dir().join(format!(
-        "chat-system-takeover-{:016x}",
-        getrandom::u64().unwrap()
-    ));
-    let config = SearchConfig {
-        elasticsearch_url: None,
-        elasticsearch_index: "messages".into(),
-        search_index_dir: dir.clone(),
-    };
+    let config = embedded_config();
     let holder = Search::open(&config, true).await.unwrap();
     let standby = Search::open(&config, true).await.unwrap();
     assert!(holder.can_index());
@@ -269,7 +265,7 @@ async fn a_standby_takes_the_embedded_writer_over_when_its_holder_goes() {
         .collect();
     assert_eq!(found, [1, 2]);
     drop(standby);
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(config.search_index_dir);
 }
 
 /// The `_search` body ES receives for a case, stated from the ES query DSL.
