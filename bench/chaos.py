@@ -38,9 +38,9 @@ import urllib.parse
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / ".data" / "chaos"
 DEPS_DIR = ROOT / ".data" / "chaos-deps"
-MYSQL_PORT, REDIS_PORT = 45306, 48379
-APIS = ["127.0.0.1:39931", "127.0.0.1:39932"]
-FIRST_WORKER_METRICS_PORT = 39941
+MYSQL_PORT, REDIS_PORT = 23306, 23379
+APIS = ["127.0.0.1:23931", "127.0.0.1:23932"]
+FIRST_WORKER_METRICS_PORT = 23941
 PREFIX = "chaos"
 PIDFILE = DATA / "pids"
 

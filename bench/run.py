@@ -27,7 +27,7 @@ import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / ".data" / "bench"
-MYSQL_PORT, REDIS_PORT = 33406, 36479
+MYSQL_PORT, REDIS_PORT = 24306, 24379
 API, WORKER_METRICS, PROBE = "127.0.0.1:3100", "127.0.0.1:3101", "127.0.0.1:3102"
 PREFIX = "bench"
 WORKER_NICE = os.environ.get("BENCH_WORKER_NICE", "10")

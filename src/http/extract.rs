@@ -109,8 +109,10 @@ pub const MAX_LIMIT: u32 = 1000;
 #[into_params(parameter_in = Query)]
 pub struct NumberPage {
     /// Page size, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// The last `number` of the previous page (default 0: from the start).
+    #[param(minimum = 0, maximum = 9223372036854775807_u64)]
     pub after: Option<u64>,
 }
 
@@ -119,6 +121,7 @@ pub struct NumberPage {
 #[into_params(parameter_in = Query)]
 pub struct CursorPage {
     /// Page size, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// The opaque cursor from the previous page's `Link` header.
     pub after: Option<String>,

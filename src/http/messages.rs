@@ -185,8 +185,10 @@ pub struct SearchParams {
     /// case-insensitive substring; special characters are literal.
     pub q: Option<String>,
     /// Page size, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// The last `number` of the previous page.
+    #[param(minimum = 0, maximum = 9223372036854775807_u64)]
     pub after: Option<u64>,
 }
 
