@@ -124,11 +124,7 @@ impl Search {
             )),
             None => {
                 let dir = config.search_index_dir.clone();
-                let index = tokio::task::spawn_blocking(move || {
-                    embedded::EmbeddedIndex::open(&dir, writer)
-                })
-                .await
-                .map_err(|e| SearchError::Failed(e.to_string()))??;
+                let index = blocking(move || embedded::EmbeddedIndex::open(&dir, writer)).await?;
                 Ok(Self::Embedded(Arc::new(index)))
             }
         }
@@ -148,9 +144,7 @@ impl Search {
         match self {
             Self::Embedded(index) => {
                 let index = index.clone();
-                tokio::task::spawn_blocking(move || index.try_take_writer())
-                    .await
-                    .map_err(|e| SearchError::Failed(e.to_string()))?
+                blocking(move || index.try_take_writer()).await
             }
             Self::Elastic(_) => Ok(true),
         }
@@ -173,9 +167,7 @@ impl Search {
         match self {
             Self::Embedded(index) => {
                 let index = index.clone();
-                tokio::task::spawn_blocking(move || index.add(docs))
-                    .await
-                    .map_err(|e| SearchError::Failed(e.to_string()))?
+                blocking(move || index.add(docs)).await
             }
             Self::Elastic(index) => index.index(&docs).await,
         }
@@ -186,9 +178,7 @@ impl Search {
         match self {
             Self::Embedded(index) => {
                 let index = index.clone();
-                tokio::task::spawn_blocking(move || index.commit())
-                    .await
-                    .map_err(|e| SearchError::Failed(e.to_string()))?
+                blocking(move || index.commit()).await
             }
             Self::Elastic(_) => Ok(()),
         }
@@ -204,9 +194,7 @@ impl Search {
         let docs = match self {
             Self::Embedded(index) => {
                 let index = index.clone();
-                tokio::task::spawn_blocking(move || index.search(&query))
-                    .await
-                    .map_err(|e| SearchError::Failed(e.to_string()))??
+                blocking(move || index.search(&query)).await?
             }
             Self::Elastic(index) => index.search(&query).await?,
         };
@@ -226,6 +214,15 @@ impl Search {
             Self::Elastic(_) => "elasticsearch",
         }
     }
+}
+
+/// Runs a call of the embedded index (file I/O, CPU-heavy) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SearchError> + Send + 'static,
+) -> Result<T, SearchError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SearchError::Failed(e.to_string()))?
 }
 
 #[cfg(test)]
