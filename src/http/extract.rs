@@ -15,7 +15,8 @@ use crate::error::ApiError;
 /// 413 over the body limit.
 pub struct JsonBody<T>(pub T);
 
-/// Like [`JsonBody`], but an empty body (with any content type) means `T::default()`.
+/// Like [`JsonBody`], but an empty body (zero bytes, with any content type) means
+/// `T::default()`. Anything else, even whitespace alone, must be a JSON object.
 pub struct OptionalJsonBody<T>(pub T);
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -46,7 +47,9 @@ async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<(bool, Byt
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // serde would also read a struct from an array of its fields; only objects are valid.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+    // JSON's whitespace is space, tab, LF and CR (RFC 8259 § 2), not all ASCII whitespace.
+    let json_whitespace = |b: &&u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    if bytes.iter().find(|b| !json_whitespace(b)) != Some(&b'{') {
         return Err(ApiError::BadRequest(
             "the request body must be a JSON object".into(),
         ));
@@ -75,7 +78,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (json, bytes) = read_body(req, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        if bytes.is_empty() {
             return Ok(Self(T::default()));
         }
         if !json {

@@ -66,6 +66,21 @@ async fn an_empty_body_is_allowed() {
 }
 
 #[tokio::test]
+async fn a_body_that_is_not_empty_must_be_a_json_object() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    for body in ["\x0c", " ", "\n", "null", "[]"] {
+        let request = app
+            .client
+            .post(app.url(&format!("/applications/{token}/chats")))
+            .header("content-type", "application/json")
+            .body(body);
+        app.send(request).await.assert_problem(400);
+    }
+    assert_eq!(app.stream_len().await, 0);
+}
+
+#[tokio::test]
 async fn invalid_chats_are_rejected_and_nothing_is_queued() {
     let app = TestApp::spawn().await;
     let token = app.application("a").await;
