@@ -8,6 +8,9 @@ use chat_system::startup::{self, ApiServer, StartError};
 use chat_system::store::{ConnectError, MIGRATOR, Store};
 use chat_system::{reindex, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

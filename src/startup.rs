@@ -14,7 +14,7 @@ use crate::config::{ApiConfig, StoreConfig, WorkerConfig};
 use crate::http::{self, AppState};
 use crate::search::{Search, SearchError};
 use crate::store::{self, ConnectError, Store};
-use crate::worker::{Role, Worker, WorkerError};
+use crate::worker::{Backlog, Role, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -109,6 +109,7 @@ pub async fn spawn_workers(
         .clone()
         .unwrap_or_else(crate::worker::default_consumer_name);
     let mut tasks = Vec::new();
+    let backlog = Backlog::default();
     // Several persisting consumers per process overlap one batch's MySQL commit with the
     // next batch's Redis reads; one of them does the periodic maintenance.
     for i in 0..config.concurrency.max(1) {
@@ -119,18 +120,20 @@ pub async fn spawn_workers(
         if i > 0 {
             persist.skip_maintenance();
         }
+        persist.share_backlog(backlog.clone());
         tasks.push(tokio::spawn(persist.run(shutdown.clone())));
     }
     let mut index_config = config.clone();
     index_config.name = Some(format!("{base}-index"));
     if search.can_index() {
-        let indexer = build_worker(
+        let mut indexer = build_worker(
             store.clone(),
             store_config,
             &index_config,
             Role::Index(search.clone()),
         )
         .await?;
+        indexer.share_backlog(backlog);
         tasks.push(tokio::spawn(indexer.run(shutdown.clone())));
     } else {
         tasks.push(tokio::spawn(standby_indexer(
@@ -138,6 +141,7 @@ pub async fn spawn_workers(
             search.clone(),
             store_config.clone(),
             index_config,
+            backlog,
             shutdown.clone(),
         )));
     }
@@ -154,6 +158,7 @@ async fn standby_indexer(
     search: Search,
     store_config: StoreConfig,
     config: WorkerConfig,
+    backlog: Backlog,
     mut shutdown: watch::Receiver<bool>,
 ) {
     while !*shutdown.borrow() {
@@ -177,7 +182,8 @@ async fn standby_indexer(
         )
         .await
         {
-            Ok(indexer) => {
+            Ok(mut indexer) => {
+                indexer.share_backlog(backlog);
                 tracing::info!("took over the search index writer");
                 return indexer.run(shutdown).await;
             }

@@ -17,6 +17,7 @@
 mod entry;
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::AsyncCommands;
@@ -53,6 +54,45 @@ const TRIM_MAX_CALLS: usize = 200;
 const INDEX_COMMIT_EVERY: Duration = Duration::from_millis(200);
 const INDEX_COMMIT_MAX_PENDING: usize = 50_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The indexer of a process whose persisting consumers read a full batch this recently
+/// leaves the CPU to them (see [`Backlog`]), checking again this often, and for at most
+/// `INDEX_YIELD_MAX` in a row: indexing slows down under a backlog but never stops.
+const BACKLOG_RECENT: Duration = Duration::from_millis(250);
+const INDEX_YIELD_STEP: Duration = Duration::from_millis(50);
+const INDEX_YIELD_MAX: Duration = Duration::from_secs(5);
+
+/// Shared by the consumers of one process: when a persisting consumer last read a full
+/// batch, i.e. worked through a backlog. While it does, the process's indexer waits:
+/// persistence (durability, the counts, what other readers see) takes the CPU first, and
+/// indexing, whose lag nothing waits on, catches up right after. When MySQL is down no
+/// batch completes, so indexing goes on as usual.
+#[derive(Clone, Default)]
+pub struct Backlog(Arc<Mutex<Option<Instant>>>);
+
+impl Backlog {
+    fn mark(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether a full batch was persisted within `recent`.
+    fn active(&self, recent: Duration) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() < recent)
+    }
+
+    /// Waits while the backlog is active, for at most `max` or until shutdown.
+    async fn wait_out(&self, max: Duration, shutdown: &mut watch::Receiver<bool>) {
+        let started = Instant::now();
+        while self.active(BACKLOG_RECENT) && started.elapsed() < max && !*shutdown.borrow() {
+            tokio::select! {
+                _ = tokio::time::sleep(INDEX_YIELD_STEP) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -78,6 +118,7 @@ pub struct Worker {
     unacked_since: Option<Instant>,
     /// Persist role: trims the stream and syncs counts (one consumer per process does).
     maintenance: bool,
+    backlog: Backlog,
 }
 
 impl Worker {
@@ -98,6 +139,7 @@ impl Worker {
             unacked: Vec::new(),
             unacked_since: None,
             maintenance: true,
+            backlog: Backlog::default(),
         };
         worker.ensure_group().await?;
         Ok(worker)
@@ -121,6 +163,20 @@ impl Worker {
         self.maintenance = false;
     }
 
+    /// Joins the other consumers of this process in reporting (persist) or heeding
+    /// (index) a persistence backlog.
+    pub fn share_backlog(&mut self, backlog: Backlog) {
+        self.backlog = backlog;
+    }
+
+    /// Index role: waits while this process's persisting consumers work through a
+    /// backlog, up to `INDEX_YIELD_MAX`.
+    async fn yield_to_persistence(&self, shutdown: &mut watch::Receiver<bool>) {
+        if matches!(self.role, Role::Index(_)) {
+            self.backlog.wait_out(INDEX_YIELD_MAX, shutdown).await;
+        }
+    }
+
     fn group(&self) -> &'static str {
         match self.role {
             Role::Persist => PERSIST_GROUP,
@@ -141,6 +197,7 @@ impl Worker {
         let (mut last_claim, mut last_trim, mut last_counts) =
             (Instant::now(), Instant::now(), Instant::now());
         while !*shutdown.borrow() {
+            self.yield_to_persistence(&mut shutdown).await;
             let step_started = Instant::now();
             let result = async {
                 if last_claim.elapsed() >= self.config.claim_idle / 2 {
@@ -171,6 +228,9 @@ impl Worker {
             match result {
                 Ok(handled) => {
                     backoff = Duration::from_millis(100);
+                    if handled >= self.config.batch_size && matches!(self.role, Role::Persist) {
+                        self.backlog.mark();
+                    }
                     // A partial batch means the queue is keeping up: linger until the
                     // batch wait is over, so that the next batch is a bigger one. Many
                     // tiny transactions (several consumers each taking a few entries as
@@ -561,4 +621,59 @@ pub fn default_consumer_name() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "worker".into());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backlog_is_active_only_while_a_full_batch_is_recent() {
+        let backlog = Backlog::default();
+        assert!(!backlog.active(Duration::from_secs(60)));
+        backlog.clone().mark();
+        assert!(
+            backlog.active(Duration::from_secs(60)),
+            "clones share the signal"
+        );
+        assert!(!backlog.active(Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn the_indexer_waits_out_a_backlog_for_a_bounded_time_only() {
+        let (stop, mut shutdown) = watch::channel(false);
+        let backlog = Backlog::default();
+
+        let started = Instant::now();
+        backlog
+            .wait_out(Duration::from_secs(30), &mut shutdown)
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "no backlog: no wait"
+        );
+
+        backlog.mark();
+        let started = Instant::now();
+        backlog
+            .wait_out(Duration::from_millis(120), &mut shutdown)
+            .await;
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(120), "waited {waited:?}");
+        assert!(
+            waited < BACKLOG_RECENT + Duration::from_secs(1),
+            "waited {waited:?}"
+        );
+
+        backlog.mark();
+        stop.send(true).unwrap();
+        let started = Instant::now();
+        backlog
+            .wait_out(Duration::from_secs(30), &mut shutdown)
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "shutdown ends the wait"
+        );
+    }
 }
