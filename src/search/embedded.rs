@@ -18,6 +18,7 @@ use std::sync::Mutex;
 
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
+use tantivy::indexer::IndexWriterOptions;
 use tantivy::query::{BooleanQuery, Occur, Query, RangeQuery, TermQuery};
 use tantivy::schema::{
     FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
@@ -34,7 +35,13 @@ use crate::resources::{from_micros, to_micros};
 
 const TOKENIZER: &str = "ngram1_3";
 const GRAM: usize = 3;
+/// The writer's indexing buffer. It fills only between two commits (a fraction of a
+/// second of writes), then becomes a segment.
 const WRITER_HEAP: usize = 32 * 1024 * 1024;
+/// Segment merges run one at a time (Tantivy's default is four): each merge holds its
+/// own buffers, and on a small box concurrent merges took both cores and a worker's
+/// private memory in steps of tens of MiB.
+const MERGE_THREADS: usize = 1;
 
 struct Fields {
     id: Field,
@@ -129,7 +136,12 @@ impl EmbeddedIndex {
         if writer.is_some() {
             return Ok(true);
         }
-        match self.index.writer_with_num_threads(1, WRITER_HEAP) {
+        let options = IndexWriterOptions::builder()
+            .num_worker_threads(1)
+            .memory_budget_per_thread(WRITER_HEAP)
+            .num_merge_threads(MERGE_THREADS)
+            .build();
+        match self.index.writer_with_options(options) {
             Ok(inner) => {
                 *writer = Some(Writer {
                     inner,

@@ -111,7 +111,7 @@ impl From<SearchError> for ApiError {
 #[derive(Clone)]
 pub enum Search {
     Embedded(Arc<embedded::EmbeddedIndex>),
-    Elastic(elastic::ElasticIndex),
+    Elastic(Arc<elastic::ElasticIndex>),
 }
 
 impl Search {
@@ -119,9 +119,9 @@ impl Search {
     /// embedded index only one process on a host can have it.
     pub async fn open(config: &SearchConfig, writer: bool) -> Result<Self, SearchError> {
         match &config.elasticsearch_url {
-            Some(url) => Ok(Self::Elastic(
+            Some(url) => Ok(Self::Elastic(Arc::new(
                 elastic::ElasticIndex::connect(url.expose(), &config.elasticsearch_index).await?,
-            )),
+            ))),
             None => {
                 let dir = config.search_index_dir.clone();
                 let index = blocking(move || embedded::EmbeddedIndex::open(&dir, writer)).await?;

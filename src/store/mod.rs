@@ -8,6 +8,7 @@ pub mod mysql;
 pub mod queue;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -21,7 +22,9 @@ pub use queue::Queue;
 #[derive(Clone)]
 pub struct Store {
     pub mysql: MySqlPool,
-    pub queue: Queue,
+    /// Behind an `Arc`: its scripts and key names would otherwise be copied with the
+    /// state of every request.
+    pub queue: Arc<Queue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +51,7 @@ impl Store {
         let redis = connect_redis(config).await?;
         Ok(Self {
             mysql,
-            queue: Queue::new(redis, &config.redis_prefix),
+            queue: Arc::new(Queue::new(redis, &config.redis_prefix)),
         })
     }
 }

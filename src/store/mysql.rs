@@ -328,29 +328,42 @@ pub async fn upsert_messages(
 
 // ---- counts -------------------------------------------------------------------------
 
-/// Sets `chats_count` from the persisted chats. Each statement counts at its own
-/// execution, so concurrent syncs of one parent can only write a current figure.
+// A count is read with a plain `SELECT` (a consistent read, which takes no locks) and
+// then written. Counting inside the `UPDATE` (`SET n = (SELECT COUNT(*) ...)`) would be a
+// locking read: shared next-key locks on every counted row and on the gap after the last
+// one, which block the persisting consumers' inserts into that parent and deadlocked with
+// their batches under load. Rows are never deleted, so a count only grows: `GREATEST`
+// keeps a sync that counted earlier from writing its figure over a later one, and a row
+// committed after the count marks its parent touched again, so the next sync includes it.
+
+/// Sets `chats_count` from the persisted chats.
 pub async fn sync_chats_count(db: &MySqlPool, app_id: u64) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE applications SET chats_count = \
-         (SELECT COUNT(*) FROM chats WHERE application_id = ?) WHERE id = ?",
-    )
-    .bind(app_id)
-    .bind(app_id)
-    .execute(db)
-    .await?;
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE application_id = ?")
+        .bind(app_id)
+        .fetch_one(db)
+        .await?;
+    sqlx::query("UPDATE applications SET chats_count = GREATEST(chats_count, ?) WHERE id = ?")
+        .bind(count)
+        .bind(app_id)
+        .execute(db)
+        .await?;
     Ok(())
 }
 
 /// Sets `messages_count` of one chat from its persisted messages.
 pub async fn sync_messages_count(db: &MySqlPool, app_id: u64, chat: u64) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE chats SET messages_count = \
-         (SELECT COUNT(*) FROM messages WHERE application_id = ? AND chat_number = ?) \
-         WHERE application_id = ? AND number = ?",
+    let count: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM messages WHERE application_id = ? AND chat_number = ?",
     )
     .bind(app_id)
     .bind(chat)
+    .fetch_one(db)
+    .await?;
+    sqlx::query(
+        "UPDATE chats SET messages_count = GREATEST(messages_count, ?) \
+         WHERE application_id = ? AND number = ?",
+    )
+    .bind(count)
     .bind(app_id)
     .bind(chat)
     .execute(db)

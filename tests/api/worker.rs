@@ -191,6 +191,63 @@ async fn upserts_keep_the_highest_version_whatever_the_order_and_repeat_harmless
 }
 
 #[tokio::test]
+async fn a_count_sync_neither_waits_for_nor_blocks_a_batch_being_persisted() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.drain().await;
+    let app_id = app
+        .store
+        .application_id(&chat_system::domain::Token::parse(&token).unwrap())
+        .await
+        .unwrap();
+    let at = now();
+    let message = |number: u64| MessageWrite {
+        app_id,
+        chat_number: chat,
+        number,
+        body: format!("m{number}"),
+        version: number,
+        created_at: at,
+        updated_at: at,
+    };
+    // A batch in flight: its rows are locked until it commits.
+    let mut batch = app.store.mysql.begin().await.unwrap();
+    mysql::upsert_messages(&mut batch, &[message(1)])
+        .await
+        .unwrap();
+    // A sync that counted with a locking read would wait here for the batch (and its
+    // shared locks would then hold up the batch's next inserts into this chat).
+    let limit = Duration::from_secs(5);
+    tokio::time::timeout(
+        limit,
+        mysql::sync_messages_count(&app.store.mysql, app_id, chat),
+    )
+    .await
+    .expect("the sync does not wait for the uncommitted batch")
+    .unwrap();
+    tokio::time::timeout(limit, mysql::upsert_messages(&mut batch, &[message(2)]))
+        .await
+        .expect("the batch is not held up by the sync")
+        .unwrap();
+    batch.commit().await.unwrap();
+    assert_eq!(
+        app.scalar("SELECT CAST(messages_count AS SIGNED) FROM chats")
+            .await,
+        0
+    );
+
+    mysql::sync_messages_count(&app.store.mysql, app_id, chat)
+        .await
+        .unwrap();
+    assert_eq!(
+        app.scalar("SELECT CAST(messages_count AS SIGNED) FROM chats")
+            .await,
+        2
+    );
+}
+
+#[tokio::test]
 async fn entries_left_by_a_dead_consumer_are_taken_over() {
     let app = TestApp::spawn().await;
     let token = app.application("a").await;
