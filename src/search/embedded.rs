@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
-use tantivy::indexer::IndexWriterOptions;
+use tantivy::indexer::{IndexWriterOptions, LogMergePolicy};
 use tantivy::query::{BooleanQuery, Occur, Query, RangeQuery, TermQuery};
 use tantivy::schema::{
     FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
@@ -42,6 +42,14 @@ const WRITER_HEAP: usize = 32 * 1024 * 1024;
 /// own buffers, and on a small box concurrent merges took both cores and a worker's
 /// private memory in steps of tens of MiB.
 const MERGE_THREADS: usize = 1;
+/// Only segments of at most this many documents are merged. A merge holds about 20
+/// bytes per document it writes (Tantivy's document-id maps and field norms), so with
+/// eight or so segments per merge the largest one writes about 1.6 million documents
+/// and holds about 40 MiB, however large the index grows. Without a bound, merges grow
+/// with the index (Tantivy's default stops at 10 million documents per input segment,
+/// some 1.6 GiB for one merge), and so does the worker's memory. The price: an index
+/// keeps one segment per 0.2 to 1.6 million documents, and searches visit each.
+const MERGE_MAX_SEGMENT_DOCS: usize = 250_000;
 
 struct Fields {
     id: Field,
@@ -87,6 +95,12 @@ fn schema() -> (Schema, Fields) {
         updated_at: builder.add_i64_field("updated_at", STORED),
     };
     (builder.build(), fields)
+}
+
+fn merge_policy() -> LogMergePolicy {
+    let mut policy = LogMergePolicy::default();
+    policy.set_max_docs_before_merge(MERGE_MAX_SEGMENT_DOCS);
+    policy
 }
 
 fn failed(e: impl std::fmt::Display) -> SearchError {
@@ -143,6 +157,7 @@ impl EmbeddedIndex {
             .build();
         match self.index.writer_with_options(options) {
             Ok(inner) => {
+                inner.set_merge_policy(Box::new(merge_policy()));
                 *writer = Some(Writer {
                     inner,
                     uncommitted: HashMap::new(),
@@ -348,4 +363,56 @@ fn term(t: Term) -> (Occur, Box<dyn Query>) {
         Occur::Must,
         Box::new(TermQuery::new(t, IndexRecordOption::Basic)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use tantivy::Index;
+    use tantivy::index::SegmentId;
+    use tantivy::indexer::MergePolicy;
+
+    use super::*;
+
+    fn segments(index: &Index, docs: &[u32]) -> Vec<tantivy::SegmentMeta> {
+        docs.iter()
+            .map(|&n| index.new_segment_meta(SegmentId::generate_random(), n))
+            .collect()
+    }
+
+    #[test]
+    fn merges_take_small_segments_and_leave_large_ones_alone() {
+        let index = Index::create_in_ram(schema().0);
+        let policy = merge_policy();
+
+        let small = segments(&index, &[20_000; 8]);
+        let candidates = policy.compute_merge_candidates(&small);
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(candidates[0].0.len(), 8);
+
+        let at_bound = segments(&index, &[MERGE_MAX_SEGMENT_DOCS as u32; 8]);
+        assert_eq!(policy.compute_merge_candidates(&at_bound).len(), 1);
+
+        // Eight segments just over the bound would make a merge of 1.6M+ documents.
+        let large = segments(&index, &[MERGE_MAX_SEGMENT_DOCS as u32 + 1; 8]);
+        assert!(policy.compute_merge_candidates(&large).is_empty());
+
+        // Large segments are left out; the small ones beside them still merge.
+        let mixed = [large, small].concat();
+        let candidates = policy.compute_merge_candidates(&mixed);
+        assert_eq!(candidates.len(), 1);
+        assert_eq!(candidates[0].0.len(), 8);
+    }
+
+    #[test]
+    fn the_writer_uses_the_bounded_merge_policy() {
+        let dir = std::env::temp_dir().join(format!("embedded-merge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let index = EmbeddedIndex::open(&dir, true).unwrap();
+        let guard = index.writer.lock().unwrap();
+        let policy = guard.as_ref().unwrap().inner.get_merge_policy();
+        let large = segments(&index.index, &[MERGE_MAX_SEGMENT_DOCS as u32 + 1; 8]);
+        assert!(policy.compute_merge_candidates(&large).is_empty());
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

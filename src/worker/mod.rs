@@ -639,26 +639,27 @@ mod tests {
         assert!(!backlog.active(Duration::ZERO));
     }
 
+    /// How long `wait_out(limit)` took.
+    async fn time_wait_out(
+        backlog: &Backlog,
+        limit: Duration,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Duration {
+        let started = Instant::now();
+        backlog.wait_out(limit, shutdown).await;
+        started.elapsed()
+    }
+
     #[tokio::test]
     async fn the_indexer_waits_out_a_backlog_for_a_bounded_time_only() {
         let (stop, mut shutdown) = watch::channel(false);
         let backlog = Backlog::default();
 
-        let started = Instant::now();
-        backlog
-            .wait_out(Duration::from_secs(30), &mut shutdown)
-            .await;
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "no backlog: no wait"
-        );
+        let waited = time_wait_out(&backlog, Duration::from_secs(30), &mut shutdown).await;
+        assert!(waited < Duration::from_secs(1), "no backlog: no wait");
 
         backlog.mark();
-        let started = Instant::now();
-        backlog
-            .wait_out(Duration::from_millis(120), &mut shutdown)
-            .await;
-        let waited = started.elapsed();
+        let waited = time_wait_out(&backlog, Duration::from_millis(120), &mut shutdown).await;
         assert!(waited >= Duration::from_millis(120), "waited {waited:?}");
         assert!(
             waited < BACKLOG_RECENT + Duration::from_secs(1),
@@ -667,13 +668,7 @@ mod tests {
 
         backlog.mark();
         stop.send(true).unwrap();
-        let started = Instant::now();
-        backlog
-            .wait_out(Duration::from_secs(30), &mut shutdown)
-            .await;
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "shutdown ends the wait"
-        );
+        let waited = time_wait_out(&backlog, Duration::from_secs(30), &mut shutdown).await;
+        assert!(waited < Duration::from_secs(1), "shutdown ends the wait");
     }
 }

@@ -226,6 +226,12 @@ impl TestApp {
         reply.body["token"].as_str().unwrap().to_owned()
     }
 
+    /// The database id of the application with this token.
+    pub async fn application_id(&self, token: &str) -> u64 {
+        let token = chat_system::domain::Token::parse(token).unwrap();
+        self.store.application_id(&token).await.unwrap()
+    }
+
     /// Creates a chat and returns its number.
     pub async fn chat(&self, token: &str) -> u64 {
         let reply = self

@@ -156,11 +156,7 @@ async fn an_entry_mysql_rejects_is_dead_lettered_alone() {
 async fn upserts_keep_the_highest_version_whatever_the_order_and_repeat_harmlessly() {
     let app = TestApp::spawn().await;
     let token = app.application("a").await;
-    let app_id = app
-        .store
-        .application_id(&chat_system::domain::Token::parse(&token).unwrap())
-        .await
-        .unwrap();
+    let app_id = app.application_id(&token).await;
     let at = now();
     let write = |version: u64, body: &str| MessageWrite {
         app_id,
@@ -196,11 +192,7 @@ async fn a_count_sync_neither_waits_for_nor_blocks_a_batch_being_persisted() {
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     app.drain().await;
-    let app_id = app
-        .store
-        .application_id(&chat_system::domain::Token::parse(&token).unwrap())
-        .await
-        .unwrap();
+    let app_id = app.application_id(&token).await;
     let at = now();
     let message = |number: u64| MessageWrite {
         app_id,
