@@ -14,10 +14,12 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tantivy::collector::TopDocs;
-use tantivy::directory::MmapDirectory;
+use tantivy::directory::{Directory, MmapDirectory, WatchCallback, WatchHandle};
 use tantivy::indexer::{IndexWriterOptions, LogMergePolicy};
 use tantivy::query::{BooleanQuery, Occur, Query, RangeQuery, TermQuery};
 use tantivy::schema::{
@@ -68,6 +70,9 @@ pub struct EmbeddedIndex {
     /// `None` while another process holds the writer (or none was asked for).
     writer: Mutex<Option<Writer>>,
     fields: Fields,
+    /// Sweeps of the directory's file cache so far (see [`sweep_file_cache`]).
+    sweeps: Arc<AtomicU64>,
+    _sweeper: WatchHandle,
 }
 
 /// The index writer and the versions of the documents added since its last commit
@@ -97,6 +102,30 @@ fn schema() -> (Schema, Fields) {
     (builder.build(), fields)
 }
 
+/// Keeps the directory's cache of mapped files to the files in use.
+///
+/// `MmapDirectory` remembers every file it has mapped (path and a weak reference), and
+/// forgets one only when that path is opened again or when its cache is inspected. Each
+/// commit writes a new segment and each merge deletes old ones, so under a steady load
+/// the entries of deleted files piled up in every process that had the index open: the
+/// API's memory grew by about 0.25 MiB a minute at 8,000 creates/s. The cache is now
+/// swept (`get_cache_info` drops the dead entries) whenever the index's meta file
+/// changes, which is when readers move to new segments.
+fn sweep_file_cache(
+    directory: MmapDirectory,
+) -> Result<(Arc<AtomicU64>, WatchHandle), SearchError> {
+    let sweeps = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&sweeps);
+    let watched = directory.clone();
+    let handle = watched
+        .watch(WatchCallback::new(move || {
+            directory.get_cache_info();
+            counted.fetch_add(1, Ordering::Relaxed);
+        }))
+        .map_err(failed)?;
+    Ok((sweeps, handle))
+}
+
 fn merge_policy() -> LogMergePolicy {
     let mut policy = LogMergePolicy::default();
     policy.set_max_docs_before_merge(MERGE_MAX_SEGMENT_DOCS);
@@ -115,7 +144,8 @@ impl EmbeddedIndex {
             .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
         let (schema, fields) = schema();
         let directory = MmapDirectory::open(dir).map_err(failed)?;
-        let index = Index::open_or_create(directory, schema).map_err(failed)?;
+        let index = Index::open_or_create(directory.clone(), schema).map_err(failed)?;
+        let (sweeps, sweeper) = sweep_file_cache(directory)?;
         let analyzer = TextAnalyzer::builder(NgramTokenizer::new(1, GRAM, false).map_err(failed)?)
             .filter(LowerCaser)
             .build();
@@ -130,6 +160,8 @@ impl EmbeddedIndex {
             reader,
             writer: Mutex::new(None),
             fields,
+            sweeps,
+            _sweeper: sweeper,
         };
         if writer && !this.try_take_writer()? {
             tracing::warn!(dir = %dir.display(), "another process holds the search index writer; this one only reads");
@@ -348,6 +380,11 @@ impl EmbeddedIndex {
         })
     }
 
+    /// How many times the file cache has been swept (for tests and tools).
+    pub fn file_cache_sweeps(&self) -> u64 {
+        self.sweeps.load(Ordering::Relaxed)
+    }
+
     /// Documents in the index (all of them; for tests and tools).
     pub fn len(&self) -> u64 {
         self.reader.searcher().num_docs()
@@ -401,6 +438,39 @@ mod tests {
         let candidates = policy.compute_merge_candidates(&mixed);
         assert_eq!(candidates.len(), 1);
         assert_eq!(candidates[0].0.len(), 8);
+    }
+
+    #[test]
+    fn every_commit_sweeps_the_file_cache_of_each_process_with_the_index_open() {
+        let dir = std::env::temp_dir().join(format!("embedded-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let writer = EmbeddedIndex::open(&dir, true).unwrap();
+        let reader = EmbeddedIndex::open(&dir, false).unwrap();
+        let swept = EmbeddedIndex::file_cache_sweeps;
+        let before = (swept(&writer), swept(&reader));
+        let at = chrono::Utc::now();
+        writer
+            .index(vec![MessageDoc {
+                token: "t".into(),
+                chat: 1,
+                number: 1,
+                body: "hello".into(),
+                version: 1,
+                created_at: at,
+                updated_at: at,
+            }])
+            .unwrap();
+        // The directory watches its meta file every 500 ms.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while swept(&writer) == before.0 || swept(&reader) == before.1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no sweep after a commit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        drop((writer, reader));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
