@@ -46,11 +46,11 @@ const WRITER_HEAP: usize = 32 * 1024 * 1024;
 const MERGE_THREADS: usize = 1;
 /// Only segments of at most this many documents are merged. A merge holds about 20
 /// bytes per document it writes (Tantivy's document-id maps and field norms), so with
-/// eight or so segments per merge the largest one writes about 1.6 million documents
-/// and holds about 40 MiB, however large the index grows. Without a bound, merges grow
+/// eight or so segments per merge the largest one writes about 2 million documents
+/// and holds about 45 MiB, however large the index grows. Without a bound, merges grow
 /// with the index (Tantivy's default stops at 10 million documents per input segment,
 /// some 1.6 GiB for one merge), and so does the worker's memory. The price: an index
-/// keeps one segment per 0.2 to 1.6 million documents, and searches visit each.
+/// keeps one segment per 0.25 to 2 million documents, and searches visit each.
 const MERGE_MAX_SEGMENT_DOCS: usize = 250_000;
 
 struct Fields {
@@ -429,7 +429,7 @@ mod tests {
         let at_bound = segments(&index, &[MERGE_MAX_SEGMENT_DOCS as u32; 8]);
         assert_eq!(policy.compute_merge_candidates(&at_bound).len(), 1);
 
-        // Eight segments just over the bound would make a merge of 1.6M+ documents.
+        // Eight segments just over the bound would make a merge of 2M+ documents.
         let large = segments(&index, &[MERGE_MAX_SEGMENT_DOCS as u32 + 1; 8]);
         assert!(policy.compute_merge_candidates(&large).is_empty());
 
