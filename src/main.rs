@@ -25,17 +25,17 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 ///
 /// And the process does without transparent huge pages. mimalloc asks for them, so a
 /// heap's pages were 2 MiB each: one live object kept a whole one resident, and the
-/// API's private memory moved in steps of 2 to 5 MiB (a seventh of it) with no change in
-/// what it held. The system setting stays as it is for other processes.
+/// API's private memory moved in steps of 2 to 5 MiB (a seventh of it) that said nothing
+/// of what it held. The system setting stays as it is for other processes.
 fn configure_allocator() {
     // SAFETY: sets plain integer options of the allocator; any value is valid.
     unsafe {
         libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
         libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
     }
-    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers. It covers the
-    // memory already mapped too. A kernel without it (before 3.15) returns an error,
-    // which leaves huge pages as the system has them: nothing to undo.
+    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers. It also covers
+    // regions mapped before the call (pages already huge stay so). A kernel without it
+    // (before 3.15) returns an error, which leaves huge pages as the system has them.
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }

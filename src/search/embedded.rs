@@ -116,10 +116,10 @@ fn sweep_file_cache(
 ) -> Result<(Arc<AtomicU64>, WatchHandle), SearchError> {
     let sweeps = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&sweeps);
-    let watched = directory.clone();
-    let handle = watched
+    let swept = directory.clone();
+    let handle = directory
         .watch(WatchCallback::new(move || {
-            directory.get_cache_info();
+            swept.get_cache_info();
             counted.fetch_add(1, Ordering::Relaxed);
         }))
         .map_err(failed)?;
