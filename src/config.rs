@@ -18,6 +18,7 @@ pub struct StoreConfig {
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "mysql://root@127.0.0.1:33306/chat_system"
     )]
     pub database_url: SecretUrl,
@@ -27,7 +28,12 @@ pub struct StoreConfig {
     pub database_pool_size: u32,
 
     /// Redis connection URL.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:36379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:36379"
+    )]
     pub redis_url: SecretUrl,
 
     /// Prefix of every Redis key, so several deployments (or tests) can share one Redis.
@@ -54,10 +60,11 @@ pub struct ApiConfig {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
-    /// When set, `GET /applications` (which reveals every token) requires
-    /// `Authorization: Bearer <key>`.
+    /// Enables `GET /applications` (which reveals every token) for requests that carry
+    /// `Authorization: Bearer <key>`. Unset: the listing is disabled (403). An empty key
+    /// is refused at start.
     #[arg(long, env = "ADMIN_API_KEY", hide_env_values = true)]
-    pub admin_api_key: Option<String>,
+    pub admin_api_key: Option<Secret>,
 }
 
 /// Settings of the background worker.
@@ -106,7 +113,7 @@ pub struct WorkerConfig {
 #[derive(Args, Clone, Debug)]
 pub struct SearchConfig {
     /// Elasticsearch 8 base URL. Unset: the embedded Tantivy index is used.
-    #[arg(long, env = "ELASTICSEARCH_URL")]
+    #[arg(long, env = "ELASTICSEARCH_URL", hide_env_values = true)]
     pub elasticsearch_url: Option<SecretUrl>,
 
     /// Name of the Elasticsearch index.
@@ -173,6 +180,38 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
+/// A secret value such as an API key: never empty, hidden by `Debug` and `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Err("must not be empty (unset it instead)".into());
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
 /// Parses `250ms`, `10s`, `5m` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -223,6 +262,15 @@ mod tests {
         assert_eq!(url.expose(), "mysql://app:hunter2@db:3306/chat");
         let plain: SecretUrl = "redis://127.0.0.1:6379".parse().unwrap();
         assert_eq!(plain.to_string(), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn secrets_are_never_shown_and_never_empty() {
+        let key: Secret = "hunter2".parse().unwrap();
+        assert_eq!(key.expose(), "hunter2");
+        assert!(!format!("{key} {key:?}").contains("hunter2"));
+        assert!("".parse::<Secret>().is_err());
+        assert!("  ".parse::<Secret>().is_err());
     }
 
     #[test]

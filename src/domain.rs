@@ -2,6 +2,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, FieldError};
 
@@ -41,14 +42,35 @@ impl Token {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// What logs show instead of the token: the first 8 hex digits of its SHA-256.
+    /// Lines about one application can be correlated; the token cannot be recovered.
+    pub fn log_id(&self) -> String {
+        let digest = Sha256::digest(self.0.as_bytes());
+        digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
-/// A chat or message number taken from a URL: a positive integer.
+/// A number from a path or a query: plain ASCII digits, no sign, no leading zero
+/// (`0` itself aside), at most `i64::MAX`. One spelling per number, so that caches,
+/// logs and idempotency never see two names for one resource.
+pub fn parse_canonical(s: &str) -> Option<u64> {
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    canonical
+        .then(|| s.parse::<u64>().ok())
+        .flatten()
+        .filter(|n| *n <= i64::MAX as u64)
+}
+
+/// A chat or message number taken from a URL: a positive integer in canonical form.
 pub fn parse_number(s: &str, what: &str) -> Result<u64, ApiError> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 1 && n <= i64::MAX as u64 => Ok(n),
+    match parse_canonical(s) {
+        Some(n) if n >= 1 => Ok(n),
         _ => Err(ApiError::BadRequest(format!(
-            "{what} number must be a positive integer, got `{s}`"
+            "{what} number must be a positive integer written in plain digits without \
+             sign or leading zeros, got `{}`",
+            s.chars().take(32).collect::<String>()
         ))),
     }
 }
@@ -128,12 +150,50 @@ mod tests {
             "",
             "99999999999999999999",
             "9223372036854775808",
+            "+1",
+            "01",
+            "0001",
+            " 1",
+            "1 ",
+            "１",
         ] {
             assert!(
                 matches!(parse_number(bad, "chat"), Err(ApiError::BadRequest(_))),
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn canonical_numbers_have_one_spelling() {
+        assert_eq!(parse_canonical("0"), Some(0));
+        assert_eq!(parse_canonical("10"), Some(10));
+        assert_eq!(
+            parse_canonical("9223372036854775807"),
+            Some(i64::MAX as u64)
+        );
+        for bad in [
+            "",
+            "00",
+            "+5",
+            "-0",
+            "05",
+            "5.0",
+            "0x5",
+            "9223372036854775808",
+        ] {
+            assert_eq!(parse_canonical(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_token_is_logged_as_a_short_digest() {
+        let token = Token::parse("abc").unwrap();
+        let id = token.log_id();
+        assert_eq!(id.len(), 8);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(id, Token::parse("abc").unwrap().log_id(), "stable");
+        assert_ne!(id, Token::parse("abd").unwrap().log_id());
     }
 
     #[test]

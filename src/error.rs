@@ -51,6 +51,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("unauthorized")]
     Unauthorized,
+    #[error("the application list is disabled")]
+    ListingDisabled,
     #[error("not found: {0}")]
     NotFound(String),
     #[error("conflict: {0}")]
@@ -84,6 +86,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ListingDisabled => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -102,6 +105,12 @@ impl ApiError {
             Self::Unauthorized => (
                 "unauthorized",
                 "this endpoint requires `Authorization: Bearer <ADMIN_API_KEY>`".into(),
+            ),
+            Self::ListingDisabled => (
+                "listing-disabled",
+                "listing applications is disabled on this server; its operator enables it by \
+                 setting ADMIN_API_KEY, then callers send `Authorization: Bearer <key>`"
+                    .into(),
             ),
             Self::NotFound(what) => ("not-found", format!("{what} was not found")),
             Self::Conflict(detail) => ("conflict", detail.clone()),

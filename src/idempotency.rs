@@ -19,19 +19,23 @@ use crate::error::ApiError;
 pub const TTL_SECONDS: u64 = 24 * 60 * 60;
 pub const HEADER: &str = "idempotency-key";
 
-/// A validated `Idempotency-Key`: 1 to 255 visible ASCII characters.
+/// Shortest accepted key: short keys collide by accident between clients (`1`, `retry`),
+/// and a colliding key replays another request's answer. A UUID has 36 characters.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// A validated `Idempotency-Key`: 16 to 255 visible ASCII characters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
     pub fn parse(value: &str) -> Result<Self, ApiError> {
-        let valid =
-            !value.is_empty() && value.len() <= 255 && value.bytes().all(|b| b.is_ascii_graphic());
+        let valid = (MIN_KEY_LEN..=255).contains(&value.len())
+            && value.bytes().all(|b| b.is_ascii_graphic());
         if valid {
             Ok(Self(value.to_owned()))
         } else {
             Err(ApiError::BadRequest(
-                "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+                "Idempotency-Key must be 16 to 255 visible ASCII characters; send a UUID".into(),
             ))
         }
     }
@@ -90,9 +94,13 @@ mod tests {
 
     #[test]
     fn keys_are_visible_ascii() {
-        assert!(IdempotencyKey::parse("order-42_a.b").is_ok());
+        assert!(IdempotencyKey::parse("order-42_a.b.c.d.e").is_ok());
+        assert!(IdempotencyKey::parse("3f2b8c1e-9d4a-4f6b-8e2a-7c5d1b9e0a42").is_ok());
         assert!(IdempotencyKey::parse("").is_err());
-        assert!(IdempotencyKey::parse("has space").is_err());
+        assert!(IdempotencyKey::parse("order-42").is_err(), "too short");
+        assert!(IdempotencyKey::parse(&"k".repeat(15)).is_err());
+        assert!(IdempotencyKey::parse(&"k".repeat(16)).is_ok());
+        assert!(IdempotencyKey::parse("has space has space").is_err());
         assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
     }
 

@@ -55,7 +55,7 @@ impl ApiServer {
             store,
             search,
             http::install_metrics_recorder(),
-            config.admin_api_key.clone(),
+            config.admin_api_key.as_ref(),
         );
         Ok(Self {
             listener,

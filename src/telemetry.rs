@@ -1,5 +1,7 @@
 //! Logging setup: human-readable text or JSON lines, filtered by `LOG_LEVEL`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogConfig;
@@ -7,9 +9,11 @@ use crate::config::LogConfig;
 pub fn init(config: &LogConfig) -> Result<(), String> {
     let filter = EnvFilter::try_new(&config.log_level)
         .map_err(|e| format!("LOG_LEVEL `{}` is invalid: {e}", config.log_level))?;
+    // Colours only on a terminal: escape codes in a log file or collector are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal());
     let result = if config.log_format == "json" {
         builder.json().flatten_event(true).try_init()
     } else {

@@ -112,8 +112,9 @@ pub async fn create(
 /// Writes a new application to MySQL and caches its token.
 async fn insert_application(state: &AppState, name: String) -> Result<Application, ApiError> {
     let at = now();
+    let token = Token::generate()?;
     let app = Application {
-        token: Token::generate()?.as_str().to_owned(),
+        token: token.as_str().to_owned(),
         name,
         chats_count: 0,
         created_at: at,
@@ -131,20 +132,22 @@ async fn insert_application(state: &AppState, name: String) -> Result<Applicatio
     {
         tracing::warn!(error = %e, "application created but not cached");
     }
-    tracing::info!(token = %app.token, "application created");
+    tracing::info!(token = %token.log_id(), "application created");
     Ok(app)
 }
 
-/// Lists applications in creation order. Restricted by `ADMIN_API_KEY` when it is set,
-/// because the list reveals every token.
+/// Lists applications in creation order. The list reveals every token, so it is
+/// disabled (403) unless the server sets `ADMIN_API_KEY`, and then requires
+/// `Authorization: Bearer <ADMIN_API_KEY>` (401 without it).
 #[utoipa::path(
     get, path = "/applications", tag = "applications",
     params(CursorPage),
-    security((), ("admin_key" = [])),
+    security(("admin_key" = [])),
     responses(
         (status = 200, description = "A page of applications", body = [Application],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json", description = "Missing or wrong admin key"),
+        (status = 403, body = Problem, content_type = "application/problem+json", description = "Listing is disabled: the server has no ADMIN_API_KEY"), (status = 503, body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn list(

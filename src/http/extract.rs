@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use utoipa::IntoParams;
 
+use crate::domain::parse_canonical;
 use crate::error::ApiError;
 
 /// A JSON request body: 415 without a JSON content type, 400 when it does not parse,
@@ -113,9 +114,11 @@ pub const MAX_LIMIT: u32 = 1000;
 pub struct NumberPage {
     /// Page size, 1 to 1000 (default 50).
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "canonical")]
     pub limit: Option<u32>,
     /// The last `number` of the previous page (default 0: from the start).
     #[param(minimum = 0, maximum = 9223372036854775807_u64)]
+    #[serde(default, deserialize_with = "canonical")]
     pub after: Option<u64>,
 }
 
@@ -125,6 +128,7 @@ pub struct NumberPage {
 pub struct CursorPage {
     /// Page size, 1 to 1000 (default 50).
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "canonical")]
     pub limit: Option<u32>,
     /// The opaque cursor from the previous page's `Link` header.
     pub after: Option<String>,
@@ -150,6 +154,25 @@ pub fn page_after(after: Option<u64>) -> Result<u64, ApiError> {
             i64::MAX
         ))),
     }
+}
+
+/// Deserializes a number of a query string in canonical form only (plain digits, no
+/// sign, no leading zeros): `limit=%2B5` or `after=007` are a 400, not 5 and 7.
+pub fn canonical<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    let text = std::borrow::Cow::<str>::deserialize(deserializer)?;
+    parse_canonical(&text)
+        .and_then(|n| T::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{}` is not a number in plain digits (no sign, no leading zeros) within range",
+                text.chars().take(32).collect::<String>()
+            ))
+        })
 }
 
 /// Deserializes a field that may be absent (`None`), null (`Some(None)`) or set.
@@ -180,6 +203,24 @@ mod tests {
         ] {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static(value));
             assert_eq!(is_json(&headers), expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn query_numbers_are_canonical() {
+        let parse =
+            |q: &str| serde_urlencoded::from_str::<NumberPage>(q).map(|p| (p.limit, p.after));
+        assert_eq!(parse("limit=5&after=0").unwrap(), (Some(5), Some(0)));
+        assert_eq!(parse("").unwrap(), (None, None));
+        for bad in [
+            "limit=%2B5",
+            "limit=05",
+            "after=-1",
+            "after=007",
+            "limit=",
+            "limit=5000000000",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
         }
     }
 

@@ -186,9 +186,11 @@ pub struct SearchParams {
     pub q: Option<String>,
     /// Page size, 1 to 1000 (default 50).
     #[param(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "super::extract::canonical")]
     pub limit: Option<u32>,
     /// The last `number` of the previous page.
     #[param(minimum = 0, maximum = 9223372036854775807_u64)]
+    #[serde(default, deserialize_with = "super::extract::canonical")]
     pub after: Option<u64>,
 }
 

@@ -8,12 +8,11 @@ mod messages;
 mod openapi;
 mod ops;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -26,7 +25,10 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use crate::config::ApiConfig;
+use sha2::{Digest, Sha256};
+
+use crate::config::{ApiConfig, Secret};
+use crate::domain::Token;
 use crate::error::{ApiError, PROBLEM_JSON};
 use crate::search::Search;
 use crate::store::Store;
@@ -39,7 +41,8 @@ pub struct AppState {
     pub store: Store,
     pub search: Search,
     pub metrics: PrometheusHandle,
-    admin_api_key: Option<Arc<str>>,
+    /// SHA-256 of `ADMIN_API_KEY`; `None` disables the application list.
+    admin_key_digest: Option<[u8; 32]>,
 }
 
 impl AppState {
@@ -47,36 +50,39 @@ impl AppState {
         store: Store,
         search: Search,
         metrics: PrometheusHandle,
-        admin_api_key: Option<String>,
+        admin_api_key: Option<&Secret>,
     ) -> Self {
         Self {
             store,
             search,
             metrics,
-            admin_api_key: admin_api_key.map(Into::into),
+            admin_key_digest: admin_api_key.map(|key| Sha256::digest(key.expose()).into()),
         }
     }
 
-    /// Passes when no admin key is configured, or when the request carries it.
+    /// Passes only when an admin key is configured and the request carries it. Digests
+    /// of equal size are compared in constant time, so neither the key's bytes nor its
+    /// length can be found by timing.
     fn authorize_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(expected) = &self.admin_api_key else {
-            return Ok(());
+        let Some(expected) = &self.admin_key_digest else {
+            return Err(ApiError::ListingDisabled);
         };
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        let given: [u8; 32] = Sha256::digest(given).into();
+        let difference = given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        if difference == 0 {
             Ok(())
         } else {
             Err(ApiError::Unauthorized)
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The whole application, ready to serve.
@@ -99,17 +105,77 @@ pub fn router(state: AppState, config: &ApiConfig) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-                })
+                .make_span_with(request_span)
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
+        .layer(middleware::map_request(drop_invalid_request_id))
+}
+
+/// The span of one request. It names the route template, never the path: paths carry
+/// tokens, which are secrets, and their length is the client's choice. The token is
+/// logged as its [`Token::log_id`], enough to correlate lines, useless to a reader.
+fn request_span(req: &Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    let token = route
+        .starts_with("/applications/{token}")
+        .then(|| req.uri().path().split('/').nth(2))
+        .flatten()
+        .and_then(|t| Token::parse(t).ok())
+        .map(|t| t.log_id());
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!(
+        "request",
+        method = method_label(req.method()),
+        route,
+        token = token.as_deref().unwrap_or(""),
+        request_id = id,
+    )
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// A client's `X-Request-Id` is kept (echoed and logged) only when it is 1 to 128 of
+/// `[A-Za-z0-9._-]`; any other value could forge log fields or bloat every log line, so
+/// it is dropped and the request gets a generated id instead.
+async fn drop_invalid_request_id(mut req: Request) -> Request {
+    let valid = req.headers().get(REQUEST_ID).is_none_or(|v| {
+        let v = v.as_bytes();
+        (1..=128).contains(&v.len())
+            && v.iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    });
+    if !valid {
+        req.headers_mut().remove(REQUEST_ID);
+    }
+    req
+}
+
+/// The method as a metric label or log field: one of the standard methods, else
+/// `other` (a method is any token a client likes, of any length).
+fn method_label(method: &Method) -> &'static str {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    STANDARD
+        .iter()
+        .find(|m| *m == method)
+        .map_or("other", Method::as_str)
 }
 
 /// Request ids: 64 bits, hex, from a per-thread xorshift generator seeded by the OS
@@ -175,10 +241,10 @@ async fn record_metrics(req: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let response = next.run(req).await;
     let labels = [
-        ("method", method),
+        ("method", method.to_owned()),
         ("route", route),
         ("status", response.status().as_u16().to_string()),
     ];

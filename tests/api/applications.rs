@@ -139,7 +139,7 @@ async fn patch_and_put_rename() {
 
 #[tokio::test]
 async fn the_list_is_paginated_with_link_headers() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::with_admin_key().await;
     let mut tokens = Vec::new();
     for i in 0..5 {
         tokens.push(app.application(&format!("a{i}")).await);
@@ -147,7 +147,7 @@ async fn the_list_is_paginated_with_link_headers() {
     let mut seen = Vec::new();
     let mut path = "/applications?limit=2".to_owned();
     loop {
-        let reply = app.get(&path).await;
+        let reply = app.get_as_admin(&path).await;
         assert_eq!(reply.status, 200);
         let page = reply.body.as_array().unwrap();
         assert!(page.len() <= 2);
@@ -162,14 +162,14 @@ async fn the_list_is_paginated_with_link_headers() {
         }
     }
     assert_eq!(seen, tokens, "creation order, each once");
-    let all = app.get("/applications").await;
+    let all = app.get_as_admin("/applications").await;
     assert_eq!(all.body.as_array().unwrap().len(), 5);
     assert!(all.header("link").is_none());
 }
 
 #[tokio::test]
 async fn bad_pagination_is_a_400() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::with_admin_key().await;
     for query in [
         "limit=0",
         "limit=1001",
@@ -179,12 +179,18 @@ async fn bad_pagination_is_a_400() {
         // Not a token at all (bytes MySQL cannot even compare with a token).
         "after=%13%F3%B8%AD%9D.",
         "after=%C3%A9t%C3%A9",
+        // One spelling per number.
+        "limit=%2B5",
+        "limit=05",
     ] {
-        app.get(&format!("/applications?{query}"))
+        app.get_as_admin(&format!("/applications?{query}"))
             .await
             .assert_problem(400);
     }
-    assert_eq!(app.get("/applications?limit=1000").await.status, 200);
+    assert_eq!(
+        app.get_as_admin("/applications?limit=1000").await.status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -195,9 +201,15 @@ async fn the_admin_key_guards_the_list() {
     })
     .await;
     app.application("a").await;
-    app.get("/applications").await.assert_problem(401);
-    let wrong = app.client.get(app.url("/applications")).bearer_auth("nope");
-    app.send(wrong).await.assert_problem(401);
+    let missing = app.get("/applications").await;
+    assert_eq!(
+        missing.assert_problem(401)["type"],
+        "/problems/unauthorized"
+    );
+    for wrong in ["nope", "", "test-admin-key-and-more", "s3cre"] {
+        let request = app.client.get(app.url("/applications")).bearer_auth(wrong);
+        app.send(request).await.assert_problem(401);
+    }
     let right = app
         .client
         .get(app.url("/applications"))
@@ -205,4 +217,28 @@ async fn the_admin_key_guards_the_list() {
     let reply = app.send(right).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn without_an_admin_key_the_list_is_disabled_and_reveals_nothing() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    for request in [
+        app.client.get(app.url("/applications")),
+        app.client.get(app.url("/applications")).bearer_auth(""),
+        app.client
+            .get(app.url("/applications"))
+            .bearer_auth("anything"),
+    ] {
+        let reply = app.send(request).await;
+        let problem = reply.assert_problem(403);
+        assert_eq!(problem["type"], "/problems/listing-disabled");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("ADMIN_API_KEY")
+        );
+        assert!(!reply.body.to_string().contains(&token));
+    }
 }

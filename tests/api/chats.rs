@@ -155,7 +155,15 @@ async fn chats_are_listed_in_number_order_with_pagination() {
         .await;
     assert_eq!(last.body.as_array().unwrap().len(), 1);
     assert!(last.header("link").is_none());
-    for query in ["limit=0", "limit=1001", "after=-1", "after=x"] {
+    for query in [
+        "limit=0",
+        "limit=1001",
+        "after=-1",
+        "after=x",
+        "after=%2B2",
+        "after=02",
+        "limit=+2",
+    ] {
         app.get(&format!("/applications/{token}/chats?{query}"))
             .await
             .assert_problem(400);

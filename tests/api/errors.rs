@@ -90,10 +90,22 @@ async fn non_json_bodies_are_415() {
 }
 
 #[tokio::test]
-async fn path_numbers_must_be_positive_integers() {
+async fn path_numbers_must_be_positive_integers_in_plain_digits() {
     let app = TestApp::spawn().await;
     let token = app.application("a").await;
-    for bad in ["0", "-1", "abc", "1.5", "99999999999999999999999"] {
+    app.chat(&token).await;
+    // Chat 1 exists, but only `1` names it.
+    for bad in [
+        "0",
+        "-1",
+        "abc",
+        "1.5",
+        "99999999999999999999999",
+        "+1",
+        "%2B1",
+        "01",
+        "0001",
+    ] {
         app.get(&format!("/applications/{token}/chats/{bad}"))
             .await
             .assert_problem(400);
@@ -107,5 +119,5 @@ async fn path_numbers_must_be_positive_integers() {
         .await
         .assert_problem(400);
     }
-    assert_eq!(app.stream_len().await, 0);
+    assert_eq!(app.stream_len().await, 1, "only the chat's create");
 }

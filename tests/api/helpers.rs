@@ -63,6 +63,9 @@ impl Reply {
     }
 }
 
+/// The admin key of [`TestApp::with_admin_key`].
+pub const ADMIN_KEY: &str = "test-admin-key";
+
 /// How a test app is put together.
 #[derive(Default)]
 pub struct Options {
@@ -91,6 +94,15 @@ pub struct TestApp {
 impl TestApp {
     pub async fn spawn() -> Self {
         Self::with(Options::default()).await
+    }
+
+    /// An app whose `ADMIN_API_KEY` is [`ADMIN_KEY`] (the application list is enabled).
+    pub async fn with_admin_key() -> Self {
+        Self::with(Options {
+            admin_api_key: Some(ADMIN_KEY.into()),
+            ..Options::default()
+        })
+        .await
     }
 
     pub async fn with(options: Options) -> Self {
@@ -132,7 +144,7 @@ impl TestApp {
             bind: "127.0.0.1:0".parse().unwrap(),
             body_limit: options.body_limit.unwrap_or(256 * 1024),
             request_timeout: options.request_timeout.unwrap_or(Duration::from_secs(10)),
-            admin_api_key: options.admin_api_key,
+            admin_api_key: options.admin_api_key.map(|k| k.parse().expect("admin key")),
         };
         let search_config = SearchConfig {
             elasticsearch_url: None,
@@ -203,6 +215,12 @@ impl TestApp {
 
     pub async fn get(&self, path: &str) -> Reply {
         self.send(self.client.get(self.url(path))).await
+    }
+
+    /// A `GET` with `Authorization: Bearer` [`ADMIN_KEY`].
+    pub async fn get_as_admin(&self, path: &str) -> Reply {
+        self.send(self.client.get(self.url(path)).bearer_auth(ADMIN_KEY))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Reply {

@@ -17,14 +17,32 @@ async fn post_with_key(app: &TestApp, path: &str, key: &str, body: Value) -> Rep
 #[tokio::test]
 async fn application_retries_return_the_original_answer() {
     let app = TestApp::spawn().await;
-    let first = post_with_key(&app, "/applications", "k1", json!({"name": "a"})).await;
-    let again = post_with_key(&app, "/applications", "k1", json!({"name": "a"})).await;
+    let first = post_with_key(
+        &app,
+        "/applications",
+        "key-00000000000-k1",
+        json!({"name": "a"}),
+    )
+    .await;
+    let again = post_with_key(
+        &app,
+        "/applications",
+        "key-00000000000-k1",
+        json!({"name": "a"}),
+    )
+    .await;
     assert_eq!((first.status.as_u16(), again.status.as_u16()), (201, 201));
     assert_eq!(first.body, again.body);
     assert_eq!(first.header("location"), again.header("location"));
     assert_eq!(app.scalar("SELECT COUNT(*) FROM applications").await, 1);
 
-    let other_body = post_with_key(&app, "/applications", "k1", json!({"name": "b"})).await;
+    let other_body = post_with_key(
+        &app,
+        "/applications",
+        "key-00000000000-k1",
+        json!({"name": "b"}),
+    )
+    .await;
     assert_eq!(
         other_body.assert_problem(422)["errors"][0]["field"],
         "Idempotency-Key"
@@ -43,13 +61,13 @@ async fn chat_retries_return_the_same_number_and_queue_nothing() {
     let app = TestApp::spawn().await;
     let token = app.application("a").await;
     let path = format!("/applications/{token}/chats");
-    let first = post_with_key(&app, &path, "c1", json!({"title": "t"})).await;
+    let first = post_with_key(&app, &path, "key-00000000000-c1", json!({"title": "t"})).await;
     // Same content, different spelling of the JSON: still the same request.
     let again = app
         .send(
             app.client
                 .post(app.url(&path))
-                .header("Idempotency-Key", "c1")
+                .header("Idempotency-Key", "key-00000000000-c1")
                 .header("content-type", "application/json")
                 .body("{ \"title\" : \"t\", \"ignored\": 1 }"),
         )
@@ -57,11 +75,11 @@ async fn chat_retries_return_the_same_number_and_queue_nothing() {
     assert_eq!(again.status, 201);
     assert_eq!(first.body, again.body);
     assert_eq!(app.stream_len().await, 1);
-    post_with_key(&app, &path, "c1", json!({"title": "other"}))
+    post_with_key(&app, &path, "key-00000000000-c1", json!({"title": "other"}))
         .await
         .assert_problem(422);
     assert_eq!(
-        post_with_key(&app, &path, "c2", json!({"title": "t"}))
+        post_with_key(&app, &path, "key-00000000000-c2", json!({"title": "t"}))
             .await
             .body["number"],
         2
@@ -79,7 +97,7 @@ async fn concurrent_message_retries_create_one_message() {
         let request = app
             .client
             .post(app.url(&path))
-            .header("Idempotency-Key", "m1")
+            .header("Idempotency-Key", "key-00000000000-m1")
             .json(&json!({"body": "once"}));
         tasks.spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() });
     }
@@ -93,7 +111,7 @@ async fn concurrent_message_retries_create_one_message() {
     let reply = post_with_key(
         &app,
         &format!("/applications/{token}/chats/{other}/messages"),
-        "m1",
+        "key-00000000000-m1",
         json!({"body": "once"}),
     )
     .await;
@@ -105,7 +123,14 @@ async fn concurrent_message_retries_create_one_message() {
 #[tokio::test]
 async fn malformed_keys_are_rejected() {
     let app = TestApp::spawn().await;
-    for key in ["", "with space", &"k".repeat(256)] {
+    // Short keys collide by accident between clients: at least 16 characters.
+    for key in [
+        "",
+        "k1",
+        "fifteen-chars-k",
+        "with space with space",
+        &"k".repeat(256),
+    ] {
         post_with_key(&app, "/applications", key, json!({"name": "a"}))
             .await
             .assert_problem(400);

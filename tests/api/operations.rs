@@ -164,6 +164,28 @@ async fn metrics_count_requests_by_route_and_status() {
 }
 
 #[tokio::test]
+async fn metric_labels_stay_bounded_whatever_the_method() {
+    let app = TestApp::spawn().await;
+    let long = "M".repeat(5_000);
+    for method in ["FROB", "X-ANY", long.as_str()] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let reply = app
+            .send(app.client.request(method, app.url("/healthz")))
+            .await;
+        reply.assert_problem(405);
+    }
+    let text = app.get("/metrics").await.body;
+    let text = text.as_str().unwrap();
+    assert!(
+        text.contains(r#"http_requests_total{method="other",route="/healthz",status="405"}"#),
+        "{text}"
+    );
+    for unbounded in ["FROB", "X-ANY", "MMMM"] {
+        assert!(!text.contains(unbounded), "{unbounded} became a label");
+    }
+}
+
+#[tokio::test]
 async fn the_openapi_document_covers_every_endpoint() {
     let app = TestApp::spawn().await;
     let doc = app.get("/openapi.json").await.body;

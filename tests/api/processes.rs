@@ -338,7 +338,7 @@ async fn updates_through_alternating_apis_apply_in_acceptance_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn info_logs_never_contain_message_bodies() {
+async fn logs_never_contain_bodies_tokens_or_forged_fields() {
     let app = TestApp::spawn().await;
     let log_path = std::env::temp_dir().join(format!("chat-system-log-{}.txt", app.prefix));
     let log = std::fs::File::create(&log_path).unwrap();
@@ -355,8 +355,8 @@ async fn info_logs_never_contain_message_bodies() {
         .env("REDIS_PREFIX", &app.prefix)
         .env("SEARCH_INDEX_DIR", log_path.with_extension("index"))
         .env("BIND", format!("127.0.0.1:{port}"))
-        .env("LOG_LEVEL", "info")
-        .env("LOG_FORMAT", "json")
+        .env("LOG_LEVEL", "debug")
+        .env("LOG_FORMAT", "text")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .kill_on_drop(true);
@@ -370,7 +370,34 @@ async fn info_logs_never_contain_message_bodies() {
     .await;
     let client = reqwest::Client::new();
     let secret = "a secret body 5bd1e7";
-    let token = app.application("logs").await;
+    // An application created through the process: its creation is logged, its token not.
+    let created: serde_json::Value = client
+        .post(format!("{base}/applications"))
+        .json(&json!({"name": "logs"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    // Request ids: a safe one is kept; one that would forge log fields, or bloat every
+    // line, is replaced.
+    for (id, kept) in [
+        ("req-42.a_B", true),
+        ("abc status=500 token=FORGED", false),
+        (&"x".repeat(129), false),
+    ] {
+        let reply = client
+            .get(format!("{base}/applications/{token}"))
+            .header("x-request-id", id)
+            .send()
+            .await
+            .unwrap();
+        let echoed = reply.headers()["x-request-id"].to_str().unwrap();
+        assert_eq!(echoed == id, kept, "{id} -> {echoed}");
+        assert!(!echoed.is_empty() && echoed.len() <= 128);
+    }
     let chat: serde_json::Value = client
         .post(format!("{base}/applications/{token}/chats"))
         .send()
@@ -429,4 +456,54 @@ async fn info_logs_never_contain_message_bodies() {
         !logged.contains("5bd1e7"),
         "a body reached the logs:\n{logged}"
     );
+    assert!(
+        !logged.contains(&token),
+        "a token reached the logs:\n{logged}"
+    );
+    assert!(logged.contains("application created"), "{logged}");
+    assert!(!logged.contains("FORGED"), "a forged field:\n{logged}");
+    assert!(
+        !logged.contains(&"x".repeat(129)),
+        "an unbounded request id"
+    );
+    assert!(
+        logged.contains("route=\"/applications/{token}/chats/{chat}/messages\""),
+        "requests are logged by route template:\n{logged}"
+    );
+}
+
+#[tokio::test]
+async fn help_never_prints_secret_values() {
+    for command in ["serve", "api", "worker", "migrate", "reindex"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_chat-system"))
+            .args([command, "--help"])
+            .env("DATABASE_URL", "mysql://app:sekrit-db@db:3306/chat")
+            .env("REDIS_URL", "redis://:sekrit-redis@redis:6379")
+            .env("ELASTICSEARCH_URL", "https://elastic:sekrit-es@es:9200")
+            .env("ADMIN_API_KEY", "sekrit-admin")
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success(), "{command} --help");
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(help.contains("DATABASE_URL"), "{help}");
+        assert!(
+            !help.contains("sekrit"),
+            "{command} --help shows a secret:\n{help}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_empty_admin_key_stops_the_process_at_start() {
+    let output = Command::new(env!("CARGO_BIN_EXE_chat-system"))
+        .arg("api")
+        .env("ADMIN_API_KEY", "")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ADMIN_API_KEY"), "{stderr}");
+    assert!(stderr.contains("must not be empty"), "{stderr}");
 }
