@@ -62,6 +62,8 @@ async fn main() {
         redis_url: redis_url.parse().expect("REDIS url"),
         redis_prefix: prefix.clone(),
         dependency_timeout: std::time::Duration::from_secs(2),
+        queue_max_entries: u64::MAX,
+        queue_max_memory: None,
     };
     let conn = chat_system::store::connect_redis(&config)
         .await

@@ -48,7 +48,7 @@ pub enum Command {
         #[command(flatten)]
         worker: WorkerConfig,
     },
-    /// Apply the database migrations, then exit.
+    /// Apply the database migrations and create the write queue's consumer groups, then exit.
     Migrate {
         #[command(flatten)]
         store: StoreConfig,

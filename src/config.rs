@@ -43,6 +43,18 @@ pub struct StoreConfig {
     /// How long a MySQL or Redis call may take before the dependency counts as down.
     #[arg(long, env = "DEPENDENCY_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub dependency_timeout: Duration,
+
+    /// Creates and updates are refused (503, `Retry-After`) while the write queue holds
+    /// this many entries not yet persisted.
+    #[arg(long, env = "QUEUE_MAX_ENTRIES", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_max_entries: u64,
+
+    /// Creates and updates are refused (503, `Retry-After`) while Redis uses more memory
+    /// than this (`512mb`, `2gb`, or bytes). Default: 90% of Redis's `maxmemory`, when
+    /// it has one. Checked by the workers every second.
+    #[arg(long, env = "QUEUE_MAX_MEMORY", value_parser = parse_bytes)]
+    pub queue_max_memory: Option<u64>,
 }
 
 /// Settings of the HTTP API.
@@ -103,6 +115,15 @@ pub struct WorkerConfig {
     /// When set, the `worker` command serves `/healthz` and `/metrics` on this address.
     #[arg(long, env = "WORKER_METRICS_BIND", value_name = "WORKER_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
+
+    /// Most entries kept in the dead-letter stream (approximately; the oldest go first).
+    #[arg(
+        long,
+        env = "DEAD_LETTER_MAX",
+        value_name = "DEAD_LETTER_MAX",
+        default_value_t = 100_000
+    )]
+    pub dead_letter_max: u64,
 
     /// How often `chats_count` and `messages_count` are refreshed.
     #[arg(long, env = "COUNTS_SYNC_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -229,6 +250,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses `512mb`, `2gb`, `64kb` or a bare number of bytes (units are powers of 1024,
+/// as in Redis's configuration).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let (digits, unit) = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((lower.as_str(), ""), |i| lower.split_at(i));
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 512mb, 2gb or 1048576"))?;
+    let scale: u64 = match unit {
+        "" | "b" => 1,
+        "kb" | "k" => 1 << 10,
+        "mb" | "m" => 1 << 20,
+        "gb" | "g" => 1 << 30,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use kb, mb or gb)")),
+    };
+    value
+        .checked_mul(scale)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("`{s}` must be above 0 and below 16 EiB"))
+}
+
 fn parse_prefix(s: &str) -> Result<String, String> {
     if s.is_empty()
         || !s
@@ -262,6 +306,16 @@ mod tests {
         assert_eq!(url.expose(), "mysql://app:hunter2@db:3306/chat");
         let plain: SecretUrl = "redis://127.0.0.1:6379".parse().unwrap();
         assert_eq!(plain.to_string(), "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("512mb"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5tb").is_err());
     }
 
     #[test]

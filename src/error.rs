@@ -27,6 +27,19 @@ impl Dependency {
     }
 }
 
+/// Why new writes are refused for now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overload {
+    /// The write backlog is over `QUEUE_MAX_ENTRIES` or `QUEUE_MAX_MEMORY`.
+    Backlog,
+    /// Redis answered `OOM`: it is at its `maxmemory`.
+    RedisMemory,
+}
+
+/// Seconds a client is asked to wait before retrying a refused write: long enough for
+/// workers to drain a few batches, short enough not to look like an outage.
+const OVERLOAD_RETRY_AFTER: &str = "5";
+
 /// One invalid field of a request body.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
 pub struct FieldError {
@@ -69,6 +82,8 @@ pub enum ApiError {
     Timeout,
     #[error("{} is unavailable", .0.name())]
     Unavailable(Dependency),
+    #[error("overloaded: {0:?}")]
+    Overloaded(Overload),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -93,7 +108,9 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) | Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Timeout | Self::Overloaded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -133,6 +150,18 @@ impl ApiError {
             Self::Unavailable(dep) => (
                 "dependency-unavailable",
                 format!("{} is unavailable; retry later", dep.name()),
+            ),
+            Self::Overloaded(Overload::Backlog) => (
+                "overloaded",
+                "the write backlog is over its bound; reads still work; retry writes after \
+                 Retry-After seconds"
+                    .into(),
+            ),
+            Self::Overloaded(Overload::RedisMemory) => (
+                "overloaded",
+                "the write queue's memory is full; reads still work; retry writes after \
+                 Retry-After seconds"
+                    .into(),
             ),
             Self::Timeout => (
                 "timeout",
@@ -179,6 +208,7 @@ impl IntoResponse for ApiError {
             Self::Unavailable(dep) => {
                 tracing::warn!(dependency = dep.name(), "dependency unavailable")
             }
+            Self::Overloaded(why) => tracing::warn!(reason = ?why, "write refused: overloaded"),
             _ => {}
         }
         let problem = self.problem();
@@ -187,10 +217,15 @@ impl IntoResponse for ApiError {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        if let Self::Unavailable(_) | Self::Timeout = self {
+        let retry_after = match self {
+            Self::Unavailable(_) | Self::Timeout => Some("1"),
+            Self::Overloaded(_) => Some(OVERLOAD_RETRY_AFTER),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
         }
         response
     }
@@ -209,7 +244,9 @@ impl From<sqlx::Error> for ApiError {
 
 impl From<redis::RedisError> for ApiError {
     fn from(err: redis::RedisError) -> Self {
-        if crate::store::redis_is_down(&err) {
+        if crate::store::redis_is_full(&err) {
+            Self::Overloaded(Overload::RedisMemory)
+        } else if crate::store::redis_is_down(&err) {
             tracing::warn!(error = %err, "redis call failed");
             Self::Unavailable(Dependency::Redis)
         } else {
@@ -243,6 +280,16 @@ mod tests {
         }
         let err = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "bad"));
         assert_eq!(ApiError::from(err).problem().status, 500);
+    }
+
+    #[test]
+    fn overload_is_a_503_with_a_longer_retry_after() {
+        let response = ApiError::Overloaded(Overload::Backlog).into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(
+            response.headers()[header::RETRY_AFTER],
+            OVERLOAD_RETRY_AFTER
+        );
     }
 
     #[test]

@@ -84,9 +84,15 @@ async fn run(command: Command) -> Result<(), StartError> {
     let shutdown = startup::shutdown_signal();
     match command {
         Command::Migrate { store } => {
-            let pool = chat_system::store::connect_mysql(&store).await?;
-            MIGRATOR.run(&pool).await.map_err(ConnectError::from)?;
-            tracing::info!("migrations applied");
+            let store = Store::connect(&store).await?;
+            MIGRATOR
+                .run(&store.mysql)
+                .await
+                .map_err(ConnectError::from)?;
+            // The queue's consumer groups too: workers then start without writing to
+            // Redis, which matters when it is at its maxmemory.
+            chat_system::worker::create_groups(&store).await?;
+            tracing::info!("migrations applied; queue consumer groups in place");
             Ok(())
         }
         Command::Api { store, search, api } => {

@@ -2,10 +2,10 @@
 //! fallback and the truth. Handlers call these and only translate HTTP.
 
 use crate::domain::Token;
-use crate::error::ApiError;
+use crate::error::{ApiError, Overload};
 use crate::idempotency::{IdempotencyKey, fingerprint, mismatch};
 use crate::resources::{Chat, Message, from_micros, now};
-use crate::store::queue::Allocation;
+use crate::store::queue::{Allocation, Enqueued};
 use crate::store::{Store, mysql};
 
 /// A create retries after repairing a cold cache; two repairs (token, then a counter)
@@ -102,6 +102,7 @@ impl Store {
                     self.load_application_id(token).await?;
                 }
                 Allocation::NoChatCounter => self.restore_chat_counter(token).await?,
+                Allocation::Full => return Err(ApiError::Overloaded(Overload::Backlog)),
                 other => return Err(ApiError::Internal(format!("chat create: {other:?}"))),
             }
         }
@@ -164,6 +165,7 @@ impl Store {
                 Allocation::NoChatCounter => self.restore_chat_counter(token).await?,
                 Allocation::NoChat => return Err(ApiError::not_found("chat")),
                 Allocation::NoMessageCounter => self.restore_message_counter(token, chat).await?,
+                Allocation::Full => return Err(ApiError::Overloaded(Overload::Backlog)),
             }
         }
         Err(ApiError::Internal(
@@ -220,9 +222,11 @@ impl Store {
         let app_id = self.application_id(token).await?;
         chat.title = title;
         chat.updated_at = now();
-        self.queue
+        let queued = self
+            .queue
             .enqueue_chat_update(token.as_str(), app_id, &chat)
             .await?;
+        admitted(queued)?;
         Ok(chat)
     }
 
@@ -238,9 +242,18 @@ impl Store {
         let app_id = self.application_id(token).await?;
         message.body = body;
         message.updated_at = now();
-        self.queue
+        let queued = self
+            .queue
             .enqueue_message_update(token.as_str(), app_id, &message)
             .await?;
+        admitted(queued)?;
         Ok(message)
+    }
+}
+
+fn admitted(queued: Enqueued) -> Result<(), ApiError> {
+    match queued {
+        Enqueued::Entry(_) => Ok(()),
+        Enqueued::Full => Err(ApiError::Overloaded(Overload::Backlog)),
     }
 }

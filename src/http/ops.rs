@@ -113,44 +113,51 @@ pub struct Readiness {
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Readiness: 200 when MySQL, Redis and the search backend answer, else 503 naming those that do not.
+/// Readiness: 200 when MySQL, Redis and the search backend answer and the write queue
+/// takes writes, else 503 naming each check that fails (`queue: full` while creates and
+/// updates are refused for backpressure; reads still work then).
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Readiness), (status = 503, body = Problem, content_type = "application/problem+json"))
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let (mysql_ok, redis_ok, search_ok) = tokio::join!(
+    let (mysql_ok, redis_ok, search_ok, pressure) = tokio::join!(
         tokio::time::timeout(CHECK_TIMEOUT, mysql::ping(&state.store.mysql)),
         tokio::time::timeout(CHECK_TIMEOUT, state.store.queue.ping()),
         tokio::time::timeout(CHECK_TIMEOUT, state.search.ping()),
+        tokio::time::timeout(CHECK_TIMEOUT, state.store.queue.pressure()),
     );
+    let state_of = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let redis_ok = matches!(redis_ok, Ok(Ok(())));
+    // The write queue: `full` while creates and updates are refused (reads still work).
+    let queue = match pressure {
+        Ok(Ok(p)) if p.full => "full",
+        Ok(Ok(_)) => "ok",
+        _ => "unavailable",
+    };
     let checks = [
-        ("mysql", matches!(mysql_ok, Ok(Ok(())))),
-        ("redis", matches!(redis_ok, Ok(Ok(())))),
-        ("search", matches!(search_ok, Ok(Ok(())))),
+        ("mysql", state_of(matches!(mysql_ok, Ok(Ok(()))))),
+        ("redis", state_of(redis_ok)),
+        ("search", state_of(matches!(search_ok, Ok(Ok(()))))),
+        ("queue", if redis_ok { queue } else { "unavailable" }),
     ];
-    let down: Vec<&str> = checks
+    let failing: Vec<String> = checks
         .iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(n, _)| *n)
+        .filter(|(_, state)| *state != "ok")
+        .map(|(name, state)| format!("{name} {state}"))
         .collect();
     let detail: serde_json::Map<String, serde_json::Value> = checks
         .iter()
-        .map(|(name, ok)| {
-            (
-                (*name).to_owned(),
-                json!(if *ok { "ok" } else { "unavailable" }),
-            )
-        })
+        .map(|(name, state)| ((*name).to_owned(), json!(state)))
         .collect();
-    if down.is_empty() {
+    if failing.is_empty() {
         return Json(json!({"status": "ready", "checks": detail})).into_response();
     }
     let body = json!({
         "type": "/problems/dependency-unavailable",
         "title": "Service Unavailable",
         "status": 503,
-        "detail": format!("not ready: {} unavailable", down.join(", ")),
+        "detail": format!("not ready: {}", failing.join(", ")),
         "checks": detail,
     });
     (

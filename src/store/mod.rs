@@ -51,7 +51,10 @@ impl Store {
         let redis = connect_redis(config).await?;
         Ok(Self {
             mysql,
-            queue: Arc::new(Queue::new(redis, &config.redis_prefix)),
+            queue: Arc::new(
+                Queue::new(redis, &config.redis_prefix)
+                    .with_limits(config.queue_max_entries, config.queue_max_memory),
+            ),
         })
     }
 }
@@ -125,6 +128,12 @@ pub fn mysql_is_transient(err: &sqlx::Error) -> bool {
             .as_database_error()
             .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
             .is_some_and(|e| matches!(e.number(), 1205 | 1213))
+}
+
+/// True when Redis refused a write because it is at its `maxmemory` (`OOM`). With
+/// `noeviction` that is backpressure, not an outage: reads and deletes still work.
+pub fn redis_is_full(err: &redis::RedisError) -> bool {
+    err.code() == Some("OOM")
 }
 
 /// True when the error means Redis cannot serve us now (rather than a bad command):

@@ -14,6 +14,7 @@
 //! | `P:q` | stream | the write queue: one entry ([`QueuedWrite`]) per create or update |
 //! | `P:dlq` | stream | entries no worker could persist, with the reason |
 //! | `P:touched` | set | parents whose counts need a refresh |
+//! | `P:full` | string | exists while Redis memory is over `QUEUE_MAX_MEMORY` (expires) |
 //!
 //! # Why a counter never hands out a number twice
 //! A create runs as one Lua script: it checks the parent, increments the counter, appends
@@ -41,8 +42,14 @@
 //!
 //! * entry: `kind|app_id|token|chat|number|created_us|updated_us|has_text|text`, where
 //!   kind is `c` (chat, number 0) or `m` (message);
-//! * record: `version|created_us|updated_us|messages_count|has_text|text`, where version
-//!   is the id of the stream entry that wrote it.
+//! * record: `version|messages_count`, where version is the id of the stream entry that
+//!   wrote it. A read takes the content from that entry (one script, atomically), so the
+//!   text is stored once: a queued 64 KB body costs about 64 KB of Redis, not twice that.
+//!
+//! # Backpressure
+//! Creates and updates are refused (`full`, a 503 for the client) while the stream holds
+//! `QUEUE_MAX_ENTRIES` entries or more, or while `P:full` exists; Redis's own `OOM` is
+//! answered the same way. Reads and the workers' draining go on.
 
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
@@ -50,6 +57,14 @@ use redis::{AsyncCommands, Script, Value};
 use crate::resources::{Chat, Message, from_micros, to_micros};
 use chrono::{DateTime, Utc};
 
+// Every create and update script refuses new work (`full`) while the backlog is over its
+// bound: the stream holds `max entries` or more, or the memory flag (set by the workers'
+// maintenance while Redis memory is over `QUEUE_MAX_MEMORY`) exists. A replay of an
+// accepted request is answered first: a retry always gets its original answer.
+
+// KEYS: 1 app, 2 chat counter, 3 stream, 4 chat record prefix, 5 idempotency key,
+// 6 memory flag. ARGV: 1 token, 2 accepted_us, 3 has_title, 4 title, 5 fingerprint,
+// 6 idempotency TTL, 7 max entries.
 const CREATE_CHAT: &str = r"
 local app = redis.call('HGET', KEYS[1], 'id')
 if not app then return {'noapp', 0, ''} end
@@ -57,11 +72,14 @@ if ARGV[5] ~= '' then
   local prior = redis.call('GET', KEYS[5])
   if prior then return {'replay', 0, prior} end
 end
+if redis.call('EXISTS', KEYS[6]) == 1 or redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[7]) then
+  return {'full', 0, ''}
+end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {'nochatseq', 0, ''} end
 local n = redis.call('INCR', KEYS[2])
 local id = redis.call('XADD', KEYS[3], '*', 'e',
   'c|' .. app .. '|' .. ARGV[1] .. '|' .. n .. '|0|' .. ARGV[2] .. '|' .. ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[4])
-redis.call('SET', KEYS[4] .. n, id .. '|' .. ARGV[2] .. '|' .. ARGV[2] .. '|0|' .. ARGV[3] .. '|' .. ARGV[4])
+redis.call('SET', KEYS[4] .. n, id .. '|0')
 redis.call('SET', KEYS[4] .. n .. ':msgs', 0)
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[5], ARGV[5] .. '|' .. n .. '|' .. ARGV[2], 'EX', ARGV[6])
@@ -69,6 +87,9 @@ end
 return {'ok', n, id}
 ";
 
+// KEYS: 1 app, 2 chat counter, 3 message counter, 4 stream, 5 message record prefix,
+// 6 idempotency key, 7 memory flag. ARGV: 1 token, 2 chat, 3 body, 4 accepted_us,
+// 5 fingerprint, 6 idempotency TTL, 7 max entries.
 const CREATE_MESSAGE: &str = r"
 local app = redis.call('HGET', KEYS[1], 'id')
 if not app then return {'noapp', 0, ''} end
@@ -79,23 +100,43 @@ if ARGV[5] ~= '' then
   local prior = redis.call('GET', KEYS[6])
   if prior then return {'replay', 0, prior} end
 end
+if redis.call('EXISTS', KEYS[7]) == 1 or redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[7]) then
+  return {'full', 0, ''}
+end
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'nomsgseq', 0, ''} end
 local n = redis.call('INCR', KEYS[3])
 local id = redis.call('XADD', KEYS[4], '*', 'e',
   'm|' .. app .. '|' .. ARGV[1] .. '|' .. ARGV[2] .. '|' .. n .. '|' .. ARGV[4] .. '|' .. ARGV[4] .. '|1|' .. ARGV[3])
-redis.call('SET', KEYS[5] .. n, id .. '|' .. ARGV[4] .. '|' .. ARGV[4] .. '|0|1|' .. ARGV[3])
+redis.call('SET', KEYS[5] .. n, id .. '|0')
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[6], ARGV[5] .. '|' .. n .. '|' .. ARGV[4], 'EX', ARGV[6])
 end
 return {'ok', n, id}
 ";
 
-// KEYS[1] stream, KEYS[2] record. ARGV[1] the entry, ARGV[2] the record without its
-// version, which is the new entry's id.
+// KEYS: 1 stream, 2 record, 3 memory flag. ARGV: 1 the entry, 2 messages_count (the
+// record's only field besides its version, the new entry's id), 3 max entries.
+// Answers the entry id, or `full`.
 const ENQUEUE_UPDATE: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 'full'
+end
 local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
 redis.call('SET', KEYS[2], id .. '|' .. ARGV[2])
 return id
+";
+
+// A pending record and the stream entry it points to, read atomically (the worker
+// deletes the record before it acknowledges, and the stream is trimmed only behind
+// acknowledged entries, so a record's entry is always there).
+// KEYS: 1 record, 2 stream. Answers nil, or {record, entry payload}.
+const READ_PENDING: &str = r"
+local record = redis.call('GET', KEYS[1])
+if not record then return false end
+local version = string.match(record, '^[^|]*')
+local found = redis.call('XRANGE', KEYS[2], version, version)
+if #found == 0 then return {record, ''} end
+return {record, found[1][2][2]}
 ";
 
 // Deletes each pending record whose version is the one just persisted; a record that
@@ -133,6 +174,8 @@ pub enum Allocation {
     NoChat,
     /// The chat's message counter is missing: rebuild it from MySQL.
     NoMessageCounter,
+    /// The write backlog is over its bound: nothing was allocated.
+    Full,
 }
 
 impl Allocation {
@@ -154,6 +197,7 @@ impl Allocation {
             "noapp" => Self::NoApplication,
             "nochatseq" => Self::NoChatCounter,
             "nochat" => Self::NoChat,
+            "full" => Self::Full,
             _ => Self::NoMessageCounter,
         }
     }
@@ -237,40 +281,37 @@ impl QueuedWrite {
     }
 }
 
-/// A pending record: what a read serves until the write is persisted.
+/// A pending record: what a read serves until the write is persisted. It holds only
+/// the version (the id of the stream entry that wrote it) and, for a chat, its
+/// `messages_count`; the content is read from that entry, so a body is stored once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Record {
-    created_us: i64,
-    updated_us: i64,
+    version: String,
     messages_count: u64,
-    text: Option<String>,
 }
 
 impl Record {
-    /// The record without its version (the script prepends the entry id).
-    fn encode(&self) -> String {
-        let (flag, text) = match &self.text {
-            Some(t) => ('1', t.as_str()),
-            None => ('0', ""),
-        };
-        format!(
-            "{}|{}|{}|{flag}|{text}",
-            self.created_us, self.updated_us, self.messages_count
-        )
-    }
-
-    fn decode(s: &str) -> Option<Self> {
-        let f: Vec<&str> = s.splitn(6, '|').collect();
-        let [_version, ca, ua, mc, flag, text] = f.as_slice() else {
-            return None;
-        };
-        Some(Self {
-            created_us: ca.parse().ok()?,
-            updated_us: ua.parse().ok()?,
-            messages_count: mc.parse().ok()?,
-            text: (*flag == "1").then(|| (*text).to_owned()),
+    fn decode(s: &str) -> Result<Self, String> {
+        let (version, count) = s
+            .split_once('|')
+            .ok_or_else(|| format!("pending record `{s}` has no `|`"))?;
+        let messages_count = count
+            .parse()
+            .map_err(|_| format!("pending record `{s}`: bad messages_count"))?;
+        if version_of(version).is_none() {
+            return Err(format!("pending record `{s}`: bad version"));
+        }
+        Ok(Self {
+            version: version.to_owned(),
+            messages_count,
         })
     }
+}
+
+/// A record read with its entry by [`READ_PENDING`].
+struct Pending {
+    record: Record,
+    entry: QueuedWrite,
 }
 
 /// Names of the keys, all under one prefix.
@@ -315,6 +356,10 @@ impl Keys {
     pub fn touched(&self) -> String {
         format!("{}:touched", self.prefix)
     }
+    /// Exists while Redis memory is over `QUEUE_MAX_MEMORY` (set by the workers).
+    pub fn memory_full(&self) -> String {
+        format!("{}:full", self.prefix)
+    }
     pub fn idempotency_applications(&self, key: &str) -> String {
         format!("{}:idem:apps:{key}", self.prefix)
     }
@@ -331,22 +376,114 @@ impl Keys {
 pub struct Queue {
     pub conn: ConnectionManager,
     pub keys: Keys,
+    /// Creates and updates are refused while the stream holds this many entries.
+    max_entries: u64,
+    /// `QUEUE_MAX_MEMORY`; `None`: 90% of Redis's `maxmemory`, if any.
+    max_memory: Option<u64>,
     create_chat: Script,
     create_message: Script,
     enqueue_update: Script,
+    read_pending: Script,
     release_pending: Script,
 }
 
+/// The write backlog against its bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pressure {
+    /// Entries in the stream (not yet trimmed).
+    pub entries: u64,
+    /// Redis's `used_memory`.
+    pub used_memory: u64,
+    /// Memory above which writes are refused, if any.
+    pub memory_limit: Option<u64>,
+    /// Whether creates and updates are refused now.
+    pub full: bool,
+}
+
+/// Answer of an update's enqueue.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Queued as this stream entry.
+    Entry(String),
+    /// The write backlog is over its bound: nothing was queued.
+    Full,
+}
+
 impl Queue {
+    /// A queue with no backlog bound; see [`Queue::with_max_entries`].
     pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
         Self {
             conn,
             keys: Keys::new(prefix),
+            max_entries: u64::MAX,
+            max_memory: None,
             create_chat: Script::new(CREATE_CHAT),
             create_message: Script::new(CREATE_MESSAGE),
             enqueue_update: Script::new(ENQUEUE_UPDATE),
+            read_pending: Script::new(READ_PENDING),
             release_pending: Script::new(RELEASE_PENDING),
         }
+    }
+
+    /// Refuse creates and updates while the stream holds `max_entries` or more, or while
+    /// Redis uses more than `max_memory` bytes (default: 90% of its `maxmemory`).
+    pub fn with_limits(mut self, max_entries: u64, max_memory: Option<u64>) -> Self {
+        self.max_entries = max_entries;
+        self.max_memory = max_memory;
+        self
+    }
+
+    /// Measures the backlog against its bounds and sets or clears the memory flag that the
+    /// scripts check. Called every second by the workers' maintenance.
+    pub async fn measure_pressure(&self) -> redis::RedisResult<Pressure> {
+        let pressure = self.pressure().await?;
+        let mut conn = self.conn.clone();
+        let memory_full = pressure
+            .memory_limit
+            .is_some_and(|l| pressure.used_memory >= l);
+        if memory_full {
+            // Expires on its own: a flag left by a worker that died would otherwise refuse
+            // writes for ever.
+            let set: redis::RedisResult<()> = conn.set_ex(self.keys.memory_full(), 1, 5).await;
+            if let Some(e) = set
+                .as_ref()
+                .err()
+                .filter(|e| !crate::store::redis_is_full(e))
+            {
+                tracing::warn!(error = %e, "cannot set the memory-full flag");
+            }
+        } else {
+            let _: () = conn.del(self.keys.memory_full()).await?;
+        }
+        Ok(pressure)
+    }
+
+    /// The backlog against its bounds (reads only).
+    pub async fn pressure(&self) -> redis::RedisResult<Pressure> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await?;
+        let field = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let used = field("used_memory");
+        let maxmemory = field("maxmemory");
+        let limit = self
+            .max_memory
+            .or((maxmemory > 0).then(|| maxmemory / 10 * 9));
+        let entries: u64 = conn.xlen(self.keys.stream()).await?;
+        let pressure = Pressure {
+            entries,
+            used_memory: used,
+            memory_limit: limit,
+            full: entries >= self.max_entries || limit.is_some_and(|l| used >= l),
+        };
+        Ok(pressure)
     }
 
     /// Caches token -> application id. `fresh` is true for a new application, whose
@@ -396,12 +533,14 @@ impl Queue {
             .key(self.keys.stream())
             .key(self.keys.chat_record_prefix(token))
             .key(idem_key)
+            .key(self.keys.memory_full())
             .arg(token)
             .arg(to_micros(at))
             .arg(if title.is_some() { "1" } else { "0" })
             .arg(title.unwrap_or(""))
             .arg(fingerprint)
             .arg(crate::idempotency::TTL_SECONDS)
+            .arg(self.max_entries)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(Allocation::from_reply(reply))
@@ -426,12 +565,14 @@ impl Queue {
             .key(self.keys.stream())
             .key(self.keys.message_record_prefix(token, chat))
             .key(idem_key)
+            .key(self.keys.memory_full())
             .arg(token)
             .arg(chat)
             .arg(body)
             .arg(to_micros(at))
             .arg(fingerprint)
             .arg(crate::idempotency::TTL_SECONDS)
+            .arg(self.max_entries)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(Allocation::from_reply(reply))
@@ -443,26 +584,19 @@ impl Queue {
         token: &str,
         app_id: u64,
         chat: &Chat,
-    ) -> redis::RedisResult<String> {
-        let (created_us, updated_us) = (to_micros(chat.created_at), to_micros(chat.updated_at));
+    ) -> redis::RedisResult<Enqueued> {
         let entry = QueuedWrite {
             kind: Kind::Chat,
             app_id,
             token: token.to_owned(),
             chat: chat.number,
             number: 0,
-            created_us,
-            updated_us,
+            created_us: to_micros(chat.created_at),
+            updated_us: to_micros(chat.updated_at),
             text: chat.title.clone(),
         };
-        let record = Record {
-            created_us,
-            updated_us,
-            messages_count: chat.messages_count,
-            text: chat.title.clone(),
-        };
-        self.enqueue_update(self.keys.chat_record(token, chat.number), &entry, &record)
-            .await
+        let key = self.keys.chat_record(token, chat.number);
+        self.enqueue_update(key, &entry, chat.messages_count).await
     }
 
     /// Queues the whole new state of a message and makes it the pending record.
@@ -471,60 +605,78 @@ impl Queue {
         token: &str,
         app_id: u64,
         message: &Message,
-    ) -> redis::RedisResult<String> {
-        let (created_us, updated_us) =
-            (to_micros(message.created_at), to_micros(message.updated_at));
+    ) -> redis::RedisResult<Enqueued> {
         let entry = QueuedWrite {
             kind: Kind::Message,
             app_id,
             token: token.to_owned(),
             chat: message.chat_number,
             number: message.number,
-            created_us,
-            updated_us,
-            text: Some(message.body.clone()),
-        };
-        let record = Record {
-            created_us,
-            updated_us,
-            messages_count: 0,
+            created_us: to_micros(message.created_at),
+            updated_us: to_micros(message.updated_at),
             text: Some(message.body.clone()),
         };
         let key = self
             .keys
             .message_record(token, message.chat_number, message.number);
-        self.enqueue_update(key, &entry, &record).await
+        self.enqueue_update(key, &entry, 0).await
     }
 
     async fn enqueue_update(
         &self,
         record_key: String,
         entry: &QueuedWrite,
-        record: &Record,
-    ) -> redis::RedisResult<String> {
-        self.enqueue_update
+        messages_count: u64,
+    ) -> redis::RedisResult<Enqueued> {
+        let reply: String = self
+            .enqueue_update
             .key(self.keys.stream())
             .key(record_key)
+            .key(self.keys.memory_full())
             .arg(entry.encode())
-            .arg(record.encode())
+            .arg(messages_count)
+            .arg(self.max_entries)
             .invoke_async(&mut self.conn.clone())
-            .await
+            .await?;
+        Ok(if reply == "full" {
+            Enqueued::Full
+        } else {
+            Enqueued::Entry(reply)
+        })
     }
 
-    async fn record(&self, key: String) -> redis::RedisResult<Option<Record>> {
-        let raw: Option<String> = self.conn.clone().get(key).await?;
-        Ok(raw.as_deref().and_then(Record::decode))
+    /// The pending record under `key` with the entry it points to. A record that cannot
+    /// be decoded, or whose entry is gone, is an error: never "not pending".
+    async fn pending(&self, key: String) -> redis::RedisResult<Option<Pending>> {
+        let reply: Option<(String, String)> = self
+            .read_pending
+            .key(key)
+            .key(self.keys.stream())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let Some((record, entry)) = reply else {
+            return Ok(None);
+        };
+        let corrupt = |detail: String| {
+            redis::RedisError::from((redis::ErrorKind::Client, "corrupt pending record", detail))
+        };
+        let record = Record::decode(&record).map_err(corrupt)?;
+        if entry.is_empty() {
+            return Err(corrupt(format!("entry {} is missing", record.version)));
+        }
+        let entry = QueuedWrite::decode(&entry).map_err(corrupt)?;
+        Ok(Some(Pending { record, entry }))
     }
 
     pub async fn pending_chat(&self, token: &str, number: u64) -> redis::RedisResult<Option<Chat>> {
-        let record = self.record(self.keys.chat_record(token, number)).await?;
-        Ok(record.and_then(|r| {
+        let pending = self.pending(self.keys.chat_record(token, number)).await?;
+        Ok(pending.and_then(|Pending { record, entry }| {
             Some(Chat {
                 number,
-                title: r.text,
-                messages_count: r.messages_count,
-                created_at: from_micros(r.created_us)?,
-                updated_at: from_micros(r.updated_us)?,
+                title: entry.text,
+                messages_count: record.messages_count,
+                created_at: from_micros(entry.created_us)?,
+                updated_at: from_micros(entry.updated_us)?,
             })
         }))
     }
@@ -535,16 +687,16 @@ impl Queue {
         chat: u64,
         number: u64,
     ) -> redis::RedisResult<Option<Message>> {
-        let record = self
-            .record(self.keys.message_record(token, chat, number))
+        let pending = self
+            .pending(self.keys.message_record(token, chat, number))
             .await?;
-        Ok(record.and_then(|r| {
+        Ok(pending.and_then(|Pending { entry, .. }| {
             Some(Message {
                 number,
                 chat_number: chat,
-                body: r.text?,
-                created_at: from_micros(r.created_us)?,
-                updated_at: from_micros(r.updated_us)?,
+                body: entry.text?,
+                created_at: from_micros(entry.created_us)?,
+                updated_at: from_micros(entry.updated_us)?,
             })
         }))
     }
@@ -642,17 +794,16 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip() {
-        let record = Record {
-            created_us: 1,
-            updated_us: 2,
-            messages_count: 3,
-            text: Some("x|y".into()),
-        };
+    fn records_decode_or_say_why() {
         assert_eq!(
-            Record::decode(&format!("1-0|{}", record.encode())),
-            Some(record)
+            Record::decode("1700000000000-3|7"),
+            Ok(Record {
+                version: "1700000000000-3".into(),
+                messages_count: 7
+            })
         );
-        assert_eq!(Record::decode("garbage"), None);
+        for bad in ["garbage", "1-0|x", "x|0", ""] {
+            assert!(Record::decode(bad).is_err(), "{bad}");
+        }
     }
 }

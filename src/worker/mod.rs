@@ -145,17 +145,50 @@ impl Worker {
         Ok(worker)
     }
 
-    /// Creates the consumer group (and the stream) if missing. The group starts at the
-    /// beginning of the stream, so entries queued before any worker existed are kept.
+    /// Creates the consumer group (and the stream) if missing, then removes the group's
+    /// consumers left behind by earlier processes. An existing group is only read, so a
+    /// worker starts (and drains) while Redis is at its `maxmemory`; `migrate` creates
+    /// the groups ahead of time. A new group starts at the beginning of the stream, so
+    /// entries queued before any worker existed are kept.
     async fn ensure_group(&self) -> Result<(), WorkerError> {
-        let result: redis::RedisResult<()> = self
-            .conn()
-            .xgroup_create_mkstream(self.store.queue.keys.stream(), self.group(), "0")
-            .await;
-        match result {
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            other => Ok(other?),
+        let group = self.group();
+        if !group_exists(&mut self.conn(), &self.store.queue.keys.stream(), group).await? {
+            create_group(&mut self.conn(), &self.store.queue.keys.stream(), group).await?;
         }
+        self.remove_stale_consumers().await
+    }
+
+    /// Every restart leaves a consumer name behind. Those with nothing pending, idle for
+    /// longer than `WORKER_CLAIM_IDLE`, are removed: live consumers read every
+    /// `WORKER_BATCH_WAIT`, and removing one with nothing pending loses nothing (its next
+    /// read makes it again).
+    async fn remove_stale_consumers(&self) -> Result<(), WorkerError> {
+        let stream = self.store.queue.keys.stream();
+        let reply: redis::streams::StreamInfoConsumersReply =
+            self.conn().xinfo_consumers(&stream, self.group()).await?;
+        let stale: Vec<&str> = reply
+            .consumers
+            .iter()
+            .filter(|c| c.pending == 0 && c.idle as u128 > self.config.claim_idle.as_millis())
+            .map(|c| c.name.as_str())
+            .collect();
+        for name in &stale {
+            let _: i64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(&stream)
+                .arg(self.group())
+                .arg(*name)
+                .query_async(&mut self.conn())
+                .await?;
+        }
+        if !stale.is_empty() {
+            tracing::info!(
+                count = stale.len(),
+                group = self.group(),
+                "removed stale consumers"
+            );
+        }
+        Ok(())
     }
 
     /// Leaves trimming and count syncing to another consumer of this process.
@@ -277,6 +310,7 @@ impl Worker {
         self.flush_index(true).await?;
         if let Role::Persist = self.role {
             self.sync_counts().await?;
+            self.trim_and_measure().await?;
         }
         Ok(total)
     }
@@ -471,12 +505,21 @@ impl Worker {
         self.store.queue.release_pending(&records).await?;
 
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let touched: HashSet<String> = entries.iter().flat_map(Entry::touched).collect();
-        let mut pipe = redis::pipe();
-        pipe.sadd(keys.touched(), touched.into_iter().collect::<Vec<_>>())
-            .ignore();
-        pipe.xack(keys.stream(), PERSIST_GROUP, &ids).ignore();
-        pipe.exec_async(&mut self.conn()).await?;
+        let touched: Vec<String> = entries
+            .iter()
+            .flat_map(Entry::touched)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let marked: redis::RedisResult<()> = self.conn().sadd(keys.touched(), &touched).await;
+        match marked {
+            Ok(()) => {}
+            // At `maxmemory` the set cannot grow: refresh these counts now instead, so
+            // that acknowledging (which frees memory) goes on.
+            Err(e) if crate::store::redis_is_full(&e) => self.sync_parents(&touched).await?,
+            Err(e) => return Err(e.into()),
+        }
+        let _: i64 = self.conn().xack(keys.stream(), PERSIST_GROUP, &ids).await?;
 
         record_lag("persist_lag_seconds", entries.iter().map(|e| e.id.as_str()));
         metrics::histogram!("worker_batch_size").record(entries.len() as f64);
@@ -497,9 +540,10 @@ impl Worker {
             let bytes = redis::from_redis_value_ref::<Vec<u8>>(v).unwrap_or_default();
             (k.clone(), bytes)
         }));
+        let cap = redis::streams::StreamMaxlen::Approx(self.config.dead_letter_max as usize);
         let mut pipe = redis::pipe();
         pipe.atomic()
-            .xadd(keys.dead_letters(), "*", &fields)
+            .xadd_maxlen(keys.dead_letters(), cap, "*", &fields)
             .ignore()
             .xack(keys.stream(), PERSIST_GROUP, &[&item.id])
             .ignore();
@@ -539,6 +583,7 @@ impl Worker {
             // own default), which alone would fall behind a queue growing faster than
             // that per second. Call it until it has caught up: each call stays short, so
             // creates interleave with it.
+            let mut caught_up = false;
             for _ in 0..TRIM_MAX_CALLS {
                 let trimmed: u64 = redis::cmd("XTRIM")
                     .arg(&stream)
@@ -552,12 +597,26 @@ impl Worker {
                 // Whole stream nodes go at once, so a call may stop a little short of
                 // the limit with more to come: only a call that removed nothing is last.
                 if trimmed == 0 {
+                    caught_up = true;
                     break;
                 }
             }
+            // Then the rest of the first node, exactly: the stream's length is what the
+            // backlog bound (`QUEUE_MAX_ENTRIES`) counts. Once caught up, that is at most
+            // one node's worth of entries.
+            if caught_up {
+                let _: u64 = redis::cmd("XTRIM")
+                    .arg(&stream)
+                    .arg("MINID")
+                    .arg(&floor)
+                    .query_async(&mut conn)
+                    .await?;
+            }
         }
-        let len: u64 = conn.xlen(&stream).await?;
-        metrics::gauge!("queue_length").set(len as f64);
+        let pressure = self.store.queue.measure_pressure().await?;
+        metrics::gauge!("queue_length").set(pressure.entries as f64);
+        metrics::gauge!("redis_used_memory_bytes").set(pressure.used_memory as f64);
+        metrics::gauge!("queue_full").set(if pressure.full { 1.0 } else { 0.0 });
         let dead: u64 = conn.xlen(self.store.queue.keys.dead_letters()).await?;
         metrics::gauge!("dead_letter_length").set(dead as f64);
         Ok(())
@@ -576,24 +635,79 @@ impl Worker {
             if members.is_empty() {
                 return Ok(());
             }
-            for (i, member) in members.iter().enumerate() {
-                let result = match Parent::parse(member) {
-                    Some(Parent::Application(app)) => {
-                        mysql::sync_chats_count(&self.store.mysql, app).await
-                    }
-                    Some(Parent::Chat(app, chat)) => {
-                        mysql::sync_messages_count(&self.store.mysql, app, chat).await
-                    }
-                    None => Ok(()),
-                };
-                if let Err(e) = result {
-                    let _: () = self.conn().sadd(&key, &members[i..]).await?;
-                    return Err(e.into());
-                }
+            if let Err((done, e)) = self.refresh_counts(&members).await {
+                let _: () = self.conn().sadd(&key, &members[done..]).await?;
+                return Err(e.into());
             }
-            metrics::counter!("counts_synced_total").increment(members.len() as u64);
         }
     }
+
+    /// Refreshes the counts of these parents now.
+    async fn sync_parents(&self, members: &[String]) -> Result<(), WorkerError> {
+        self.refresh_counts(members)
+            .await
+            .map_err(|(_, e)| e.into())
+    }
+
+    /// Refreshes each parent's count; on failure, says how many were done first.
+    async fn refresh_counts(&self, members: &[String]) -> Result<(), (usize, sqlx::Error)> {
+        for (i, member) in members.iter().enumerate() {
+            let result = match Parent::parse(member) {
+                Some(Parent::Application(app)) => {
+                    mysql::sync_chats_count(&self.store.mysql, app).await
+                }
+                Some(Parent::Chat(app, chat)) => {
+                    mysql::sync_messages_count(&self.store.mysql, app, chat).await
+                }
+                None => Ok(()),
+            };
+            result.map_err(|e| (i, e))?;
+        }
+        metrics::counter!("counts_synced_total").increment(members.len() as u64);
+        Ok(())
+    }
+}
+
+async fn group_exists(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<bool, WorkerError> {
+    let info: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
+        conn.xinfo_groups(stream).await;
+    match info {
+        Ok(info) => Ok(info.groups.iter().any(|g| g.name == group)),
+        // No stream yet.
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn create_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<(), WorkerError> {
+    let created: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "0").await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Creates the consumer groups of the write queue if missing (`migrate` does, so that
+/// workers can start while Redis is at its `maxmemory`).
+pub async fn create_groups(store: &Store) -> Result<(), WorkerError> {
+    let stream = store.queue.keys.stream();
+    let mut conn = store.queue.conn.clone();
+    for group in [PERSIST_GROUP, INDEX_GROUP] {
+        if !group_exists(&mut conn, &stream, group).await? {
+            create_group(&mut conn, &stream, group).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Records, for each entry, the time from its acceptance (its stream id) to now.

@@ -73,6 +73,10 @@ pub struct Options {
     /// Route MySQL and Redis through cuttable proxies.
     pub proxies: bool,
     pub body_limit: Option<usize>,
+    /// `QUEUE_MAX_ENTRIES` (default 1,000,000).
+    pub queue_max_entries: Option<u64>,
+    /// A Redis URL other than the shared test server's.
+    pub redis_url: Option<String>,
     pub request_timeout: Option<Duration>,
 }
 
@@ -127,9 +131,10 @@ impl TestApp {
             Some(p) => format!("mysql://root@{}/{database}", p.addr),
             None => format!("{server}/{database}"),
         };
-        let redis = match &redis_proxy {
-            Some(p) => format!("redis://{}", p.addr),
-            None => redis_url(),
+        let redis = match (&redis_proxy, options.redis_url) {
+            (Some(p), _) => format!("redis://{}", p.addr),
+            (None, Some(url)) => url,
+            (None, None) => redis_url(),
         };
         let store_config = StoreConfig {
             database_url: database_url.parse().unwrap(),
@@ -137,6 +142,8 @@ impl TestApp {
             redis_url: redis.parse().unwrap(),
             redis_prefix: prefix.clone(),
             dependency_timeout: Duration::from_secs(2),
+            queue_max_entries: options.queue_max_entries.unwrap_or(1_000_000),
+            queue_max_memory: None,
         };
         let store = Store::connect(&store_config).await.expect("connect");
         MIGRATOR.run(&store.mysql).await.expect("migrate");
@@ -306,6 +313,7 @@ pub fn worker_config() -> WorkerConfig {
         metrics_bind: None,
         concurrency: 1,
         counts_sync_interval: parse_duration("200ms").unwrap(),
+        dead_letter_max: 100_000,
     }
 }
 
@@ -359,6 +367,58 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Redis server of one test's own (the shared one cannot be filled up or reconfigured),
+/// on a Unix socket, with the given `maxmemory` and `noeviction`. Stopped when dropped.
+pub struct PrivateRedis {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateRedis {
+    pub async fn start(maxmemory: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique_name("chat-system-redis-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .args(["--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"])
+            .arg("--unixsocket")
+            .arg(dir.join("redis.sock"))
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by scripts/deps)");
+        let redis = Self { child, dir };
+        let url = redis.url();
+        eventually(Duration::from_secs(10), "the private Redis", || async {
+            let Ok(client) = redis::Client::open(url.as_str()) else {
+                return false;
+            };
+            match client.get_multiplexed_async_connection().await {
+                Ok(mut conn) => redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.dir.join("redis.sock").display())
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Black-box tests of the whole service against real MariaDB and Redis.
 
 mod applications;
+mod backpressure;
 mod chats;
 mod errors;
 mod helpers;

@@ -18,7 +18,7 @@ async fn healthz_and_readyz_answer() {
     assert_eq!(ready.status, 200);
     assert_eq!(
         ready.body["checks"],
-        json!({"mysql": "ok", "redis": "ok", "search": "ok"})
+        json!({"mysql": "ok", "redis": "ok", "search": "ok", "queue": "ok"})
     );
 }
 
@@ -37,7 +37,7 @@ async fn readyz_names_the_dependency_that_is_down() {
     reply.assert_problem(503);
     assert_eq!(
         reply.body["checks"],
-        json!({"mysql": "unavailable", "redis": "ok", "search": "ok"})
+        json!({"mysql": "unavailable", "redis": "ok", "search": "ok", "queue": "ok"})
     );
     assert!(reply.body["detail"].as_str().unwrap().contains("mysql"));
     mysql.restore();
@@ -46,6 +46,7 @@ async fn readyz_names_the_dependency_that_is_down() {
     let reply = app.get("/readyz").await;
     reply.assert_problem(503);
     assert_eq!(reply.body["checks"]["redis"], "unavailable");
+    assert_eq!(reply.body["checks"]["queue"], "unavailable");
     redis.restore();
 }
 

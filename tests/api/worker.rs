@@ -7,7 +7,11 @@ use chat_system::resources::now;
 use chat_system::store::mysql::{self, MessageWrite};
 use serde_json::json;
 
-use crate::helpers::{TestApp, eventually};
+use chat_system::startup::build_worker;
+use chat_system::worker::Role;
+use redis::AsyncCommands;
+
+use crate::helpers::{TestApp, eventually, worker_config};
 
 #[tokio::test]
 async fn counts_converge_within_the_sync_interval() {
@@ -303,4 +307,99 @@ async fn the_stream_is_trimmed_behind_every_group_however_long_it_grew() {
         || async { app.stream_len().await < 1_000 },
     )
     .await;
+}
+
+#[tokio::test]
+async fn the_dead_letter_stream_is_capped() {
+    let mut app = TestApp::spawn().await;
+    let keys = app.store.queue.keys.clone();
+    let mut conn = app.redis().await;
+    let mut config = worker_config();
+    config.dead_letter_max = 10;
+    let mut worker = build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
+        .await
+        .unwrap();
+    for _ in 0..500 {
+        let _: String = redis::cmd("XADD")
+            .arg(keys.stream())
+            .arg("*")
+            .arg(&["e", "garbage"])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(worker.drain().await.unwrap(), 500);
+    let dead: u64 = redis::cmd("XLEN")
+        .arg(keys.dead_letters())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Approximate trimming removes whole stream nodes (100 entries by default).
+    assert!(dead <= 10 + 100, "{dead} dead letters kept");
+    app.drain().await;
+}
+
+#[tokio::test]
+async fn a_starting_worker_removes_consumers_left_idle_with_nothing_pending() {
+    let app = TestApp::spawn().await;
+    let keys = app.store.queue.keys.clone();
+    let mut conn = app.redis().await;
+    let token = app.application("a").await;
+    app.chat(&token).await;
+    // A consumer of a process long gone, and one that still holds an entry.
+    for (name, read) in [("ghost", false), ("holder", true)] {
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(keys.stream())
+            .arg("persist")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if read {
+            let _: redis::Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("persist")
+                .arg(name)
+                .arg("COUNT")
+                .arg(1)
+                .arg("STREAMS")
+                .arg(keys.stream())
+                .arg(">")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    let config = worker_config();
+    let consumers = |conn: redis::aio::ConnectionManager| {
+        let stream = keys.stream();
+        async move {
+            let mut conn = conn;
+            let reply: redis::streams::StreamInfoConsumersReply =
+                conn.xinfo_consumers(stream, "persist").await.unwrap();
+            reply.consumers
+        }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "both consumers idle longer than WORKER_CLAIM_IDLE",
+        || async {
+            consumers(conn.clone())
+                .await
+                .iter()
+                .all(|c| c.idle as u128 > config.claim_idle.as_millis())
+        },
+    )
+    .await;
+    build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
+        .await
+        .unwrap();
+    let names: Vec<String> = consumers(conn.clone())
+        .await
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert!(!names.contains(&"ghost".to_owned()), "{names:?}");
+    assert!(names.contains(&"holder".to_owned()), "{names:?}");
 }
