@@ -2,6 +2,7 @@
 
 mod applications;
 mod chats;
+mod connections;
 mod errors;
 mod helpers;
 mod idempotency;
