@@ -72,6 +72,29 @@ pub struct ApiConfig {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Longest time a client may take to send a whole request head (request line and
+    /// headers), counted from the opening of the connection or from the first byte of a
+    /// later request on it. The connection is closed without an answer when it runs out.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub header_read_timeout: Duration,
+
+    /// A keep-alive connection with no request in flight and none started is closed after
+    /// being idle this long. Longer than the 60 s for which the bundled nginx keeps idle
+    /// upstream connections: a server that closes first races nginx's next request on the
+    /// connection, which then fails.
+    #[arg(long, env = "KEEP_ALIVE_TIMEOUT", default_value = "75s", value_parser = parse_timeout)]
+    pub keep_alive_timeout: Duration,
+
+    /// Most client connections open at once. Beyond it, new clients wait in the listen
+    /// backlog until a connection closes.
+    #[arg(
+        long,
+        env = "MAX_CONNECTIONS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_connections: u32,
+
     /// Enables `GET /applications` (which reveals every token) for requests that carry
     /// `Authorization: Bearer <key>`. Unset: the listing is disabled (403). An empty key
     /// is refused at start.
@@ -273,6 +296,14 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` must be above 0 and below 16 EiB"))
 }
 
+/// A [`parse_duration`] above zero: a zero timeout would close every connection.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err(format!("`{s}`: must be more than zero")),
+        d => Ok(d),
+    }
+}
+
 fn parse_prefix(s: &str) -> Result<String, String> {
     if s.is_empty()
         || !s
@@ -296,6 +327,13 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn timeouts_must_be_more_than_zero() {
+        assert_eq!(parse_timeout("300ms"), Ok(Duration::from_millis(300)));
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("0").is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | [`config`] | typed configuration from environment variables |
 //! | [`startup`] | building and running the processes, graceful shutdown |
 //! | [`http`] | routes by resource, extractors, middleware, OpenAPI |
+//! | [`server`] | the accept loop: connection limit, header and keep-alive timeouts |
 //! | [`idempotency`] | `Idempotency-Key` on the create endpoints |
 //! | [`error`] | the one API error type and its problem+json mapping |
 //! | [`domain`] | input validation: tokens, numbers, names, titles, bodies |
@@ -33,6 +34,7 @@ pub mod idempotency;
 pub mod reindex;
 pub mod resources;
 pub mod search;
+pub mod server;
 pub mod service;
 pub mod startup;
 pub mod store;

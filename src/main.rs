@@ -41,14 +41,46 @@ fn configure_allocator() {
     }
 }
 
+/// The open-files limit after [`raise_open_files_limit`]: soft and hard, or why it
+/// could not be read or raised.
+type OpenFiles = Result<(u64, u64), std::io::Error>;
+
+/// Raises the soft limit on open files (RLIMIT_NOFILE) to the hard one. Every client
+/// connection takes a descriptor, and the soft limit (often 1,024) would otherwise
+/// stop the server far below MAX_CONNECTIONS. Raising the soft limit up to the hard
+/// one needs no privilege. A failure leaves the limit as it was.
+fn raise_open_files_limit() -> OpenFiles {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` through a pointer to a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads one `rlimit` through a pointer to a live local.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
 fn main() -> ExitCode {
     // Before the runtime starts its threads, which allocate.
     configure_allocator();
+    let open_files = raise_open_files_limit();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(start()),
+        Ok(runtime) => runtime.block_on(start(open_files)),
         Err(e) => {
             eprintln!("chat-system: cannot start the async runtime: {e}");
             ExitCode::FAILURE
@@ -56,11 +88,15 @@ fn main() -> ExitCode {
     }
 }
 
-async fn start() -> ExitCode {
+async fn start(open_files: OpenFiles) -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = telemetry::init(&cli.log) {
         eprintln!("chat-system: {e}");
         return ExitCode::from(2);
+    }
+    match open_files {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open files limit"),
     }
     // No subcommand means `serve`, with its settings from the environment.
     let command = match cli.command {
@@ -169,5 +205,11 @@ mod tests {
         assert_eq!(option(MI_OPTION_ALLOW_THP), 0);
         let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
         assert_eq!(disabled, 1);
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let (soft, hard) = raise_open_files_limit().expect("getrlimit and setrlimit");
+        assert_eq!(soft, hard);
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::config::{ApiConfig, StoreConfig, WorkerConfig};
 use crate::http::{self, AppState};
 use crate::search::{Search, SearchError};
+use crate::server::{self, Limits};
 use crate::store::{self, ConnectError, Store};
 use crate::worker::{Backlog, Role, Worker, WorkerError};
 
@@ -29,14 +30,13 @@ pub enum StartError {
     Search(#[from] SearchError),
     #[error("worker: {0}")]
     Worker(#[from] WorkerError),
-    #[error("server: {0}")]
-    Serve(std::io::Error),
 }
 
 /// A bound, not yet serving, API server.
 pub struct ApiServer {
     listener: TcpListener,
     router: axum::Router,
+    limits: Limits,
 }
 
 impl ApiServer {
@@ -60,6 +60,7 @@ impl ApiServer {
         Ok(Self {
             listener,
             router: http::router(state, config),
+            limits: api_limits(config),
         })
     }
 
@@ -74,13 +75,37 @@ impl ApiServer {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        tracing::info!(addr = %self.local_addr(), "listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(StartError::Serve)
+        tracing::info!(
+            addr = %self.local_addr(),
+            max_connections = self.limits.max_connections,
+            "listening"
+        );
+        server::serve(self.listener, self.router, self.limits, shutdown).await;
+        Ok(())
     }
 }
+
+/// Time allowed after the request timeout for the last responses to be written.
+const DRAIN_MARGIN: Duration = Duration::from_secs(5);
+
+fn api_limits(config: &ApiConfig) -> Limits {
+    Limits {
+        header_read_timeout: config.header_read_timeout,
+        keep_alive_timeout: config.keep_alive_timeout,
+        max_connections: usize::try_from(config.max_connections).unwrap_or(usize::MAX),
+        // A request in flight ends within the request timeout, with a 503 at worst.
+        drain_timeout: config.request_timeout + DRAIN_MARGIN,
+    }
+}
+
+/// The worker's metrics server is scraped by Prometheus and probed by health checks
+/// only: a few connections, each answered at once.
+const WORKER_METRICS_LIMITS: Limits = Limits {
+    header_read_timeout: Duration::from_secs(10),
+    keep_alive_timeout: Duration::from_secs(75),
+    max_connections: 64,
+    drain_timeout: DRAIN_MARGIN,
+};
 
 /// Connects a worker, with a Redis connection of its own for blocking reads.
 pub async fn build_worker(
@@ -201,14 +226,12 @@ pub async fn serve_worker_metrics(
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
     let router = http::worker_router(http::install_metrics_recorder());
-    tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(wait_for(shutdown))
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "worker metrics server failed");
-        }
-    });
+    tokio::spawn(server::serve(
+        listener,
+        router,
+        WORKER_METRICS_LIMITS,
+        wait_for(shutdown),
+    ));
     Ok(())
 }
 

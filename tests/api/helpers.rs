@@ -78,6 +78,9 @@ pub struct Options {
     /// A Redis URL other than the shared test server's.
     pub redis_url: Option<String>,
     pub request_timeout: Option<Duration>,
+    pub header_read_timeout: Option<Duration>,
+    pub keep_alive_timeout: Option<Duration>,
+    pub max_connections: Option<u32>,
 }
 
 pub struct TestApp {
@@ -151,6 +154,13 @@ impl TestApp {
             bind: "127.0.0.1:0".parse().unwrap(),
             body_limit: options.body_limit.unwrap_or(256 * 1024),
             request_timeout: options.request_timeout.unwrap_or(Duration::from_secs(10)),
+            header_read_timeout: options
+                .header_read_timeout
+                .unwrap_or(Duration::from_secs(10)),
+            keep_alive_timeout: options
+                .keep_alive_timeout
+                .unwrap_or(Duration::from_secs(75)),
+            max_connections: options.max_connections.unwrap_or(10_000),
             admin_api_key: options.admin_api_key.map(|k| k.parse().expect("admin key")),
         };
         let search_config = SearchConfig {

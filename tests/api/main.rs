@@ -3,6 +3,7 @@
 mod applications;
 mod backpressure;
 mod chats;
+mod connections;
 mod errors;
 mod helpers;
 mod idempotency;
