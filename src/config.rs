@@ -139,6 +139,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "WORKER_METRICS_BIND", value_name = "WORKER_METRICS_BIND")]
     pub metrics_bind: Option<SocketAddr>,
 
+    /// How far (in time) the search indexer may lag before the stream is trimmed past it
+    /// anyway; it then catches up from MySQL. Bounds the Redis memory a search outage
+    /// holds.
+    #[arg(long, env = "INDEX_LAG_MAX", value_name = "INDEX_LAG_MAX", default_value = "60s", value_parser = parse_duration)]
+    pub index_lag_max: Duration,
+
     /// Most entries kept in the dead-letter stream (approximately; the oldest go first).
     #[arg(
         long,

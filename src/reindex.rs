@@ -27,7 +27,7 @@ pub async fn run(db: &MySqlPool, search: &Search, batch: u32) -> Result<(), Star
     let mut cursor = MessageCursor::default();
     let mut done = 0u64;
     loop {
-        let (docs, next) = mysql::messages_for_index(db, cursor, batch)
+        let (docs, next) = mysql::messages_for_index(db, cursor, 0, batch)
             .await
             .map_err(connect_error)?;
         if docs.is_empty() {

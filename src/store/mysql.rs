@@ -397,22 +397,26 @@ struct IndexRow {
     updated_at: NaiveDateTime,
 }
 
-/// The next `limit` messages after `cursor`, in primary-key order, with their token.
+/// The next `limit` messages after `cursor` whose version is at least `min_version`, in
+/// primary-key order, with their token. (The version filter reads the rows it skips: a
+/// catch-up costs a scan of the table.)
 pub async fn messages_for_index(
     db: &MySqlPool,
     cursor: MessageCursor,
+    min_version: u64,
     limit: u32,
 ) -> sqlx::Result<(Vec<crate::search::MessageDoc>, MessageCursor)> {
     let rows: Vec<IndexRow> = sqlx::query_as(
         "SELECT m.application_id, a.token, m.chat_number, m.number, m.body, m.version, \
                 m.created_at, m.updated_at \
          FROM messages m JOIN applications a ON a.id = m.application_id \
-         WHERE (m.application_id, m.chat_number, m.number) > (?, ?, ?) \
+         WHERE (m.application_id, m.chat_number, m.number) > (?, ?, ?) AND m.version >= ? \
          ORDER BY m.application_id, m.chat_number, m.number LIMIT ?",
     )
     .bind(cursor.app_id)
     .bind(cursor.chat)
     .bind(cursor.number)
+    .bind(min_version)
     .bind(limit)
     .fetch_all(db)
     .await?;

@@ -15,6 +15,8 @@
 //! | `P:dlq` | stream | entries no worker could persist, with the reason |
 //! | `P:touched` | set | parents whose counts need a refresh |
 //! | `P:full` | string | exists while Redis memory is over `QUEUE_MAX_MEMORY` (expires) |
+//! | `P:index:gap` | string | oldest entry the indexer had not handled when the stream was trimmed past it |
+//! | `P:index:catchup` | string | where the indexer's catch-up from MySQL starts, while it runs |
 //!
 //! # Why a counter never hands out a number twice
 //! A create runs as one Lua script: it checks the parent, increments the counter, appends
@@ -124,6 +126,34 @@ end
 local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[1])
 redis.call('SET', KEYS[2], id .. '|' .. ARGV[2])
 return id
+";
+
+// Starts the indexer's catch-up after the stream was trimmed past it: the gap mark
+// becomes the catch-up mark, and the index group is made anew just before the stream's
+// first entry, so that it reads every entry still there (and forgets pending entries
+// that are gone). Everything before that entry was persisted before it was trimmed, so
+// MySQL holds it. The SET comes first: at `maxmemory` Redis refuses it (and with it,
+// the rest of the script) before anything has changed.
+// KEYS: 1 gap mark, 2 catch-up mark, 3 stream. ARGV: 1 group. Answers where the
+// catch-up starts, or nil without a gap.
+const START_CATCH_UP: &str = r"
+local from = redis.call('GET', KEYS[1])
+if not from then return false end
+redis.call('SET', KEYS[2], from)
+redis.call('DEL', KEYS[1])
+local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+local start = '$'
+if #first > 0 then
+  local ms, seq = string.match(first[1][1], '^(%d+)-(%d+)$')
+  if tonumber(seq) > 0 then
+    start = ms .. '-' .. string.format('%.0f', tonumber(seq) - 1)
+  else
+    start = string.format('%.0f', tonumber(ms) - 1) .. '-18446744073709551615'
+  end
+end
+redis.call('XGROUP', 'DESTROY', KEYS[3], ARGV[1])
+redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[1], start, 'MKSTREAM')
+return from
 ";
 
 // A pending record and the stream entry it points to, read atomically (the worker
@@ -356,6 +386,12 @@ impl Keys {
     pub fn touched(&self) -> String {
         format!("{}:touched", self.prefix)
     }
+    pub fn index_gap(&self) -> String {
+        format!("{}:index:gap", self.prefix)
+    }
+    pub fn index_catch_up(&self) -> String {
+        format!("{}:index:catchup", self.prefix)
+    }
     /// Exists while Redis memory is over `QUEUE_MAX_MEMORY` (set by the workers).
     pub fn memory_full(&self) -> String {
         format!("{}:full", self.prefix)
@@ -385,6 +421,7 @@ pub struct Queue {
     enqueue_update: Script,
     read_pending: Script,
     release_pending: Script,
+    start_catch_up: Script,
 }
 
 /// The write backlog against its bounds.
@@ -422,6 +459,7 @@ impl Queue {
             enqueue_update: Script::new(ENQUEUE_UPDATE),
             read_pending: Script::new(READ_PENDING),
             release_pending: Script::new(RELEASE_PENDING),
+            start_catch_up: Script::new(START_CATCH_UP),
         }
     }
 
@@ -712,6 +750,43 @@ impl Queue {
         }
         let _: i64 = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(())
+    }
+
+    /// Records that the stream is about to be trimmed past entries the indexer has not
+    /// handled, from `entry` on; an older mark is kept.
+    pub async fn mark_index_gap(&self, entry: &str) -> redis::RedisResult<()> {
+        let _: bool = self
+            .conn
+            .clone()
+            .set_nx(self.keys.index_gap(), entry)
+            .await?;
+        Ok(())
+    }
+
+    /// Where an unfinished catch-up of the indexer started, if one is in progress.
+    pub async fn index_catch_up_in_progress(&self) -> redis::RedisResult<Option<String>> {
+        self.conn.clone().get(self.keys.index_catch_up()).await
+    }
+
+    /// Whether a gap is marked for which no catch-up has started yet.
+    pub async fn index_gap_marked(&self) -> redis::RedisResult<bool> {
+        self.conn.clone().exists(self.keys.index_gap()).await
+    }
+
+    /// Turns the gap mark into a catch-up mark and resets `group` to read what the stream
+    /// still holds; answers where the catch-up starts (nothing without a gap).
+    pub async fn start_index_catch_up(&self, group: &str) -> redis::RedisResult<Option<String>> {
+        self.start_catch_up
+            .key(self.keys.index_gap())
+            .key(self.keys.index_catch_up())
+            .key(self.keys.stream())
+            .arg(group)
+            .invoke_async(&mut self.conn.clone())
+            .await
+    }
+
+    pub async fn finish_index_catch_up(&self) -> redis::RedisResult<()> {
+        self.conn.clone().del(self.keys.index_catch_up()).await
     }
 
     pub async fn ping(&self) -> redis::RedisResult<()> {

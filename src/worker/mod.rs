@@ -14,9 +14,11 @@
 //! * `index` only: indexes message bodies; an entry it cannot parse is left to the
 //!   `persist` group, which owns the dead-letter stream.
 
+mod catch_up;
 mod entry;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -119,6 +121,8 @@ pub struct Worker {
     /// Persist role: trims the stream and syncs counts (one consumer per process does).
     maintenance: bool,
     backlog: Backlog,
+    /// Whether the last trim went past the indexer (logged once per episode).
+    trimming_past_index: AtomicBool,
 }
 
 impl Worker {
@@ -140,6 +144,7 @@ impl Worker {
             unacked_since: None,
             maintenance: true,
             backlog: Backlog::default(),
+            trimming_past_index: AtomicBool::new(false),
         };
         worker.ensure_group().await?;
         Ok(worker)
@@ -246,6 +251,13 @@ impl Worker {
                     last_counts = Instant::now();
                     self.sync_counts().await?;
                 }
+                if let Role::Index(search) = &self.role
+                    && last_trim.elapsed() >= TRIM_EVERY
+                {
+                    last_trim = Instant::now();
+                    let search = search.clone();
+                    self.catch_up_index(&search).await?;
+                }
                 // After a failure (or at start) our own unacknowledged entries come first.
                 let from = if own_backlog { "0" } else { ">" };
                 let entries = self.read(from).await?;
@@ -298,6 +310,10 @@ impl Worker {
     /// tests and tools. Returns the number of entries handled.
     pub async fn drain(&mut self) -> Result<usize, WorkerError> {
         let mut total = 0;
+        if let Role::Index(search) = &self.role {
+            let search = search.clone();
+            self.catch_up_index(&search).await?;
+        }
         for from in ["0", ">"] {
             loop {
                 let entries = self.read(from).await?;
@@ -556,12 +572,14 @@ impl Worker {
         let stream = self.store.queue.keys.stream();
         let mut conn = self.conn();
         let info: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&stream).await?;
-        let mut floor: Option<String> = None;
+        // Where each group still needs the stream from: its oldest pending entry, else
+        // its last delivered one.
+        let mut positions: Vec<(String, String)> = Vec::new();
         for group in &info.groups {
-            metrics::gauge!("queue_pending", "group" => group.name.clone())
+            metrics::gauge!("queue_pending", "group" => group_label(&group.name))
                 .set(group.pending as f64);
             if let Some(lag) = group.lag {
-                metrics::gauge!("queue_lag", "group" => group.name.clone()).set(lag as f64);
+                metrics::gauge!("queue_lag", "group" => group_label(&group.name)).set(lag as f64);
             }
             let oldest = if group.pending > 0 {
                 let summary: redis::streams::StreamPendingReply =
@@ -573,11 +591,9 @@ impl Worker {
             } else {
                 group.last_delivered_id.clone()
             };
-            floor = Some(match floor {
-                Some(f) if stream_id_le(&f, &oldest) => f,
-                _ => oldest,
-            });
+            positions.push((group.name.clone(), oldest));
         }
+        let floor = self.trim_floor(&positions).await?;
         if let Some(floor) = floor {
             // An approximate trim removes at most `TRIM_LIMIT` entries per call (Redis's
             // own default), which alone would fall behind a queue growing faster than
@@ -620,6 +636,69 @@ impl Worker {
         let dead: u64 = conn.xlen(self.store.queue.keys.dead_letters()).await?;
         metrics::gauge!("dead_letter_length").set(dead as f64);
         Ok(())
+    }
+
+    /// Where the stream may be trimmed up to. Persistence holds it back always; the
+    /// indexer only while it lags persistence by at most `INDEX_LAG_MAX` and Redis is not
+    /// under memory pressure. Past that, entries the indexer has not handled are trimmed
+    /// anyway (a search outage must not become a Redis outage): MySQL has everything
+    /// trimmed, and the indexer reads it back from there (see `catch_up`).
+    async fn trim_floor(
+        &self,
+        positions: &[(String, String)],
+    ) -> Result<Option<String>, WorkerError> {
+        let position = |name: &str| {
+            positions
+                .iter()
+                .find(|(group, _)| group == name)
+                .map(|(_, id)| id.clone())
+        };
+        let Some(persist) = position(PERSIST_GROUP) else {
+            return Ok(None);
+        };
+        let Some(index) = position(INDEX_GROUP) else {
+            return Ok(Some(persist));
+        };
+        if stream_id_le(&persist, &index) {
+            return Ok(Some(persist));
+        }
+        // How long ago the first entry past the indexer's position was accepted.
+        let next: redis::streams::StreamRangeReply = self
+            .conn()
+            .xrange_count(self.store.queue.keys.stream(), format!("({index}"), "+", 1)
+            .await?;
+        let Some(needed) = next.ids.first().map(|e| e.id.clone()) else {
+            return Ok(Some(persist));
+        };
+        let lag_ms = now_ms().saturating_sub(accepted_ms(&needed).unwrap_or(0));
+        metrics::gauge!("index_backlog_age_seconds").set(lag_ms as f64 / 1000.0);
+        let pressed = self.store.queue.pressure().await?.full;
+        if u128::from(lag_ms) <= self.config.index_lag_max.as_millis() && !pressed {
+            if self.trimming_past_index.swap(false, Ordering::Relaxed) {
+                tracing::info!("the stream is trimmed behind the search indexer again");
+            }
+            return Ok(Some(index));
+        }
+        // The mark first: without it the indexer would never learn of its gap. Redis at
+        // its very `maxmemory` refuses it; then only what every group is done with goes
+        // (which frees memory), and the next round tries again.
+        if let Err(e) = self.store.queue.mark_index_gap(&index).await {
+            if crate::store::redis_is_full(&e) {
+                return Ok(Some(index));
+            }
+            return Err(e.into());
+        }
+        if !self.trimming_past_index.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                lag_ms,
+                pressed,
+                from = %index,
+                "the search indexer lags too far behind: trimming the stream past it; it \
+                 will catch up from MySQL"
+            );
+        }
+        metrics::counter!("index_trimmed_past_total").increment(1);
+        Ok(Some(persist))
     }
 
     /// Refreshes the counts of the parents touched since the last sync. `SPOP` hands each
@@ -710,14 +789,28 @@ pub async fn create_groups(store: &Store) -> Result<(), WorkerError> {
     Ok(())
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Records, for each entry, the time from its acceptance (its stream id) to now.
 fn record_lag<'a>(metric: &'static str, ids: impl Iterator<Item = &'a str>) {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = now_ms();
     let histogram = metrics::histogram!(metric);
     for ms in ids.filter_map(accepted_ms) {
         histogram.record(now_ms.saturating_sub(ms) as f64 / 1000.0);
+    }
+}
+
+/// A group's name as a metric label: the known groups, else `other` (labels stay bounded
+/// whatever else shares the stream).
+fn group_label(name: &str) -> &'static str {
+    match name {
+        PERSIST_GROUP => PERSIST_GROUP,
+        INDEX_GROUP => INDEX_GROUP,
+        _ => "other",
     }
 }
 

@@ -324,6 +324,7 @@ pub fn worker_config() -> WorkerConfig {
         concurrency: 1,
         counts_sync_interval: parse_duration("200ms").unwrap(),
         dead_letter_max: 100_000,
+        index_lag_max: Duration::from_secs(60),
     }
 }
 

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{TestApp, eventually};
+use chat_system::startup::build_worker;
+use chat_system::worker::Role;
+
+use crate::helpers::{TestApp, eventually, worker_config};
 
 async fn search(app: &TestApp, token: &str, chat: u64, query: &str) -> Vec<String> {
     let reply = app
@@ -213,4 +216,80 @@ async fn reindex_rebuilds_the_index_from_mysql() {
             .unwrap();
     }
     assert_eq!(search(&app, &token, chat, "a").await, ["alpha", "beta"]);
+}
+
+/// Every body matching `query`, across all pages.
+async fn search_all(app: &TestApp, token: &str, chat: u64, query: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut after = 0;
+    loop {
+        let reply = app
+            .send(
+                app.client
+                    .get(app.url(&format!(
+                        "/applications/{token}/chats/{chat}/messages/search"
+                    )))
+                    .query(&[
+                        ("q", query),
+                        ("limit", "1000"),
+                        ("after", &after.to_string()),
+                    ]),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let page = reply.body.as_array().unwrap().clone();
+        let Some(last) = page.last() else {
+            return found;
+        };
+        after = last["number"].as_u64().unwrap();
+        found.extend(page.iter().map(|m| m["body"].as_str().unwrap().to_owned()));
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_indexer_holds_no_stream_and_catches_up_from_mysql() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let messages = format!("/applications/{token}/chats/{chat}/messages");
+    app.message(&token, chat, "early needle").await;
+    app.drain().await;
+
+    // The indexer stops; persistence goes on, with no patience for the indexer's lag.
+    let mut config = worker_config();
+    config.index_lag_max = Duration::ZERO;
+    let mut persist = build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
+        .await
+        .unwrap();
+    const N: usize = 2_000;
+    for i in 0..N {
+        app.message(&token, chat, &format!("needle {i}")).await;
+    }
+    let edited = app
+        .patch(
+            &format!("{messages}/1"),
+            json!({"body": "early needle, edited"}),
+        )
+        .await;
+    assert_eq!(edited.status, 200);
+    persist.drain().await.unwrap();
+    assert!(
+        app.stream_len().await <= 1,
+        "the stream is not held for the stopped indexer"
+    );
+
+    // The indexer comes back: what was trimmed it reads from MySQL.
+    app.drain().await;
+    let found = search_all(&app, &token, chat, "needle").await;
+    assert_eq!(found.len(), N + 1);
+    assert_eq!(found[0], "early needle, edited");
+    assert!(found.contains(&format!("needle {}", N - 1)));
+
+    // And it reads the stream again from there.
+    app.message(&token, chat, "late needle").await;
+    app.drain().await;
+    assert_eq!(
+        search(&app, &token, chat, "late needle").await,
+        vec!["late needle".to_owned()]
+    );
 }

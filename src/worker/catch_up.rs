@@ -1,0 +1,66 @@
+//! The indexer's catch-up from MySQL after the stream was trimmed past it.
+//!
+//! A search backend that is down or slow must not hold the write queue (and so Redis
+//! memory) for ever: past `INDEX_LAG_MAX`, or under memory pressure, the persisting
+//! workers mark where the indexer's gap begins (`Queue::mark_index_gap`), then trim the
+//! stream behind persistence alone. Everything trimmed was persisted first, so the
+//! indexer reads the gap back from MySQL, the system of record:
+//!
+//! 1. one script turns the gap mark into a catch-up mark and makes the index group anew
+//!    just before the stream's first entry (it then reads every entry still there);
+//! 2. the messages whose row version is at or after the gap's start are indexed from
+//!    MySQL, in batches (versions make this idempotent, and never let an older document
+//!    replace a newer one);
+//! 3. the catch-up mark is removed. A worker that dies during step 2 finds the mark at
+//!    its next start and does step 2 again.
+
+use crate::search::Search;
+use crate::store::mysql::{self, MessageCursor};
+use crate::store::queue::version_of;
+
+use super::{INDEX_GROUP, Worker, WorkerError};
+
+/// Messages read from MySQL per catch-up batch.
+const CATCH_UP_BATCH: u32 = 5_000;
+
+impl Worker {
+    /// Index role: catches up from MySQL if the stream was trimmed past this group.
+    /// Returns the number of messages indexed from MySQL.
+    pub(super) async fn catch_up_index(&mut self, search: &Search) -> Result<u64, WorkerError> {
+        let queue = &self.store.queue;
+        let from = match queue.index_catch_up_in_progress().await? {
+            Some(from) => from,
+            None => {
+                if !queue.index_gap_marked().await? {
+                    return Ok(0);
+                }
+                // What this worker holds was read before the reset: commit and
+                // acknowledge it first.
+                self.flush_index(true).await?;
+                match self.store.queue.start_index_catch_up(INDEX_GROUP).await? {
+                    Some(from) => from,
+                    None => return Ok(0),
+                }
+            }
+        };
+        let min_version = version_of(&from).unwrap_or(0);
+        tracing::warn!(from = %from, "search index: catching up from MySQL");
+        let mut cursor = MessageCursor::default();
+        let mut indexed = 0u64;
+        loop {
+            let (docs, next) =
+                mysql::messages_for_index(&self.store.mysql, cursor, min_version, CATCH_UP_BATCH)
+                    .await?;
+            if docs.is_empty() {
+                break;
+            }
+            indexed += docs.len() as u64;
+            search.index(docs).await?;
+            cursor = next;
+        }
+        self.store.queue.finish_index_catch_up().await?;
+        metrics::counter!("index_caught_up_total").increment(indexed);
+        tracing::info!(messages = indexed, "search index: caught up from MySQL");
+        Ok(indexed)
+    }
+}
