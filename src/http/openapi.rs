@@ -12,7 +12,10 @@ use crate::resources::{Application, Chat, Message};
     info(
         title = "chat-system",
         description = "Applications, chats and messages, numbered per parent and searchable. \
-            Every error is an RFC 9457 `application/problem+json` document.",
+            Every error the API answers is an RFC 9457 `application/problem+json` document \
+            (a request the HTTP/1 parser cannot read gets a bare 400, 414 or 431). Creates \
+            and updates answer 503 with `Retry-After` while the write backlog is over its \
+            bound; reads keep working.",
     ),
     paths(
         applications::create, applications::list, applications::show, applications::update,
