@@ -412,6 +412,11 @@ delay = function() return {delay} end
 
         # Backlog drain: stop the worker, queue a backlog, time the drain.
         stack.stop("worker")
+        # What a queued message costs in Redis (the body is stored once).
+        figures["redis_bytes_100"] = queued_bytes(token, 20_000, "m" * 100)
+        figures["redis_bytes_64k"] = queued_bytes(token, 200, "b" * 65_535)
+        log(f"Redis per queued message: {figures['redis_bytes_100']:,.0f} B (100-byte body), "
+            f"{figures['redis_bytes_64k']:,.0f} B (65,535-byte body)")
         log(f"queueing a backlog of {backlog:,} messages")
         fill_backlog(token, backlog)
         backlog = group_lag("persist")
@@ -569,9 +574,9 @@ def redis_ceiling():
     redis("SET", "rb:{t}:chats", "10")
     redis("SET", "rb:{t}:c:1:msgs", "0")
     out = run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", "300000", "-q",
-               "EVALSHA", sha, "6", "rb:{t}:app", "rb:{t}:chats", "rb:{t}:c:1:msgs", "rb:q",
-               "rb:{t}:c:1:m:", "rb:{t}:app", "t", "1", "hello benchmark body", "1700000000000000",
-               "", "86400"])
+               "EVALSHA", sha, "7", "rb:{t}:app", "rb:{t}:chats", "rb:{t}:c:1:msgs", "rb:q",
+               "rb:{t}:c:1:m:", "rb:{t}:app", "rb:full", "t", "1", "hello benchmark body",
+               "1700000000000000", "", "86400", "100000000"])
     rps = float(re.search(r"([\d.]+) requests per second", out).group(1))
     redis("DEL", "rb:q")
     run(["redis-cli", "-p", str(REDIS_PORT), "--scan", "--pattern", "rb:*"])
@@ -581,15 +586,30 @@ def redis_ceiling():
     return rps
 
 
-def fill_backlog(token, count):
+def fill_backlog(token, count, body="backlog message w001 lorem ipsum"):
     """Queues `count` messages in chat 2 with the product's script (pipelined)."""
     sha = redis("SCRIPT", "LOAD", create_script())
+    # KEYS and ARGV as the script's header in src/store/queue.rs lists them.
     keys = [f"{PREFIX}:{{{token}}}:app", f"{PREFIX}:{{{token}}}:chats",
             f"{PREFIX}:{{{token}}}:c:2:msgs", f"{PREFIX}:q", f"{PREFIX}:{{{token}}}:c:2:m:",
-            f"{PREFIX}:{{{token}}}:app"]
+            f"{PREFIX}:{{{token}}}:app", f"{PREFIX}:full"]
     now = str(int(time.time() * 1e6))
     run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", str(count), "-P", "16", "-q",
-         "EVALSHA", sha, "6", *keys, token, "2", "backlog message w001 lorem ipsum", now, "", "86400"])
+         "EVALSHA", sha, "7", *keys, token, "2", body, now, "", "86400", "100000000"])
+
+
+def used_memory():
+    """Redis's used_memory, once no append-only-file rewrite is running (its buffers are
+    counted in used_memory and belong to no key)."""
+    wait_until("Redis's append-only file rewrite", lambda: "aof_rewrite_in_progress:0" in redis("INFO", "persistence"), 300, 0.2)
+    return int(re.search(r"^used_memory:(\d+)", redis("INFO", "memory"), re.M).group(1))
+
+
+def queued_bytes(token, count, body):
+    """Redis bytes per queued message (stream entry and pending record) with this body."""
+    before = used_memory()
+    fill_backlog(token, count, body)
+    return (used_memory() - before) / count
 
 
 def fmt(v, unit="", digits=0):
@@ -629,6 +649,8 @@ def write_results(results, f, quick):
               f"| steady: queue (persist group) max / at end, {f.get('queue_samples', 0)} samples | {f.get('queue_max', 'n/a')} / {f.get('queue_end', 'n/a')} | does not grow |",
               f"| backlog of {f.get('backlog', 0):,}: persisted | {fmt(f.get('drain_persist_rps'), '/s')} | ≥ 100,000/s |",
               f"| backlog: indexed | {fmt(f.get('drain_index_rps'), '/s')} | |",
+              f"| Redis per queued message, 100-byte body (used_memory delta) | {fmt(f.get('redis_bytes_100'), ' B')} | ≤ 400 B |",
+              f"| Redis per queued message, 65,535-byte body / the body | {fmt(f.get('redis_bytes_64k'), ' B')} / {fmt(f.get('redis_bytes_64k', 0) / 65_535, '×', 2)} | ≤ 1.2× |",
               f"| search corpus (messages in the chat) | {f.get('search_corpus', 0):,} | 100,000 |",
               f"| peak RSS, api: private / with mapped index pages | {peak('api')} / {fmt(f['rss_api'][0] / 1024, ' MiB', 1)} | ≤ 64 MiB |" if f.get("rss_api") else "",
               f"| peak RSS, worker under load: private / with mapped index pages | {peak('worker_load')} / {fmt(f['rss_worker_load'][0] / 1024, ' MiB', 1)} | ≤ 128 MiB |" if f.get("rss_worker_load") else "",
