@@ -88,31 +88,43 @@ async fn a_retry_of_an_accepted_create_is_answered_even_when_the_backlog_is_full
     assert_eq!((retry.status.as_u16(), &retry.body), (201, &first.body));
 }
 
-/// Fills the private Redis with junk until even a tiny write answers OOM (a big write
-/// is refused first, then the memory its request buffer held is free again).
-async fn fill_to_maxmemory(conn: &mut redis::aio::ConnectionManager) {
-    let mut key = 0;
-    for size in [64 * 1024, 4096, 256, 16] {
-        let junk = "x".repeat(size);
-        loop {
-            key += 1;
-            assert!(key < 100_000, "Redis never reached its maxmemory");
-            let set: redis::RedisResult<()> = redis::cmd("SET")
-                .arg(format!("junk:{key}"))
-                .arg(&junk)
-                .query_async(conn)
-                .await;
-            if let Err(e) = set {
-                assert_eq!(e.code(), Some("OOM"), "{e}");
-                break;
-            }
-        }
-    }
+/// Sets the private Redis's `maxmemory` to half of what it uses: every write that needs
+/// memory is then refused with `OOM`, however a few bytes more or less are in use.
+async fn set_maxmemory_below_use(conn: &mut redis::aio::ConnectionManager) {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    set_maxmemory(conn, used / 2).await;
+    let refused: redis::RedisResult<()> = redis::cmd("SET")
+        .arg("probe")
+        .arg(1)
+        .query_async(conn)
+        .await;
+    assert_eq!(refused.unwrap_err().code(), Some("OOM"));
+}
+
+async fn set_maxmemory(conn: &mut redis::aio::ConnectionManager, bytes: u64) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(conn)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn at_redis_maxmemory_writes_get_a_503_and_workers_still_start_and_drain() {
-    let redis = PrivateRedis::start("8mb").await;
+    let redis = PrivateRedis::start("64mb").await;
     let app = TestApp::with(Options {
         redis_url: Some(redis.url()),
         ..Options::default()
@@ -123,7 +135,7 @@ async fn at_redis_maxmemory_writes_get_a_503_and_workers_still_start_and_drain()
     app.message(&token, chat, "queued before the fill").await;
     let messages = format!("/applications/{token}/chats/{chat}/messages");
     let mut conn = app.redis().await;
-    fill_to_maxmemory(&mut conn).await;
+    set_maxmemory_below_use(&mut conn).await;
 
     assert_overloaded(&app.post(&messages, json!({"body": "refused"})).await);
     assert_overloaded(
@@ -163,16 +175,8 @@ async fn at_redis_maxmemory_writes_get_a_503_and_workers_still_start_and_drain()
         "counts refreshed without the touched set"
     );
 
-    // Memory freed: writes are taken again.
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    drop(app);
-    let app = TestApp::with(Options {
-        redis_url: Some(redis.url()),
-        ..Options::default()
-    })
-    .await;
-    let token = app.application("b").await;
-    let chat = app.chat(&token).await;
+    // Memory to spare again: writes are taken again.
+    set_maxmemory(&mut conn, 64 << 20).await;
     app.message(&token, chat, "after").await;
 }
 
