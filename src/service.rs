@@ -174,16 +174,26 @@ impl Store {
     }
 
     /// A chat: its pending record while one exists, else its MySQL row. Redis is read
-    /// first: a record is deleted only after its row is committed, so a miss in Redis
-    /// followed by a read of MySQL cannot fall between the two.
+    /// first (one round trip, which also brings the token's cached id): a record is
+    /// deleted only after its row is committed, so a miss in Redis followed by a read of
+    /// MySQL cannot fall between the two.
     pub async fn chat(&self, token: &Token, number: u64) -> Result<Chat, ApiError> {
-        if let Some(chat) = self.queue.pending_chat(token.as_str(), number).await? {
-            return Ok(chat);
+        self.chat_and_app(token, number).await.map(|(chat, _)| chat)
+    }
+
+    async fn chat_and_app(&self, token: &Token, number: u64) -> Result<(Chat, u64), ApiError> {
+        let found = self.queue.lookup_chat(token.as_str(), number).await?;
+        let app_id = match found.app_id {
+            Some(id) => id,
+            None => self.load_application_id(token).await?,
+        };
+        if let Some(chat) = found.pending {
+            return Ok((chat, app_id));
         }
-        let app_id = self.application_id(token).await?;
-        mysql::chat(&self.mysql, app_id, number)
+        let chat = mysql::chat(&self.mysql, app_id, number)
             .await?
-            .ok_or_else(|| ApiError::not_found("chat"))
+            .ok_or_else(|| ApiError::not_found("chat"))?;
+        Ok((chat, app_id))
     }
 
     /// A message, read like [`Store::chat`].
@@ -193,17 +203,32 @@ impl Store {
         chat: u64,
         number: u64,
     ) -> Result<Message, ApiError> {
-        if let Some(message) = self
+        self.message_and_app(token, chat, number)
+            .await
+            .map(|(message, _)| message)
+    }
+
+    async fn message_and_app(
+        &self,
+        token: &Token,
+        chat: u64,
+        number: u64,
+    ) -> Result<(Message, u64), ApiError> {
+        let found = self
             .queue
-            .pending_message(token.as_str(), chat, number)
-            .await?
-        {
-            return Ok(message);
+            .lookup_message(token.as_str(), chat, number)
+            .await?;
+        let app_id = match found.app_id {
+            Some(id) => id,
+            None => self.load_application_id(token).await?,
+        };
+        if let Some(message) = found.pending {
+            return Ok((message, app_id));
         }
-        let app_id = self.application_id(token).await?;
-        mysql::message(&self.mysql, app_id, chat, number)
+        let message = mysql::message(&self.mysql, app_id, chat, number)
             .await?
-            .ok_or_else(|| ApiError::not_found("message"))
+            .ok_or_else(|| ApiError::not_found("message"))?;
+        Ok((message, app_id))
     }
 
     /// Replaces a chat's title (`Some(None)` sets it to null; `None` changes nothing).
@@ -215,11 +240,10 @@ impl Store {
         number: u64,
         title: Option<Option<String>>,
     ) -> Result<Chat, ApiError> {
-        let mut chat = self.chat(token, number).await?;
+        let (mut chat, app_id) = self.chat_and_app(token, number).await?;
         let Some(title) = title else {
             return Ok(chat);
         };
-        let app_id = self.application_id(token).await?;
         chat.title = title;
         chat.updated_at = now();
         let queued = self
@@ -238,8 +262,7 @@ impl Store {
         number: u64,
         body: String,
     ) -> Result<Message, ApiError> {
-        let mut message = self.message(token, chat, number).await?;
-        let app_id = self.application_id(token).await?;
+        let (mut message, app_id) = self.message_and_app(token, chat, number).await?;
         message.body = body;
         message.updated_at = now();
         let queued = self

@@ -328,47 +328,118 @@ pub async fn upsert_messages(
 
 // ---- counts -------------------------------------------------------------------------
 
-// A count is read with a plain `SELECT` (a consistent read, which takes no locks) and
-// then written. Counting inside the `UPDATE` (`SET n = (SELECT COUNT(*) ...)`) would be a
-// locking read: shared next-key locks on every counted row and on the gap after the last
-// one, which block the persisting consumers' inserts into that parent and deadlocked with
-// their batches under load. Rows are never deleted, so a count only grows: `GREATEST`
-// keeps a sync that counted earlier from writing its figure over a later one, and a row
-// committed after the count marks its parent touched again, so the next sync includes it.
+// A parent's count of persisted children is the highest persisted number: numbers are
+// handed out without gaps and rows are never deleted, so once every accepted child is
+// persisted, `MAX(number)` is the count, and before that it lies between the persisted
+// count and the accepted one. `MAX` over the primary key's prefix is one B-tree descent,
+// whatever the number of rows (`COUNT(*)` reads them all).
+//
+// The maxima are read with a plain `SELECT` (a consistent read, which takes no locks)
+// and then written. Reading them inside the `UPDATE` would be a locking read: next-key
+// locks on the last row and the gap after it, which block the persisting consumers'
+// inserts into that parent and deadlocked with their batches under load. The maximum only
+// grows, and `GREATEST` keeps a sync that read earlier from writing its figure over a
+// later one; a row committed after the read marks its parent touched again (the worker
+// marks parents after its commit), so the next sync includes it.
 
-/// Sets `chats_count` from the persisted chats.
-pub async fn sync_chats_count(db: &MySqlPool, app_id: u64) -> sqlx::Result<()> {
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE application_id = ?")
-        .bind(app_id)
-        .fetch_one(db)
-        .await?;
-    sqlx::query("UPDATE applications SET chats_count = GREATEST(chats_count, ?) WHERE id = ?")
-        .bind(count)
-        .bind(app_id)
-        .execute(db)
-        .await?;
+/// Parents refreshed per statement: two statements per this many parents.
+pub const COUNT_SYNC_BATCH: usize = 500;
+
+/// Raises `chats_count` of these applications to their highest persisted chat number.
+pub async fn sync_chats_counts(db: &MySqlPool, apps: &[u64]) -> sqlx::Result<()> {
+    for apps in apps.chunks(COUNT_SYNC_BATCH) {
+        let mut read = QueryBuilder::<MySql>::new("");
+        for (i, app) in apps.iter().enumerate() {
+            if i > 0 {
+                read.push(" UNION ALL ");
+            }
+            read.push("SELECT CAST(")
+                .push_bind(*app)
+                .push(" AS UNSIGNED), (SELECT MAX(number) FROM chats WHERE application_id = ")
+                .push_bind(*app)
+                .push(")");
+        }
+        let maxima: Vec<(u64, Option<u64>)> = read.build_query_as().fetch_all(db).await?;
+        let maxima: Vec<(u64, u64)> = maxima
+            .into_iter()
+            .filter_map(|(app, max)| Some((app, max?)))
+            .collect();
+        if maxima.is_empty() {
+            continue;
+        }
+        let mut write = QueryBuilder::<MySql>::new("UPDATE applications a JOIN (");
+        for (i, (app, max)) in maxima.iter().enumerate() {
+            write.push(if i > 0 {
+                " UNION ALL SELECT "
+            } else {
+                "SELECT "
+            });
+            write
+                .push_bind(*app)
+                .push(" AS id, ")
+                .push_bind(*max)
+                .push(" AS n");
+        }
+        write.push(") v ON a.id = v.id SET a.chats_count = GREATEST(a.chats_count, v.n)");
+        write.build().execute(db).await?;
+    }
     Ok(())
 }
 
-/// Sets `messages_count` of one chat from its persisted messages.
-pub async fn sync_messages_count(db: &MySqlPool, app_id: u64, chat: u64) -> sqlx::Result<()> {
-    let count: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM messages WHERE application_id = ? AND chat_number = ?",
-    )
-    .bind(app_id)
-    .bind(chat)
-    .fetch_one(db)
-    .await?;
-    sqlx::query(
-        "UPDATE chats SET messages_count = GREATEST(messages_count, ?) \
-         WHERE application_id = ? AND number = ?",
-    )
-    .bind(count)
-    .bind(app_id)
-    .bind(chat)
-    .execute(db)
-    .await?;
+/// Raises `messages_count` of these chats (application id, chat number) to their highest
+/// persisted message number.
+pub async fn sync_messages_counts(db: &MySqlPool, chats: &[(u64, u64)]) -> sqlx::Result<()> {
+    for chats in chats.chunks(COUNT_SYNC_BATCH) {
+        let mut read = QueryBuilder::<MySql>::new("");
+        for (i, (app, chat)) in chats.iter().enumerate() {
+            if i > 0 {
+                read.push(" UNION ALL ");
+            }
+            read.push("SELECT CAST(")
+                .push_bind(*app)
+                .push(" AS UNSIGNED), CAST(")
+                .push_bind(*chat)
+                .push(" AS UNSIGNED), (SELECT MAX(number) FROM messages WHERE application_id = ")
+                .push_bind(*app)
+                .push(" AND chat_number = ")
+                .push_bind(*chat)
+                .push(")");
+        }
+        let maxima: Vec<(u64, u64, Option<u64>)> = read.build_query_as().fetch_all(db).await?;
+        let maxima: Vec<(u64, u64, u64)> = maxima
+            .into_iter()
+            .filter_map(|(app, chat, max)| Some((app, chat, max?)))
+            .collect();
+        if maxima.is_empty() {
+            continue;
+        }
+        let mut write = QueryBuilder::<MySql>::new("UPDATE chats c JOIN (");
+        for (i, (app, chat, max)) in maxima.iter().enumerate() {
+            write.push(if i > 0 {
+                " UNION ALL SELECT "
+            } else {
+                "SELECT "
+            });
+            write
+                .push_bind(*app)
+                .push(" AS a, ")
+                .push_bind(*chat)
+                .push(" AS n, ")
+                .push_bind(*max)
+                .push(" AS m");
+        }
+        write.push(
+            ") v ON c.application_id = v.a AND c.number = v.n \
+             SET c.messages_count = GREATEST(c.messages_count, v.m)",
+        );
+        write.build().execute(db).await?;
+    }
     Ok(())
+}
+
+/// Raises `messages_count` of one chat (see [`sync_messages_counts`]).
+pub async fn sync_messages_count(db: &MySqlPool, app_id: u64, chat: u64) -> sqlx::Result<()> {
+    sync_messages_counts(db, &[(app_id, chat)]).await
 }
 
 pub async fn ping(db: &MySqlPool) -> sqlx::Result<()> {

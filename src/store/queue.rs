@@ -156,17 +156,19 @@ redis.call('XGROUP', 'CREATE', KEYS[3], ARGV[1], start, 'MKSTREAM')
 return from
 ";
 
-// A pending record and the stream entry it points to, read atomically (the worker
-// deletes the record before it acknowledges, and the stream is trimmed only behind
-// acknowledged entries, so a record's entry is always there).
-// KEYS: 1 record, 2 stream. Answers nil, or {record, entry payload}.
+// A read's one round trip: the application's cached id, and a pending record with the
+// stream entry it points to, read atomically (the worker deletes the record before it
+// acknowledges, and the stream is trimmed only behind acknowledged entries, so a
+// record's entry is always there). KEYS: 1 record, 2 stream, 3 application.
+// Answers {app id or nil, record or nil, entry payload or nil}.
 const READ_PENDING: &str = r"
+local app = redis.call('HGET', KEYS[3], 'id')
 local record = redis.call('GET', KEYS[1])
-if not record then return false end
+if not record then return {app, false, false} end
 local version = string.match(record, '^[^|]*')
 local found = redis.call('XRANGE', KEYS[2], version, version)
-if #found == 0 then return {record, ''} end
-return {record, found[1][2][2]}
+if #found == 0 then return {app, record, false} end
+return {app, record, found[1][2][2]}
 ";
 
 // Deletes each pending record whose version is the one just persisted; a record that
@@ -336,6 +338,14 @@ impl Record {
             messages_count,
         })
     }
+}
+
+/// What a read finds in Redis, in one round trip: the item's pending state, if it is not
+/// persisted yet, and the application's cached MySQL id (`None`: not cached).
+#[derive(Debug)]
+pub struct Lookup<T> {
+    pub pending: Option<T>,
+    pub app_id: Option<u64>,
 }
 
 /// A record read with its entry by [`READ_PENDING`].
@@ -683,60 +693,76 @@ impl Queue {
         })
     }
 
-    /// The pending record under `key` with the entry it points to. A record that cannot
-    /// be decoded, or whose entry is gone, is an error: never "not pending".
-    async fn pending(&self, key: String) -> redis::RedisResult<Option<Pending>> {
-        let reply: Option<(String, String)> = self
+    /// The pending record under `key` with the entry it points to, and the token's
+    /// cached application id. A record that cannot be decoded, or whose entry is gone, is
+    /// an error: never "not pending".
+    async fn pending(&self, token: &str, key: String) -> redis::RedisResult<Lookup<Pending>> {
+        let (app_id, record, entry): (Option<u64>, Option<String>, Option<String>) = self
             .read_pending
             .key(key)
             .key(self.keys.stream())
+            .key(self.keys.application(token))
             .invoke_async(&mut self.conn.clone())
             .await?;
-        let Some((record, entry)) = reply else {
-            return Ok(None);
+        let Some(record) = record else {
+            return Ok(Lookup {
+                pending: None,
+                app_id,
+            });
         };
         let corrupt = |detail: String| {
             redis::RedisError::from((redis::ErrorKind::Client, "corrupt pending record", detail))
         };
         let record = Record::decode(&record).map_err(corrupt)?;
-        if entry.is_empty() {
-            return Err(corrupt(format!("entry {} is missing", record.version)));
-        }
+        let entry = entry.ok_or_else(|| corrupt(format!("entry {} is missing", record.version)))?;
         let entry = QueuedWrite::decode(&entry).map_err(corrupt)?;
-        Ok(Some(Pending { record, entry }))
+        Ok(Lookup {
+            pending: Some(Pending { record, entry }),
+            app_id,
+        })
     }
 
-    pub async fn pending_chat(&self, token: &str, number: u64) -> redis::RedisResult<Option<Chat>> {
-        let pending = self.pending(self.keys.chat_record(token, number)).await?;
-        Ok(pending.and_then(|Pending { record, entry }| {
-            Some(Chat {
-                number,
-                title: entry.text,
-                messages_count: record.messages_count,
-                created_at: from_micros(entry.created_us)?,
-                updated_at: from_micros(entry.updated_us)?,
-            })
-        }))
+    /// Chat `number` of `token` if it is not persisted yet, and the application's id.
+    pub async fn lookup_chat(&self, token: &str, number: u64) -> redis::RedisResult<Lookup<Chat>> {
+        let found = self
+            .pending(token, self.keys.chat_record(token, number))
+            .await?;
+        Ok(Lookup {
+            pending: found.pending.and_then(|Pending { record, entry }| {
+                Some(Chat {
+                    number,
+                    title: entry.text,
+                    messages_count: record.messages_count,
+                    created_at: from_micros(entry.created_us)?,
+                    updated_at: from_micros(entry.updated_us)?,
+                })
+            }),
+            app_id: found.app_id,
+        })
     }
 
-    pub async fn pending_message(
+    /// Message `number` of a chat if it is not persisted yet, and the application's id.
+    pub async fn lookup_message(
         &self,
         token: &str,
         chat: u64,
         number: u64,
-    ) -> redis::RedisResult<Option<Message>> {
-        let pending = self
-            .pending(self.keys.message_record(token, chat, number))
+    ) -> redis::RedisResult<Lookup<Message>> {
+        let found = self
+            .pending(token, self.keys.message_record(token, chat, number))
             .await?;
-        Ok(pending.and_then(|Pending { entry, .. }| {
-            Some(Message {
-                number,
-                chat_number: chat,
-                body: entry.text?,
-                created_at: from_micros(entry.created_us)?,
-                updated_at: from_micros(entry.updated_us)?,
-            })
-        }))
+        Ok(Lookup {
+            pending: found.pending.and_then(|Pending { entry, .. }| {
+                Some(Message {
+                    number,
+                    chat_number: chat,
+                    body: entry.text?,
+                    created_at: from_micros(entry.created_us)?,
+                    updated_at: from_micros(entry.updated_us)?,
+                })
+            }),
+            app_id: found.app_id,
+        })
     }
 
     /// Deletes the pending records persisted at exactly these versions.

@@ -708,14 +708,14 @@ impl Worker {
         loop {
             let members: Vec<String> = redis::cmd("SPOP")
                 .arg(&key)
-                .arg(500)
+                .arg(mysql::COUNT_SYNC_BATCH)
                 .query_async(&mut self.conn())
                 .await?;
             if members.is_empty() {
                 return Ok(());
             }
-            if let Err((done, e)) = self.refresh_counts(&members).await {
-                let _: () = self.conn().sadd(&key, &members[done..]).await?;
+            if let Err(e) = self.refresh_counts(&members).await {
+                let _: () = self.conn().sadd(&key, &members).await?;
                 return Err(e.into());
             }
         }
@@ -723,25 +723,22 @@ impl Worker {
 
     /// Refreshes the counts of these parents now.
     async fn sync_parents(&self, members: &[String]) -> Result<(), WorkerError> {
-        self.refresh_counts(members)
-            .await
-            .map_err(|(_, e)| e.into())
+        Ok(self.refresh_counts(members).await?)
     }
 
-    /// Refreshes each parent's count; on failure, says how many were done first.
-    async fn refresh_counts(&self, members: &[String]) -> Result<(), (usize, sqlx::Error)> {
-        for (i, member) in members.iter().enumerate() {
-            let result = match Parent::parse(member) {
-                Some(Parent::Application(app)) => {
-                    mysql::sync_chats_count(&self.store.mysql, app).await
-                }
-                Some(Parent::Chat(app, chat)) => {
-                    mysql::sync_messages_count(&self.store.mysql, app, chat).await
-                }
-                None => Ok(()),
-            };
-            result.map_err(|e| (i, e))?;
+    /// Refreshes the parents' counts: two statements per `COUNT_SYNC_BATCH` parents of each
+    /// kind. Repeating it is harmless (counts only rise).
+    async fn refresh_counts(&self, members: &[String]) -> Result<(), sqlx::Error> {
+        let (mut apps, mut chats) = (Vec::new(), Vec::new());
+        for member in members {
+            match Parent::parse(member) {
+                Some(Parent::Application(app)) => apps.push(app),
+                Some(Parent::Chat(app, chat)) => chats.push((app, chat)),
+                None => {}
+            }
         }
+        mysql::sync_chats_counts(&self.store.mysql, &apps).await?;
+        mysql::sync_messages_counts(&self.store.mysql, &chats).await?;
         metrics::counter!("counts_synced_total").increment(members.len() as u64);
         Ok(())
     }

@@ -403,3 +403,94 @@ async fn a_starting_worker_removes_consumers_left_idle_with_nothing_pending() {
     assert!(!names.contains(&"ghost".to_owned()), "{names:?}");
     assert!(names.contains(&"holder".to_owned()), "{names:?}");
 }
+
+#[tokio::test]
+async fn counts_of_many_touched_parents_are_refreshed_in_batches() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    // More chats than one statement refreshes, each touched.
+    let chats = mysql::COUNT_SYNC_BATCH + 150;
+    for _ in 0..chats {
+        app.chat(&token).await;
+    }
+    for (chat, messages) in [(1, 3), (chats as u64, 2)] {
+        for i in 0..messages {
+            app.message(&token, chat, &format!("m{i}")).await;
+        }
+    }
+    app.drain().await;
+    assert_eq!(
+        app.scalar("SELECT CAST(chats_count AS SIGNED) FROM applications")
+            .await,
+        chats as i64
+    );
+    assert_eq!(
+        app.scalar("SELECT CAST(SUM(messages_count) AS SIGNED) FROM chats")
+            .await,
+        5
+    );
+    assert_eq!(
+        app.get(&format!("/applications/{token}/chats/{chats}"))
+            .await
+            .body["messages_count"],
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counts_under_concurrent_workers_only_rise_and_converge_to_the_truth() {
+    let app = TestApp::spawn().await;
+    let (_one, _two) = (app.spawn_worker().await, app.spawn_worker().await);
+    let token = app.application("a").await;
+    let chats: Vec<u64> = vec![app.chat(&token).await, app.chat(&token).await];
+    let counts = |app: &TestApp| {
+        let db = app.store.mysql.clone();
+        async move {
+            sqlx::query_scalar::<_, u64>("SELECT messages_count FROM chats ORDER BY number")
+                .fetch_all(&db)
+                .await
+                .unwrap()
+        }
+    };
+    // Writers on both chats while two workers persist and sync; the counts are sampled
+    // all along and must never go down.
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..8 {
+        let client = app.client.clone();
+        let url = app.url(&format!(
+            "/applications/{token}/chats/{}/messages",
+            chats[writer % 2]
+        ));
+        writers.spawn(async move {
+            for i in 0..50 {
+                let reply = client
+                    .post(&url)
+                    .json(&json!({"body": format!("w{writer} m{i}")}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(reply.status(), 201);
+            }
+        });
+    }
+    let mut last = vec![0, 0];
+    while !writers.is_empty() {
+        if let Ok(Some(done)) =
+            tokio::time::timeout(Duration::from_millis(20), writers.join_next()).await
+        {
+            done.unwrap();
+        }
+        let now = counts(&app).await;
+        if now.len() == 2 {
+            assert!(
+                now[0] >= last[0] && now[1] >= last[1],
+                "{last:?} -> {now:?}"
+            );
+            last = now;
+        }
+    }
+    eventually(Duration::from_secs(20), "counts of 200 and 200", || async {
+        counts(&app).await == vec![200, 200]
+    })
+    .await;
+}
