@@ -347,91 +347,104 @@ pub const COUNT_SYNC_BATCH: usize = 500;
 
 /// Raises `chats_count` of these applications to their highest persisted chat number.
 pub async fn sync_chats_counts(db: &MySqlPool, apps: &[u64]) -> sqlx::Result<()> {
-    for apps in apps.chunks(COUNT_SYNC_BATCH) {
-        let mut read = QueryBuilder::<MySql>::new("");
-        for (i, app) in apps.iter().enumerate() {
-            if i > 0 {
-                read.push(" UNION ALL ");
-            }
-            read.push("SELECT CAST(")
-                .push_bind(*app)
-                .push(" AS UNSIGNED), (SELECT MAX(number) FROM chats WHERE application_id = ")
-                .push_bind(*app)
-                .push(")");
-        }
-        let maxima: Vec<(u64, Option<u64>)> = read.build_query_as().fetch_all(db).await?;
-        let maxima: Vec<(u64, u64)> = maxima
-            .into_iter()
-            .filter_map(|(app, max)| Some((app, max?)))
-            .collect();
-        if maxima.is_empty() {
-            continue;
-        }
-        let mut write = QueryBuilder::<MySql>::new("UPDATE applications a JOIN (");
-        for (i, (app, max)) in maxima.iter().enumerate() {
-            write.push(if i > 0 {
-                " UNION ALL SELECT "
-            } else {
-                "SELECT "
-            });
-            write
-                .push_bind(*app)
-                .push(" AS id, ")
-                .push_bind(*max)
-                .push(" AS n");
-        }
-        write.push(") v ON a.id = v.id SET a.chats_count = GREATEST(a.chats_count, v.n)");
-        write.build().execute(db).await?;
-    }
-    Ok(())
+    let parents: Vec<[u64; 1]> = apps.iter().map(|app| [*app]).collect();
+    sync_counts(db, &CHATS_COUNT, &parents).await
 }
 
 /// Raises `messages_count` of these chats (application id, chat number) to their highest
 /// persisted message number.
 pub async fn sync_messages_counts(db: &MySqlPool, chats: &[(u64, u64)]) -> sqlx::Result<()> {
-    for chats in chats.chunks(COUNT_SYNC_BATCH) {
+    let parents: Vec<[u64; 2]> = chats.iter().map(|(app, chat)| [*app, *chat]).collect();
+    sync_counts(db, &MESSAGES_COUNT, &parents).await
+}
+
+/// Where one kind of count lives: the parent's key columns and count, and the children's
+/// columns that hold the parent's key. Fixed strings only: nothing here comes from input.
+struct CountColumns<const N: usize> {
+    parent_table: &'static str,
+    parent_key: [&'static str; N],
+    count: &'static str,
+    child_table: &'static str,
+    child_key: [&'static str; N],
+}
+
+const CHATS_COUNT: CountColumns<1> = CountColumns {
+    parent_table: "applications",
+    parent_key: ["id"],
+    count: "chats_count",
+    child_table: "chats",
+    child_key: ["application_id"],
+};
+
+const MESSAGES_COUNT: CountColumns<2> = CountColumns {
+    parent_table: "chats",
+    parent_key: ["application_id", "number"],
+    count: "messages_count",
+    child_table: "messages",
+    child_key: ["application_id", "chat_number"],
+};
+
+/// Two statements per `COUNT_SYNC_BATCH` parents: the lock-free read of each parent's
+/// highest child number, then one `UPDATE` that raises every count to it.
+async fn sync_counts<const N: usize>(
+    db: &MySqlPool,
+    columns: &CountColumns<N>,
+    parents: &[[u64; N]],
+) -> sqlx::Result<()> {
+    for parents in parents.chunks(COUNT_SYNC_BATCH) {
+        // SELECT k1, k2, (SELECT MAX(number) FROM child WHERE c1 = k1 AND c2 = k2) UNION ALL ...
         let mut read = QueryBuilder::<MySql>::new("");
-        for (i, (app, chat)) in chats.iter().enumerate() {
-            if i > 0 {
-                read.push(" UNION ALL ");
+        for (i, key) in parents.iter().enumerate() {
+            read.push(if i > 0 {
+                " UNION ALL SELECT "
+            } else {
+                "SELECT "
+            });
+            read.push("(SELECT MAX(number) FROM ")
+                .push(columns.child_table)
+                .push(" WHERE ");
+            for (j, (column, value)) in columns.child_key.iter().zip(key).enumerate() {
+                read.push(if j > 0 { " AND " } else { "" })
+                    .push(*column)
+                    .push(" = ")
+                    .push_bind(*value);
             }
-            read.push("SELECT CAST(")
-                .push_bind(*app)
-                .push(" AS UNSIGNED), CAST(")
-                .push_bind(*chat)
-                .push(" AS UNSIGNED), (SELECT MAX(number) FROM messages WHERE application_id = ")
-                .push_bind(*app)
-                .push(" AND chat_number = ")
-                .push_bind(*chat)
-                .push(")");
+            read.push(")");
         }
-        let maxima: Vec<(u64, u64, Option<u64>)> = read.build_query_as().fetch_all(db).await?;
-        let maxima: Vec<(u64, u64, u64)> = maxima
-            .into_iter()
-            .filter_map(|(app, chat, max)| Some((app, chat, max?)))
+        let maxima: Vec<Option<u64>> = read.build_query_scalar().fetch_all(db).await?;
+        let found: Vec<(&[u64; N], u64)> = parents
+            .iter()
+            .zip(maxima)
+            .filter_map(|(key, max)| Some((key, max?)))
             .collect();
-        if maxima.is_empty() {
+        if found.is_empty() {
             continue;
         }
-        let mut write = QueryBuilder::<MySql>::new("UPDATE chats c JOIN (");
-        for (i, (app, chat, max)) in maxima.iter().enumerate() {
+        // UPDATE parent p JOIN (SELECT ? k0, ? k1, ? m UNION ALL ...) v ON p.key = v.k...
+        // SET p.count = GREATEST(p.count, v.m)
+        let mut write = QueryBuilder::<MySql>::new("UPDATE ");
+        write.push(columns.parent_table).push(" p JOIN (");
+        for (i, (key, max)) in found.iter().enumerate() {
             write.push(if i > 0 {
                 " UNION ALL SELECT "
             } else {
                 "SELECT "
             });
-            write
-                .push_bind(*app)
-                .push(" AS a, ")
-                .push_bind(*chat)
-                .push(" AS n, ")
-                .push_bind(*max)
-                .push(" AS m");
+            for (j, value) in key.iter().enumerate() {
+                write.push_bind(*value).push(format!(" AS k{j}, "));
+            }
+            write.push_bind(*max).push(" AS m");
         }
-        write.push(
-            ") v ON c.application_id = v.a AND c.number = v.n \
-             SET c.messages_count = GREATEST(c.messages_count, v.m)",
-        );
+        write.push(") v ON ");
+        for (j, column) in columns.parent_key.iter().enumerate() {
+            write
+                .push(if j > 0 { " AND " } else { "" })
+                .push(format!("p.{column} = v.k{j}"));
+        }
+        write.push(format!(
+            " SET p.{count} = GREATEST(p.{count}, v.m)",
+            count = columns.count
+        ));
         write.build().execute(db).await?;
     }
     Ok(())
