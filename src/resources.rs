@@ -1,4 +1,5 @@
-//! The public resources, exactly as API.md shows them. No internal id appears here.
+//! The public resources, exactly as the OpenAPI document (docs/openapi.json) shows them.
+//! No internal id appears here.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,7 @@ pub struct Application {
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct Chat {
     /// 1, 2, 3, ... within the application.
+    #[schema(minimum = 1)]
     pub number: u64,
     pub title: Option<String>,
     /// Number of persisted messages; refreshed every `COUNTS_SYNC_INTERVAL`.
@@ -30,7 +32,10 @@ pub struct Chat {
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct Message {
     /// 1, 2, 3, ... within the chat.
+    #[schema(minimum = 1)]
     pub number: u64,
+    /// The number of the chat it belongs to.
+    #[schema(minimum = 1)]
     pub chat_number: u64,
     pub body: String,
     pub created_at: DateTime<Utc>,

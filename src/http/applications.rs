@@ -10,9 +10,13 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::extract::{CursorPage, JsonBody, QueryParams, page_limit};
+use super::openapi::{
+    BadRequest, IdempotencyKeyHeader, InProgress, ListingDisabled, NotFound, PayloadTooLarge,
+    Unauthorized, Unavailable, UnsupportedMediaType, ValidationFailed,
+};
 use super::{AppState, created, paginated};
 use crate::domain::{Token, parse_name};
-use crate::error::{ApiError, Problem};
+use crate::error::ApiError;
 use crate::idempotency::{MaybeIdempotencyKey, TTL_SECONDS, fingerprint, mismatch};
 use crate::resources::{Application, now};
 use crate::store::mysql;
@@ -21,37 +25,49 @@ use redis::AsyncCommands;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/applications", get(list).post(create))
-        .route("/applications/{token}", get(show).patch(update).put(update))
+        .route(
+            "/applications/{token}",
+            get(show).patch(update).put(replace),
+        )
 }
 
-/// Body of `POST /applications`, `PATCH` and `PUT /applications/{token}`.
+/// Body of `POST /applications`. Other fields are ignored.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct ApplicationInput {
-    /// 1 to 255 characters.
+#[schema(example = json!({"name": "my chat app"}))]
+pub struct CreateApplication {
+    /// 1 to 255 characters, not only blanks.
     #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 255)]
+    pub name: Option<String>,
+}
+
+/// Body of `PATCH` and `PUT /applications/{token}`. Other fields are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "renamed"}))]
+pub struct UpdateApplication {
+    /// The new name: 1 to 255 characters, not only blanks.
+    #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 255)]
     pub name: Option<String>,
 }
 
 /// Registers an application and returns its token.
 #[utoipa::path(
-    post, path = "/applications", tag = "applications",
-    params(
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body within 24 h get the original 201 and create nothing; the same key with another body is a 422"),
-    ),
-    request_body = ApplicationInput,
+    post, path = "/applications", tag = "applications", operation_id = "createApplication",
+    params(IdempotencyKeyHeader),
+    request_body = CreateApplication,
     responses(
-        (status = 201, description = "Created", body = Application,
+        (status = 201, description = "Created: the application, with its token", body = Application,
             headers(("Location" = String, description = "URL of the new application"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 413, body = Problem, content_type = "application/problem+json"),
-        (status = 409, body = Problem, content_type = "application/problem+json", description = "A request with this Idempotency-Key is still in progress"),
-        (status = 415, body = Problem, content_type = "application/problem+json"), (status = 422, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, response = BadRequest), (status = 409, response = InProgress),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
     )
 )]
 pub async fn create(
     State(state): State<AppState>,
     MaybeIdempotencyKey(key): MaybeIdempotencyKey,
-    JsonBody(input): JsonBody<ApplicationInput>,
+    JsonBody(input): JsonBody<CreateApplication>,
 ) -> Result<Response, ApiError> {
     let name = parse_name(input.name).map_err(|e| ApiError::Validation(vec![e]))?;
     let Some(key) = key else {
@@ -140,14 +156,14 @@ async fn insert_application(state: &AppState, name: String) -> Result<Applicatio
 /// disabled (403) unless the server sets `ADMIN_API_KEY`, and then requires
 /// `Authorization: Bearer <ADMIN_API_KEY>` (401 without it).
 #[utoipa::path(
-    get, path = "/applications", tag = "applications",
+    get, path = "/applications", tag = "applications", operation_id = "listApplications",
     params(CursorPage),
     security(("admin_key" = [])),
     responses(
-        (status = 200, description = "A page of applications", body = [Application],
+        (status = 200, description = "A page of applications, oldest first", body = [Application],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 401, body = Problem, content_type = "application/problem+json", description = "Missing or wrong admin key"),
-        (status = 403, body = Problem, content_type = "application/problem+json", description = "Listing is disabled: the server has no ADMIN_API_KEY"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, response = BadRequest), (status = 401, response = Unauthorized),
+        (status = 403, response = ListingDisabled), (status = 503, response = Unavailable),
     )
 )]
 pub async fn list(
@@ -180,11 +196,11 @@ pub async fn list(
 
 /// Shows one application.
 #[utoipa::path(
-    get, path = "/applications/{token}", tag = "applications",
-    params(("token" = String, Path, description = "The application's token")),
+    get, path = "/applications/{token}", tag = "applications", operation_id = "getApplication",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx")),
     responses(
-        (status = 200, body = Application),
-        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The application", body = Application),
+        (status = 404, response = NotFound), (status = 503, response = Unavailable),
     )
 )]
 pub async fn show(
@@ -198,22 +214,50 @@ pub async fn show(
         .ok_or_else(|| ApiError::not_found("application"))
 }
 
-/// Renames an application (`PATCH` and `PUT` behave the same).
+/// Renames an application.
 #[utoipa::path(
-    method(patch, put), path = "/applications/{token}", tag = "applications",
-    params(("token" = String, Path, description = "The application's token")),
-    request_body = ApplicationInput,
+    patch, path = "/applications/{token}", tag = "applications", operation_id = "updateApplication",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx")),
+    request_body = UpdateApplication,
     responses(
-        (status = 200, body = Application),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The renamed application", body = Application),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
     )
 )]
 pub async fn update(
+    state: State<AppState>,
+    token: Path<String>,
+    input: JsonBody<UpdateApplication>,
+) -> Result<Json<Application>, ApiError> {
+    rename(state, token, input).await
+}
+
+/// Renames an application: `PUT` is the same as `PATCH`.
+#[utoipa::path(
+    put, path = "/applications/{token}", tag = "applications", operation_id = "replaceApplication",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx")),
+    request_body = UpdateApplication,
+    responses(
+        (status = 200, description = "The renamed application", body = Application),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
+    )
+)]
+pub async fn replace(
+    state: State<AppState>,
+    token: Path<String>,
+    input: JsonBody<UpdateApplication>,
+) -> Result<Json<Application>, ApiError> {
+    rename(state, token, input).await
+}
+
+async fn rename(
     State(state): State<AppState>,
     Path(token): Path<String>,
-    JsonBody(input): JsonBody<ApplicationInput>,
+    JsonBody(input): JsonBody<UpdateApplication>,
 ) -> Result<Json<Application>, ApiError> {
     let token = Token::parse(&token)?;
     let name = parse_name(input.name).map_err(|e| ApiError::Validation(vec![e]))?;

@@ -11,9 +11,13 @@ use utoipa::ToSchema;
 use super::extract::{
     JsonBody, NumberPage, OptionalJsonBody, QueryParams, nullable, page_after, page_limit,
 };
+use super::openapi::{
+    BadRequest, IdempotencyKeyHeader, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType,
+    ValidationFailed,
+};
 use super::{AppState, created, paginated};
 use crate::domain::{Token, parse_number, parse_title};
-use crate::error::{ApiError, Problem};
+use crate::error::ApiError;
 use crate::idempotency::MaybeIdempotencyKey;
 use crate::resources::Chat;
 use crate::store::mysql;
@@ -23,51 +27,55 @@ pub fn router() -> Router<AppState> {
         .route("/applications/{token}/chats", get(list).post(create))
         .route(
             "/applications/{token}/chats/{number}",
-            get(show).patch(update).put(update),
+            get(show).patch(update).put(replace),
         )
 }
 
-/// Body of the chat endpoints.
+/// Body of `POST .../chats`, which may also be empty. Other fields are ignored.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct ChatInput {
-    /// At most 255 characters; null for no title. Absent in an update: unchanged.
+#[schema(example = json!({"title": "general"}))]
+pub struct CreateChat {
+    /// At most 255 characters; absent or null for no title.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, max_length = 255)]
+    pub title: Option<String>,
+}
+
+/// Body of `PATCH` and `PUT .../chats/{number}`. Other fields are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(example = json!({"title": "renamed"}))]
+pub struct UpdateChat {
+    /// At most 255 characters; null removes the title; absent leaves it unchanged.
     #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 255)]
     pub title: Option<Option<String>>,
 }
 
-impl ChatInput {
-    fn title(self) -> Result<Option<Option<String>>, ApiError> {
-        self.title
-            .map(|t| parse_title(t).map_err(|e| ApiError::Validation(vec![e])))
-            .transpose()
-    }
+fn valid_title(title: Option<String>) -> Result<Option<String>, ApiError> {
+    parse_title(title).map_err(|e| ApiError::Validation(vec![e]))
 }
 
 /// Creates a chat; its number is allocated at once and it is persisted asynchronously.
 #[utoipa::path(
-    post, path = "/applications/{token}/chats", tag = "chats",
-    params(
-        ("token" = String, Path, description = "The application's token"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body within 24 h get the original 201 and create nothing; the same key with another body is a 422"),
-    ),
-    request_body(content = ChatInput, description = "Optional: an empty body is allowed"),
+    post, path = "/applications/{token}/chats", tag = "chats", operation_id = "createChat",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), IdempotencyKeyHeader),
+    request_body(content = CreateChat, description = "Optional: an empty body (zero bytes) creates a chat without a title"),
     responses(
-        (status = 201, description = "Created", body = Chat,
+        (status = 201, description = "Created: the chat, with its number", body = Chat,
             headers(("Location" = String, description = "URL of the new chat"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
     )
 )]
 pub async fn create(
     State(state): State<AppState>,
     Path(token): Path<String>,
     MaybeIdempotencyKey(key): MaybeIdempotencyKey,
-    OptionalJsonBody(input): OptionalJsonBody<ChatInput>,
+    OptionalJsonBody(input): OptionalJsonBody<CreateChat>,
 ) -> Result<Response, ApiError> {
     let token = Token::parse(&token)?;
-    let title = input.title()?.flatten();
+    let title = valid_title(input.title)?;
     let chat = state.store.create_chat(&token, title, key.as_ref()).await?;
     let location = format!("/applications/{}/chats/{}", token.as_str(), chat.number);
     Ok(created(location, chat))
@@ -75,12 +83,13 @@ pub async fn create(
 
 /// Lists persisted chats in ascending `number`.
 #[utoipa::path(
-    get, path = "/applications/{token}/chats", tag = "chats",
-    params(("token" = String, Path, description = "The application's token"), NumberPage),
+    get, path = "/applications/{token}/chats", tag = "chats", operation_id = "listChats",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), NumberPage),
     responses(
-        (status = 200, description = "A page of chats", body = [Chat],
+        (status = 200, description = "A page of chats, ascending `number`", body = [Chat],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
     )
 )]
 pub async fn list(
@@ -108,14 +117,15 @@ pub async fn list(
 
 /// Shows one chat, including one accepted but not yet persisted.
 #[utoipa::path(
-    get, path = "/applications/{token}/chats/{number}", tag = "chats",
+    get, path = "/applications/{token}/chats/{number}", tag = "chats", operation_id = "getChat",
     params(
-        ("token" = String, Path, description = "The application's token"),
+        ("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"),
         ("number" = u64, Path, description = "The chat's number", minimum = 1),
     ),
     responses(
-        (status = 200, body = Chat),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The chat", body = Chat),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
     )
 )]
 pub async fn show(
@@ -127,28 +137,59 @@ pub async fn show(
     Ok(Json(state.store.chat(&token, number).await?))
 }
 
-/// Replaces the given fields of a chat (`PATCH` and `PUT` behave the same).
+/// Changes the fields given.
 #[utoipa::path(
-    method(patch, put), path = "/applications/{token}/chats/{number}", tag = "chats",
+    patch, path = "/applications/{token}/chats/{number}", tag = "chats", operation_id = "updateChat",
     params(
-        ("token" = String, Path, description = "The application's token"),
+        ("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"),
         ("number" = u64, Path, description = "The chat's number", minimum = 1),
     ),
-    request_body = ChatInput,
+    request_body = UpdateChat,
     responses(
-        (status = 200, body = Chat),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The updated chat", body = Chat),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
     )
 )]
 pub async fn update(
+    state: State<AppState>,
+    path: Path<(String, String)>,
+    input: JsonBody<UpdateChat>,
+) -> Result<Json<Chat>, ApiError> {
+    apply_update(state, path, input).await
+}
+
+/// Changes the fields given: `PUT` is the same as `PATCH`.
+#[utoipa::path(
+    put, path = "/applications/{token}/chats/{number}", tag = "chats", operation_id = "replaceChat",
+    params(
+        ("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"),
+        ("number" = u64, Path, description = "The chat's number", minimum = 1),
+    ),
+    request_body = UpdateChat,
+    responses(
+        (status = 200, description = "The updated chat", body = Chat),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
+    )
+)]
+pub async fn replace(
+    state: State<AppState>,
+    path: Path<(String, String)>,
+    input: JsonBody<UpdateChat>,
+) -> Result<Json<Chat>, ApiError> {
+    apply_update(state, path, input).await
+}
+
+async fn apply_update(
     State(state): State<AppState>,
     Path((token, number)): Path<(String, String)>,
-    JsonBody(input): JsonBody<ChatInput>,
+    JsonBody(input): JsonBody<UpdateChat>,
 ) -> Result<Json<Chat>, ApiError> {
     let token = Token::parse(&token)?;
     let number = parse_number(&number, "chat")?;
-    let title = input.title()?;
+    let title = input.title.map(valid_title).transpose()?;
     Ok(Json(state.store.update_chat(&token, number, title).await?))
 }

@@ -9,9 +9,13 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{JsonBody, NumberPage, QueryParams, page_after, page_limit};
+use super::openapi::{
+    BadRequest, IdempotencyKeyHeader, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType,
+    ValidationFailed,
+};
 use super::{AppState, created, paginated, paginated_query};
 use crate::domain::{Token, parse_body, parse_number};
-use crate::error::{ApiError, Problem};
+use crate::error::ApiError;
 use crate::idempotency::MaybeIdempotencyKey;
 use crate::resources::Message;
 use crate::search::{SearchQuery, parse_terms};
@@ -29,41 +33,49 @@ pub fn router() -> Router<AppState> {
         )
         .route(
             "/applications/{token}/chats/{chat}/messages/{number}",
-            get(show).patch(update).put(update),
+            get(show).patch(update).put(replace),
         )
 }
 
-/// Body of the message endpoints.
+/// Body of `POST .../messages`. Other fields are ignored.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct MessageInput {
-    /// 1 to 65,535 bytes of text.
+#[schema(example = json!({"body": "Hello, world"}))]
+pub struct CreateMessage {
+    /// 1 to 65,535 bytes of text, not only blanks.
     #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1)]
+    pub body: Option<String>,
+}
+
+/// Body of `PATCH` and `PUT .../messages/{number}`. Other fields are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[schema(example = json!({"body": "Hello, world (edited)"}))]
+pub struct UpdateMessage {
+    /// The new text: 1 to 65,535 bytes, not only blanks.
+    #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1)]
     pub body: Option<String>,
 }
 
 /// Posts a message to a chat; its number is allocated at once and it is persisted
 /// asynchronously.
 #[utoipa::path(
-    post, path = "/applications/{token}/chats/{chat}/messages", tag = "messages",
-    params(
-        ("token" = String, Path, description = "The application's token"),
-        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body within 24 h get the original 201 and create nothing; the same key with another body is a 422"),
-    ),
-    request_body = MessageInput,
+    post, path = "/applications/{token}/chats/{chat}/messages", tag = "messages", operation_id = "createMessage",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), ("chat" = u64, Path, description = "The chat's number", minimum = 1), IdempotencyKeyHeader),
+    request_body = CreateMessage,
     responses(
-        (status = 201, description = "Created", body = Message,
+        (status = 201, description = "Created: the message, with its number", body = Message,
             headers(("Location" = String, description = "URL of the new message"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
     )
 )]
 pub async fn create(
     State(state): State<AppState>,
     Path((token, chat)): Path<(String, String)>,
     MaybeIdempotencyKey(key): MaybeIdempotencyKey,
-    JsonBody(input): JsonBody<MessageInput>,
+    JsonBody(input): JsonBody<CreateMessage>,
 ) -> Result<Response, ApiError> {
     let token = Token::parse(&token)?;
     let chat = parse_number(&chat, "chat")?;
@@ -82,16 +94,13 @@ pub async fn create(
 
 /// Lists a chat's persisted messages in ascending `number`.
 #[utoipa::path(
-    get, path = "/applications/{token}/chats/{chat}/messages", tag = "messages",
-    params(
-        ("token" = String, Path, description = "The application's token"),
-        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
-        NumberPage,
-    ),
+    get, path = "/applications/{token}/chats/{chat}/messages", tag = "messages", operation_id = "listMessages",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), ("chat" = u64, Path, description = "The chat's number", minimum = 1), NumberPage),
     responses(
-        (status = 200, description = "A page of messages", body = [Message],
+        (status = 200, description = "A page of messages, ascending `number`", body = [Message],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
     )
 )]
 pub async fn list(
@@ -123,15 +132,12 @@ pub async fn list(
 
 /// Shows one message, including one accepted but not yet persisted.
 #[utoipa::path(
-    get, path = "/applications/{token}/chats/{chat}/messages/{number}", tag = "messages",
-    params(
-        ("token" = String, Path, description = "The application's token"),
-        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
-        ("number" = u64, Path, description = "The message's number", minimum = 1),
-    ),
+    get, path = "/applications/{token}/chats/{chat}/messages/{number}", tag = "messages", operation_id = "getMessage",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), ("chat" = u64, Path, description = "The chat's number", minimum = 1), ("number" = u64, Path, description = "The message's number", minimum = 1)),
     responses(
-        (status = 200, body = Message),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The message", body = Message),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
     )
 )]
 pub async fn show(
@@ -144,26 +150,50 @@ pub async fn show(
     Ok(Json(state.store.message(&token, chat, number).await?))
 }
 
-/// Replaces the body of a message (`PATCH` and `PUT` behave the same).
+/// Replaces the body of a message.
 #[utoipa::path(
-    method(patch, put), path = "/applications/{token}/chats/{chat}/messages/{number}", tag = "messages",
-    params(
-        ("token" = String, Path, description = "The application's token"),
-        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
-        ("number" = u64, Path, description = "The message's number", minimum = 1),
-    ),
-    request_body = MessageInput,
+    patch, path = "/applications/{token}/chats/{chat}/messages/{number}", tag = "messages", operation_id = "updateMessage",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), ("chat" = u64, Path, description = "The chat's number", minimum = 1), ("number" = u64, Path, description = "The message's number", minimum = 1)),
+    request_body = UpdateMessage,
     responses(
-        (status = 200, body = Message),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 413, body = Problem, content_type = "application/problem+json"), (status = 415, body = Problem, content_type = "application/problem+json"),
-        (status = 422, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The updated message", body = Message),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
     )
 )]
 pub async fn update(
+    state: State<AppState>,
+    path: Path<(String, String, String)>,
+    input: JsonBody<UpdateMessage>,
+) -> Result<Json<Message>, ApiError> {
+    apply_update(state, path, input).await
+}
+
+/// Replaces the body of a message: `PUT` is the same as `PATCH`.
+#[utoipa::path(
+    put, path = "/applications/{token}/chats/{chat}/messages/{number}", tag = "messages", operation_id = "replaceMessage",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), ("chat" = u64, Path, description = "The chat's number", minimum = 1), ("number" = u64, Path, description = "The message's number", minimum = 1)),
+    request_body = UpdateMessage,
+    responses(
+        (status = 200, description = "The updated message", body = Message),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge), (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = ValidationFailed), (status = 503, response = Unavailable),
+    )
+)]
+pub async fn replace(
+    state: State<AppState>,
+    path: Path<(String, String, String)>,
+    input: JsonBody<UpdateMessage>,
+) -> Result<Json<Message>, ApiError> {
+    apply_update(state, path, input).await
+}
+
+async fn apply_update(
     State(state): State<AppState>,
     Path((token, chat, number)): Path<(String, String, String)>,
-    JsonBody(input): JsonBody<MessageInput>,
+    JsonBody(input): JsonBody<UpdateMessage>,
 ) -> Result<Json<Message>, ApiError> {
     let token = Token::parse(&token)?;
     let chat = parse_number(&chat, "chat")?;
@@ -181,8 +211,9 @@ pub async fn update(
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SearchParams {
-    /// Required. Every whitespace-separated term must occur in the body, as a
-    /// case-insensitive substring; special characters are literal.
+    /// Every whitespace-separated term must occur in the body, as a case-insensitive
+    /// substring; special characters are literal. Not empty after trimming.
+    #[param(required = true, value_type = String, min_length = 1, example = "hello wor")]
     pub q: Option<String>,
     /// Page size, 1 to 1000 (default 50).
     #[param(minimum = 1, maximum = 1000)]
@@ -197,16 +228,13 @@ pub struct SearchParams {
 /// Searches the messages of one chat by partial, case-insensitive match of every term.
 /// A message is findable within seconds of its creation.
 #[utoipa::path(
-    get, path = "/applications/{token}/chats/{chat}/messages/search", tag = "messages",
-    params(
-        ("token" = String, Path, description = "The application's token"),
-        ("chat" = u64, Path, description = "The chat's number", minimum = 1),
-        SearchParams,
-    ),
+    get, path = "/applications/{token}/chats/{chat}/messages/search", tag = "messages", operation_id = "searchMessages",
+    params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), ("chat" = u64, Path, description = "The chat's number", minimum = 1), SearchParams),
     responses(
         (status = 200, description = "Matching messages, ascending `number`", body = [Message],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
-        (status = 400, body = Problem, content_type = "application/problem+json"), (status = 404, body = Problem, content_type = "application/problem+json"), (status = 503, body = Problem, content_type = "application/problem+json"),
+        (status = 400, response = BadRequest), (status = 404, response = NotFound),
+        (status = 503, response = Unavailable),
     )
 )]
 pub async fn search(

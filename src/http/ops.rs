@@ -97,7 +97,10 @@ pub fn worker_router(metrics: PrometheusHandle) -> Router {
 }
 
 /// Liveness: 200 while the process runs.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations", operation_id = "getHealth",
+    responses((status = 200, description = "The process is alive", body = Health))
+)]
 pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
@@ -117,8 +120,13 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// takes writes, else 503 naming each check that fails (`queue: full` while creates and
 /// updates are refused for backpressure; reads still work then).
 #[utoipa::path(
-    get, path = "/readyz", tag = "operations",
-    responses((status = 200, body = Readiness), (status = 503, body = Problem, content_type = "application/problem+json"))
+    get, path = "/readyz", tag = "operations", operation_id = "getReadiness",
+    responses(
+        (status = 200, description = "Ready: every check is `ok`", body = Readiness),
+        (status = 503, description = "Not ready: a problem document whose `checks` names each \
+            failing check (`mysql`, `redis`, `search`: `unavailable`; `queue`: `full` while \
+            writes are refused for backpressure)", body = Problem, content_type = "application/problem+json"),
+    )
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let (mysql_ok, redis_ok, search_ok, pressure) = tokio::join!(
@@ -170,7 +178,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(
-    get, path = "/metrics", tag = "operations",
+    get, path = "/metrics", tag = "operations", operation_id = "getMetrics",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
 pub async fn metrics_text(State(state): State<AppState>) -> Response {
@@ -183,7 +191,7 @@ pub async fn metrics_text(State(state): State<AppState>) -> Response {
 
 /// This OpenAPI 3 document.
 #[utoipa::path(
-    get, path = "/openapi.json", tag = "operations",
+    get, path = "/openapi.json", tag = "operations", operation_id = "getOpenApi",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object))
 )]
 pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {

@@ -1,4 +1,5 @@
-//! The error rules of API.md: every error is problem+json with the right status.
+//! The error rules of the API (README, docs/openapi.json): every error is problem+json
+//! with the right status.
 
 use serde_json::json;
 
