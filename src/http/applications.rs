@@ -1,13 +1,13 @@
 //! `/applications`: written to MySQL synchronously (creation is rare).
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::routing::get;
 use serde::Deserialize;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::extract::{CursorPage, JsonBody, QueryParams, page_limit};
 use super::openapi::{
@@ -22,13 +22,10 @@ use crate::resources::{Application, now};
 use crate::store::mysql;
 use redis::AsyncCommands;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/applications", get(list).post(create))
-        .route(
-            "/applications/{token}",
-            get(show).patch(update).put(replace),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, update, replace))
 }
 
 /// Body of `POST /applications`. Other fields are ignored.

@@ -1,12 +1,12 @@
 //! `/applications/{token}/chats`: creates and updates go through the queue.
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::Response;
-use axum::routing::get;
 use serde::Deserialize;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::extract::{
     JsonBody, NumberPage, OptionalJsonBody, QueryParams, nullable, page_after, page_limit,
@@ -22,13 +22,10 @@ use crate::idempotency::MaybeIdempotencyKey;
 use crate::resources::Chat;
 use crate::store::mysql;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/applications/{token}/chats", get(list).post(create))
-        .route(
-            "/applications/{token}/chats/{number}",
-            get(show).patch(update).put(replace),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, update, replace))
 }
 
 /// Body of `POST .../chats`, which may also be empty. Other fields are ignored.

@@ -1,12 +1,12 @@
 //! `/applications/{token}/chats/{number}/messages`: creates and updates go through the queue.
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::Response;
-use axum::routing::get;
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::extract::{JsonBody, NumberPage, QueryParams, page_after, page_limit};
 use super::openapi::{
@@ -21,20 +21,11 @@ use crate::resources::Message;
 use crate::search::{SearchQuery, parse_terms};
 use crate::store::mysql;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/applications/{token}/chats/{chat}/messages",
-            get(list).post(create),
-        )
-        .route(
-            "/applications/{token}/chats/{chat}/messages/search",
-            get(search),
-        )
-        .route(
-            "/applications/{token}/chats/{chat}/messages/{number}",
-            get(show).patch(update).put(replace),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(search))
+        .routes(routes!(show, update, replace))
 }
 
 /// Body of `POST .../messages`. Other fields are ignored.

@@ -8,6 +8,7 @@ mod messages;
 mod openapi;
 mod ops;
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -24,6 +25,8 @@ use tower_http::request_id::{
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use sha2::{Digest, Sha256};
 
@@ -85,13 +88,31 @@ impl AppState {
     }
 }
 
-/// The whole application, ready to serve.
-pub fn router(state: AppState, config: &ApiConfig) -> Router {
-    Router::new()
+/// Every documented route with its OpenAPI operation, from one list: a route cannot be
+/// served undocumented, nor documented unserved.
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(applications::router())
         .merge(chats::router())
         .merge(messages::router())
         .merge(ops::router())
+}
+
+/// The OpenAPI document of the API (`/openapi.json`, `docs/openapi.json`).
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOCUMENT: OnceLock<utoipa::openapi::OpenApi> = OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let (_, mut document) = api().split_for_parts();
+        openapi::finish(&mut document);
+        document
+    })
+}
+
+/// The whole application, ready to serve.
+pub fn router(state: AppState, config: &ApiConfig) -> Router {
+    let (routes, _) = api().split_for_parts();
+    routes
+        .merge(ops::docs_ui())
         .fallback(|| async { ApiError::not_found("route") })
         .with_state(state)
         .layer(DefaultBodyLimit::max(config.body_limit))

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ObjectBuilder, RefOr, Type};
 use utoipa::{Modify, OpenApi};
 
-use super::{applications, chats, messages, ops};
+use super::{applications, chats, messages};
 use crate::error::{FieldError, Problem};
 use crate::resources::{Application, Chat, Message};
 
@@ -100,14 +100,6 @@ mod documented {
             and updates answer 503 with `Retry-After` while the write backlog is over its \
             bound; reads keep working.",
     ),
-    paths(
-        applications::create, applications::list, applications::show, applications::update,
-        applications::replace,
-        chats::create, chats::list, chats::show, chats::update, chats::replace,
-        messages::create, messages::list, messages::show, messages::update, messages::replace,
-        messages::search,
-        ops::healthz, ops::readyz, ops::metrics_text, ops::openapi_json,
-    ),
     components(
         schemas(
             Application, Chat, Message, Problem, FieldError,
@@ -120,7 +112,7 @@ mod documented {
             UnsupportedMediaType, ValidationFailed, Unavailable,
         ),
     ),
-    modifiers(&AdminKey, &RequestIdHeader),
+    modifiers(&AdminKey),
     tags(
         (name = "applications", description = "Register client applications"),
         (name = "chats", description = "Chats of an application, numbered 1, 2, 3, ..."),
@@ -143,78 +135,71 @@ impl Modify for AdminKey {
     }
 }
 
-/// Every response carries `X-Request-Id`; the document names no license; a chat's create
-/// takes no body at all as well.
-///
-/// Every response carries `X-Request-Id`: the client's, when it is 1 to 128 of
-/// `[A-Za-z0-9._-]`, else one the server made.
-struct RequestIdHeader;
-
-impl Modify for RequestIdHeader {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let header = || {
-            HeaderBuilder::new()
-                .schema(Some(
-                    ObjectBuilder::new()
-                        .schema_type(Type::String)
-                        .max_length(Some(128)),
-                ))
-                .description(Some(
-                    "The request's id, for logs and support: the client's own `X-Request-Id` \
-                     when it is 1 to 128 of `[A-Za-z0-9._-]`, else one the server made",
-                ))
-                .build()
-        };
-        let operations = openapi.paths.paths.values_mut().flat_map(|item| {
-            [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.options,
-                &mut item.head,
-                &mut item.patch,
-                &mut item.trace,
-            ]
-            .into_iter()
-            .flatten()
-        });
-        for operation in operations {
-            for response in operation.responses.responses.values_mut() {
-                if let RefOr::T(response) = response {
-                    response
-                        .headers
-                        .insert("X-Request-Id".into(), RefOr::T(header()));
-                }
+/// Completes the document once every route's operation is in it: every response carries
+/// `X-Request-Id` (the client's, when it is 1 to 128 of `[A-Za-z0-9._-]`, else one the
+/// server made); the document names no license; a chat's create takes no body at all too.
+pub fn finish(openapi: &mut utoipa::openapi::OpenApi) {
+    let header = || {
+        HeaderBuilder::new()
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .max_length(Some(128)),
+            ))
+            .description(Some(
+                "The request's id, for logs and support: the client's own `X-Request-Id` \
+                 when it is 1 to 128 of `[A-Za-z0-9._-]`, else one the server made",
+            ))
+            .build()
+    };
+    let operations = openapi.paths.paths.values_mut().flat_map(|item| {
+        [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ]
+        .into_iter()
+        .flatten()
+    });
+    for operation in operations {
+        for response in operation.responses.responses.values_mut() {
+            if let RefOr::T(response) = response {
+                response
+                    .headers
+                    .insert("X-Request-Id".into(), RefOr::T(header()));
             }
         }
-        if let Some(components) = openapi.components.as_mut() {
-            for response in components.responses.values_mut() {
-                if let RefOr::T(response) = response {
-                    response
-                        .headers
-                        .insert("X-Request-Id".into(), RefOr::T(header()));
-                }
+    }
+    if let Some(components) = openapi.components.as_mut() {
+        for response in components.responses.values_mut() {
+            if let RefOr::T(response) = response {
+                response
+                    .headers
+                    .insert("X-Request-Id".into(), RefOr::T(header()));
             }
         }
-        // No license is published with this document.
-        openapi.info.license = None;
-        // The one optional request body: a chat may be created with none at all.
-        let create_chat = openapi
-            .paths
-            .paths
-            .get_mut("/applications/{token}/chats")
-            .and_then(|item| item.post.as_mut())
-            .and_then(|operation| operation.request_body.as_mut());
-        if let Some(RefOr::T(body)) = create_chat {
-            body.required = Some(utoipa::openapi::Required::False);
-        }
+    }
+    // No license is published with this document.
+    openapi.info.license = None;
+    // The one optional request body: a chat may be created with none at all.
+    let create_chat = openapi
+        .paths
+        .paths
+        .get_mut("/applications/{token}/chats")
+        .and_then(|item| item.post.as_mut())
+        .and_then(|operation| operation.request_body.as_mut());
+    if let Some(RefOr::T(body)) = create_chat {
+        body.required = Some(utoipa::openapi::Required::False);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
 
     const CHECKED_IN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 
@@ -222,7 +207,7 @@ mod tests {
     /// in review as a diff of `docs/openapi.json`. `UPDATE_OPENAPI=1 cargo test` rewrites it.
     #[test]
     fn the_document_is_the_checked_in_one() {
-        let served = serde_json::to_string_pretty(&ApiDoc::openapi()).unwrap() + "\n";
+        let served = serde_json::to_string_pretty(&crate::http::openapi()).unwrap() + "\n";
         if std::env::var_os("UPDATE_OPENAPI").is_some() {
             std::fs::write(CHECKED_IN, &served).unwrap();
         }
@@ -236,7 +221,7 @@ mod tests {
 
     #[test]
     fn operation_ids_are_unique_and_every_response_is_described() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let doc = serde_json::to_value(crate::http::openapi()).unwrap();
         let mut ids = std::collections::HashSet::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, operation) in item.as_object().unwrap() {
