@@ -1,6 +1,10 @@
 //! The operations behind the chat and message endpoints: Redis first, MySQL as the
 //! fallback and the truth. Handlers call these and only translate HTTP.
 
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+
 use crate::domain::Token;
 use crate::error::{ApiError, Overload};
 use crate::idempotency::{IdempotencyKey, fingerprint, mismatch};
@@ -8,8 +12,9 @@ use crate::resources::{Chat, Message, from_micros, now};
 use crate::store::queue::{Allocation, Enqueued};
 use crate::store::{Store, mysql};
 
-/// A create retries after repairing a cold cache; two repairs (token, then a counter)
-/// are the most one create can need, so a third miss means something else is wrong.
+/// A create retries after repairing a cold cache: a message create can need three
+/// repairs (the token, the chat counter, the message counter), so a fourth miss means
+/// something else is wrong.
 const CREATE_ATTEMPTS: usize = 4;
 
 impl Store {
@@ -65,48 +70,19 @@ impl Store {
                 .idempotency_chats(token.as_str(), k.as_str())
         });
         let idempotency = idem_key.as_deref().map(|k| (k, fingerprint.as_str()));
-        for _ in 0..CREATE_ATTEMPTS {
-            match self
-                .queue
-                .allocate_chat(token.as_str(), title.as_deref(), at, idempotency)
-                .await?
-            {
-                Allocation::Replayed {
-                    fingerprint: recorded,
-                    number,
-                    at_us,
-                } => {
-                    if recorded != fingerprint {
-                        return Err(mismatch());
-                    }
-                    let at = from_micros(at_us).unwrap_or(at);
-                    return Ok(Chat {
-                        number,
-                        title,
-                        messages_count: 0,
-                        created_at: at,
-                        updated_at: at,
-                    });
-                }
-                Allocation::Created { number, .. } => {
-                    metrics::counter!("chats_created_total").increment(1);
-                    return Ok(Chat {
-                        number,
-                        title,
-                        messages_count: 0,
-                        created_at: at,
-                        updated_at: at,
-                    });
-                }
-                Allocation::NoApplication => {
-                    self.load_application_id(token).await?;
-                }
-                Allocation::NoChatCounter => self.restore_chat_counter(token).await?,
-                Allocation::Full => return Err(ApiError::Overloaded(Overload::Backlog)),
-                other => return Err(ApiError::Internal(format!("chat create: {other:?}"))),
-            }
-        }
-        Err(ApiError::Internal("chat create: cache kept missing".into()))
+        let (number, at) = self
+            .allocate(token, None, &fingerprint, at, "chats_created_total", || {
+                self.queue
+                    .allocate_chat(token.as_str(), title.as_deref(), at, idempotency)
+            })
+            .await?;
+        Ok(Chat {
+            number,
+            title,
+            messages_count: 0,
+            created_at: at,
+            updated_at: at,
+        })
     }
 
     /// Allocates the message's number and queues it. No MySQL write; a MySQL read only
@@ -126,12 +102,51 @@ impl Store {
                 .idempotency_messages(token.as_str(), chat, k.as_str())
         });
         let idempotency = idem_key.as_deref().map(|k| (k, fingerprint.as_str()));
+        let (number, at) = self
+            .allocate(
+                token,
+                Some(chat),
+                &fingerprint,
+                at,
+                "messages_created_total",
+                || {
+                    self.queue
+                        .allocate_message(token.as_str(), chat, &body, at, idempotency)
+                },
+            )
+            .await?;
+        Ok(Message {
+            number,
+            chat_number: chat,
+            body,
+            created_at: at,
+            updated_at: at,
+        })
+    }
+
+    /// Runs a create script until it allocates (or replays), repairing what a cold cache
+    /// lacks in between: the token's id, the application's chat counter, the chat's
+    /// message counter (under `chat`). Answers the number and its acceptance time (the
+    /// original one for a replay); counts a new create in the `created` metric.
+    async fn allocate<F, Fut>(
+        &self,
+        token: &Token,
+        chat: Option<u64>,
+        fingerprint: &str,
+        at: DateTime<Utc>,
+        created: &'static str,
+        mut script: F,
+    ) -> Result<(u64, DateTime<Utc>), ApiError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = redis::RedisResult<Allocation>>,
+    {
         for _ in 0..CREATE_ATTEMPTS {
-            match self
-                .queue
-                .allocate_message(token.as_str(), chat, &body, at, idempotency)
-                .await?
-            {
+            match script().await? {
+                Allocation::Created { number, .. } => {
+                    metrics::counter!(created).increment(1);
+                    return Ok((number, at));
+                }
                 Allocation::Replayed {
                     fingerprint: recorded,
                     number,
@@ -140,37 +155,25 @@ impl Store {
                     if recorded != fingerprint {
                         return Err(mismatch());
                     }
-                    let at = from_micros(at_us).unwrap_or(at);
-                    return Ok(Message {
-                        number,
-                        chat_number: chat,
-                        body,
-                        created_at: at,
-                        updated_at: at,
-                    });
+                    return Ok((number, from_micros(at_us).unwrap_or(at)));
                 }
-                Allocation::Created { number, .. } => {
-                    metrics::counter!("messages_created_total").increment(1);
-                    return Ok(Message {
-                        number,
-                        chat_number: chat,
-                        body,
-                        created_at: at,
-                        updated_at: at,
-                    });
-                }
+                Allocation::Full => return Err(ApiError::Overloaded(Overload::Backlog)),
                 Allocation::NoApplication => {
                     self.load_application_id(token).await?;
                 }
                 Allocation::NoChatCounter => self.restore_chat_counter(token).await?,
                 Allocation::NoChat => return Err(ApiError::not_found("chat")),
-                Allocation::NoMessageCounter => self.restore_message_counter(token, chat).await?,
-                Allocation::Full => return Err(ApiError::Overloaded(Overload::Backlog)),
+                Allocation::NoMessageCounter => match chat {
+                    Some(chat) => self.restore_message_counter(token, chat).await?,
+                    None => {
+                        return Err(ApiError::Internal(
+                            "a chat create found no message counter".into(),
+                        ));
+                    }
+                },
             }
         }
-        Err(ApiError::Internal(
-            "message create: cache kept missing".into(),
-        ))
+        Err(ApiError::Internal("create: the cache kept missing".into()))
     }
 
     /// A chat: its pending record while one exists, else its MySQL row. Redis is read

@@ -14,7 +14,7 @@ use super::openapi::{
     BadRequest, IdempotencyKeyHeader, InProgress, ListingDisabled, NotFound, PayloadTooLarge,
     Unauthorized, Unavailable, UnsupportedMediaType, ValidationFailed,
 };
-use super::{AppState, created, paginated};
+use super::{AppState, created, page_of};
 use crate::domain::{Token, parse_name};
 use crate::error::ApiError;
 use crate::idempotency::{MaybeIdempotencyKey, TTL_SECONDS, fingerprint, mismatch};
@@ -177,18 +177,14 @@ pub async fn list(
         Some(cursor) => Some(Token::parse(cursor).map_err(|_| not_issued())?),
         None => None,
     };
-    let mut apps = mysql::applications_after(
+    let apps = mysql::applications_after(
         &state.store.mysql,
         after.as_ref().map(Token::as_str),
         limit + 1,
     )
     .await?
     .ok_or_else(not_issued)?;
-    let next = (apps.len() > limit as usize).then(|| {
-        apps.truncate(limit as usize);
-        apps.last().map(|a| a.token.clone()).unwrap_or_default()
-    });
-    Ok(paginated("/applications", limit, next, apps))
+    Ok(page_of("/applications", limit, apps, |a| a.token.clone()))
 }
 
 /// Shows one application.

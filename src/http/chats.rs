@@ -15,7 +15,7 @@ use super::openapi::{
     BadRequest, IdempotencyKeyHeader, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType,
     ValidationFailed,
 };
-use super::{AppState, created, paginated};
+use super::{AppState, created, page_of};
 use crate::domain::{Token, parse_number, parse_title};
 use crate::error::ApiError;
 use crate::idempotency::MaybeIdempotencyKey;
@@ -97,19 +97,15 @@ pub async fn list(
     let token = Token::parse(&token)?;
     let limit = page_limit(page.limit)?;
     let app_id = state.store.application_id(&token).await?;
-    let mut chats = mysql::chats_after(
+    let chats = mysql::chats_after(
         &state.store.mysql,
         app_id,
         page_after(page.after)?,
         limit + 1,
     )
     .await?;
-    let next = (chats.len() > limit as usize).then(|| {
-        chats.truncate(limit as usize);
-        chats.last().map_or(0, |c| c.number)
-    });
     let path = format!("/applications/{}/chats", token.as_str());
-    Ok(paginated(&path, limit, next, chats))
+    Ok(page_of(&path, limit, chats, |c| c.number))
 }
 
 /// Shows one chat, including one accepted but not yet persisted.

@@ -13,7 +13,7 @@ use super::openapi::{
     BadRequest, IdempotencyKeyHeader, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType,
     ValidationFailed,
 };
-use super::{AppState, created, paginated, paginated_query};
+use super::{AppState, created, page_of};
 use crate::domain::{Token, parse_body, parse_number};
 use crate::error::ApiError;
 use crate::idempotency::MaybeIdempotencyKey;
@@ -105,7 +105,7 @@ pub async fn list(
     // The chat itself must exist (pending or persisted) for its list to be found.
     state.store.chat(&token, chat).await?;
     let app_id = state.store.application_id(&token).await?;
-    let mut messages = mysql::messages_after(
+    let messages = mysql::messages_after(
         &state.store.mysql,
         app_id,
         chat,
@@ -113,12 +113,8 @@ pub async fn list(
         limit + 1,
     )
     .await?;
-    let next = (messages.len() > limit as usize).then(|| {
-        messages.truncate(limit as usize);
-        messages.last().map_or(0, |m| m.number)
-    });
     let path = format!("/applications/{}/chats/{chat}/messages", token.as_str());
-    Ok(paginated(&path, limit, next, messages))
+    Ok(page_of(&path, limit, messages, |m| m.number))
 }
 
 /// Shows one message, including one accepted but not yet persisted.
@@ -245,11 +241,7 @@ pub async fn search(
         after: page_after(params.after)?,
         limit,
     };
-    let mut found = state.search.search(query).await?;
-    let next = (found.len() > limit as usize).then(|| {
-        found.truncate(limit as usize);
-        found.last().map_or(0, |m| m.number)
-    });
+    let found = state.search.search(query).await?;
     // The terms joined by a space, form-encoded (a space is `+`, a `+` is `%2B`).
     let q = serde_urlencoded::to_string([("q", terms.join(" "))])
         .map_err(|e| ApiError::Internal(format!("encoding the next link: {e}")))?;
@@ -257,5 +249,5 @@ pub async fn search(
         "/applications/{}/chats/{chat}/messages/search?{q}",
         token.as_str(),
     );
-    Ok(paginated_query(&path, limit, next, found))
+    Ok(page_of(&path, limit, found, |m| m.number))
 }

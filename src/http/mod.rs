@@ -284,27 +284,22 @@ fn created<T: Serialize>(location: String, resource: T) -> Response {
     response
 }
 
-/// A page of a list, with `Link: <...>; rel="next"` when `next` (the cursor of the next
-/// page) is known.
-fn paginated<T: Serialize, C: std::fmt::Display>(
+/// A page of a list from `items`, fetched with one more than `limit` to learn whether
+/// more exist: the first `limit` of them, with `Link: <...>; rel="next"` when more exist.
+/// `path` may carry a query string of its own; `cursor` is the `after` of the next page,
+/// taken from the page's last item.
+fn page_of<T: Serialize, C: std::fmt::Display>(
     path: &str,
     limit: u32,
-    next: Option<C>,
-    items: Vec<T>,
+    mut items: Vec<T>,
+    cursor: impl Fn(&T) -> C,
 ) -> Response {
-    paginated_query(&format!("{path}?"), limit, next, items)
-}
-
-/// Like [`paginated`], for a `path` that already carries a query string.
-fn paginated_query<T: Serialize, C: std::fmt::Display>(
-    path: &str,
-    limit: u32,
-    next: Option<C>,
-    items: Vec<T>,
-) -> Response {
-    let separator = if path.ends_with('?') { "" } else { "&" };
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let next = more.then(|| items.last().map(cursor)).flatten();
     let mut response = Json(items).into_response();
     if let Some(after) = next {
+        let separator = if path.contains('?') { '&' } else { '?' };
         let link = format!("<{path}{separator}limit={limit}&after={after}>; rel=\"next\"");
         if let Ok(value) = HeaderValue::from_str(&link) {
             response.headers_mut().insert(header::LINK, value);
