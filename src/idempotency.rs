@@ -1,17 +1,17 @@
-//! `Idempotency-Key` on the create endpoints (the IETF httpapi draft's convention).
+//! `Idempotency-Key` on the create endpoints (the IETF httpapi draft's convention): what a
+//! key is, what a request's fingerprint is, and what to do next with a request that
+//! carries one ([`NextAction`]).
 //!
 //! A retry of a `POST` with the same key and the same body, within 24 hours, gets the
 //! original answer (201, same number, same `Location`) and creates nothing new; the same
 //! key with a different body is a 422. Keys are scoped to where they are used: the
 //! application list, one application's chats, or one chat's messages.
 //!
-//! For chats and messages the key is checked and recorded inside the same Lua script
-//! that allocates the number, so a retry racing its original still cannot allocate
-//! twice. Applications are created in MySQL, so their key is first reserved in Redis
-//! (`SET NX`); a retry arriving while the original is still in progress gets a 409.
-
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
+//! Where keys are kept: for chats and messages, inside the same Lua script that
+//! allocates the number (`store::queue`), so a retry racing its original still cannot
+//! allocate twice. Applications are created in MySQL, so their key is first reserved in
+//! Redis (`Queue::begin`), then completed with the answer or abandoned on failure; a
+//! retry arriving while the original is still in progress gets a 409.
 
 use crate::error::ApiError;
 
@@ -45,25 +45,6 @@ impl IdempotencyKey {
     }
 }
 
-/// The optional `Idempotency-Key` header of a request.
-pub struct MaybeIdempotencyKey(pub Option<IdempotencyKey>);
-
-impl<S: Send + Sync> FromRequestParts<S> for MaybeIdempotencyKey {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        match parts.headers.get(HEADER) {
-            None => Ok(Self(None)),
-            Some(value) => {
-                let value = value.to_str().map_err(|_| {
-                    ApiError::BadRequest("Idempotency-Key must be visible ASCII".into())
-                })?;
-                IdempotencyKey::parse(value).map(|k| Self(Some(k)))
-            }
-        }
-    }
-}
-
 /// A stable 64-bit fingerprint (FNV-1a) of a request's meaningful content, so that the
 /// same body sent twice is recognised whatever its JSON spacing or field order.
 pub fn fingerprint(parts: &[Option<&str>]) -> String {
@@ -79,6 +60,31 @@ pub fn fingerprint(parts: &[Option<&str>]) -> String {
         }
     }
     format!("{hash:016x}")
+}
+
+/// What to do with a request that carries a key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NextAction<T> {
+    /// The key is new (and now reserved): do the work, then record its answer.
+    Proceed,
+    /// The same request was answered before: send that answer again.
+    Replay(T),
+    /// The same request is being worked on right now: the client retries later (409).
+    InProgress,
+    /// The key was used with another body (422).
+    Mismatch,
+}
+
+impl<T> NextAction<T> {
+    /// Given what a key recorded (its fingerprint and, once answered, the answer), what to
+    /// do with a request of `fingerprint`.
+    pub fn after(recorded: &str, answer: Option<T>, fingerprint: &str) -> Self {
+        match answer {
+            _ if recorded != fingerprint => Self::Mismatch,
+            Some(answer) => Self::Replay(answer),
+            None => Self::InProgress,
+        }
+    }
 }
 
 pub fn mismatch() -> ApiError {
@@ -102,6 +108,20 @@ mod tests {
         assert!(IdempotencyKey::parse(&"k".repeat(16)).is_ok());
         assert!(IdempotencyKey::parse("has space has space").is_err());
         assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn the_next_action_follows_what_the_key_recorded() {
+        assert_eq!(NextAction::after("a", Some(1), "a"), NextAction::Replay(1));
+        assert_eq!(
+            NextAction::<u8>::after("a", None, "a"),
+            NextAction::InProgress
+        );
+        assert_eq!(NextAction::after("a", Some(1), "b"), NextAction::Mismatch);
+        assert_eq!(
+            NextAction::<u8>::after("a", None, "b"),
+            NextAction::Mismatch
+        );
     }
 
     #[test]

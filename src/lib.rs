@@ -14,7 +14,7 @@
 //! | [`startup`] | building and running the processes, graceful shutdown |
 //! | [`http`] | routes by resource, extractors, middleware, OpenAPI |
 //! | [`server`] | the accept loop: connection limit, header and keep-alive timeouts |
-//! | [`idempotency`] | `Idempotency-Key` on the create endpoints |
+//! | [`idempotency`] | `Idempotency-Key`: keys, fingerprints, what to do next ([`idempotency::NextAction`]) |
 //! | [`error`] | the one API error type and its problem+json mapping |
 //! | [`domain`] | input validation: tokens, numbers, names, titles, bodies |
 //! | [`resources`] | the public JSON shapes |

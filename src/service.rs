@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::Token;
 use crate::error::{ApiError, Overload};
-use crate::idempotency::{IdempotencyKey, fingerprint, mismatch};
+use crate::idempotency::{IdempotencyKey, NextAction, fingerprint, mismatch};
 use crate::resources::{Chat, Message, from_micros, now};
 use crate::store::queue::{Allocation, Enqueued};
 use crate::store::{Store, mysql};
@@ -152,10 +152,12 @@ impl Store {
                     number,
                     at_us,
                 } => {
-                    if recorded != fingerprint {
-                        return Err(mismatch());
-                    }
-                    return Ok((number, from_micros(at_us).unwrap_or(at)));
+                    // The script answers only once the original was allocated.
+                    let original = (number, from_micros(at_us).unwrap_or(at));
+                    return match NextAction::after(&recorded, Some(original), fingerprint) {
+                        NextAction::Replay(original) => Ok(original),
+                        _ => Err(mismatch()),
+                    };
                 }
                 Allocation::Full => return Err(ApiError::Overloaded(Overload::Backlog)),
                 Allocation::NoApplication => {

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::extract::{CursorPage, JsonBody, QueryParams, page_limit};
+use super::extract::{CursorPage, JsonBody, MaybeIdempotencyKey, QueryParams, page_limit};
 use super::openapi::{
     BadRequest, IdempotencyKeyHeader, InProgress, ListingDisabled, NotFound, PayloadTooLarge,
     Unauthorized, Unavailable, UnsupportedMediaType, ValidationFailed,
@@ -17,10 +17,9 @@ use super::openapi::{
 use super::{AppState, created, page_of};
 use crate::domain::{Token, parse_name};
 use crate::error::ApiError;
-use crate::idempotency::{MaybeIdempotencyKey, TTL_SECONDS, fingerprint, mismatch};
+use crate::idempotency::{NextAction, fingerprint, mismatch};
 use crate::resources::{Application, now};
 use crate::store::mysql;
-use redis::AsyncCommands;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -71,55 +70,39 @@ pub async fn create(
         let app = insert_application(&state, name).await?;
         return Ok(created(format!("/applications/{}", app.token), app));
     };
-    // Reserve the key, create, then record the answer for retries.
     let queue = &state.store.queue;
     let redis_key = queue.keys.idempotency_applications(key.as_str());
     let fingerprint = fingerprint(&[Some(&name)]);
-    let mut conn = queue.conn.clone();
-    let reserved: bool = redis::cmd("SET")
-        .arg(&redis_key)
-        .arg(format!("pending|{fingerprint}"))
-        .arg("NX")
-        .arg("EX")
-        .arg(TTL_SECONDS)
-        .query_async::<Option<String>>(&mut conn)
-        .await?
-        .is_some();
-    if !reserved {
-        let prior: Option<String> = conn.get(&redis_key).await?;
-        let prior = prior.unwrap_or_default();
-        let mut parts = prior.splitn(3, '|');
-        let (state_of, recorded, json) = (parts.next(), parts.next(), parts.next());
-        if recorded != Some(fingerprint.as_str()) {
-            return Err(mismatch());
+    match queue.begin(&redis_key, &fingerprint).await? {
+        NextAction::Proceed => {}
+        NextAction::Replay(answer) => {
+            let app: Application = serde_json::from_str(&answer)
+                .map_err(|e| ApiError::Internal(format!("a recorded answer: {e}")))?;
+            return Ok(created(format!("/applications/{}", app.token), app));
         }
-        return match (
-            state_of,
-            json.and_then(|j| serde_json::from_str::<Application>(j).ok()),
-        ) {
-            (Some("done"), Some(app)) => Ok(created(format!("/applications/{}", app.token), app)),
-            _ => Err(ApiError::Conflict(
+        NextAction::InProgress => {
+            return Err(ApiError::Conflict(
                 "a request with this Idempotency-Key is still in progress; retry later".into(),
-            )),
-        };
-    }
-    match insert_application(&state, name).await {
-        Ok(app) => {
-            let json = serde_json::to_string(&app).unwrap_or_default();
-            let _: () = conn
-                .set_ex(
-                    &redis_key,
-                    format!("done|{fingerprint}|{json}"),
-                    TTL_SECONDS,
-                )
-                .await?;
-            Ok(created(format!("/applications/{}", app.token), app))
+            ));
         }
+        NextAction::Mismatch => return Err(mismatch()),
+    }
+    let app = match insert_application(&state, name).await {
+        Ok(app) => app,
         Err(e) => {
-            let _: Result<(), _> = conn.del(&redis_key).await;
-            Err(e)
+            if let Err(abandon) = queue.abandon(&redis_key).await {
+                tracing::warn!(error = %abandon, "cannot free an idempotency key");
+            }
+            return Err(e);
         }
+    };
+    // The application exists: a failure to record the answer must not turn its 201 into
+    // an error (retries then get a 409 until the key expires).
+    let answer = serde_json::to_string(&app).unwrap_or_default();
+    if let Err(e) = queue.complete(&redis_key, &fingerprint, &answer).await {
+        tracing::warn!(error = %e, "cannot record an idempotent answer");
     }
+    Ok(created(format!("/applications/{}", app.token), app))
 }
 
 /// Writes a new application to MySQL and caches its token.

@@ -9,7 +9,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::{
-    JsonBody, NumberPage, OptionalJsonBody, QueryParams, nullable, page_after, page_limit,
+    JsonBody, MaybeIdempotencyKey, NumberPage, OptionalJsonBody, QueryParams, nullable, page_after,
+    page_limit,
 };
 use super::openapi::{
     BadRequest, IdempotencyKeyHeader, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType,
@@ -18,7 +19,6 @@ use super::openapi::{
 use super::{AppState, created, page_of};
 use crate::domain::{Token, parse_number, parse_title};
 use crate::error::ApiError;
-use crate::idempotency::MaybeIdempotencyKey;
 use crate::resources::Chat;
 use crate::store::mysql;
 

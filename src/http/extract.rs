@@ -11,6 +11,7 @@ use utoipa::IntoParams;
 
 use crate::domain::parse_canonical;
 use crate::error::ApiError;
+use crate::idempotency::IdempotencyKey;
 
 /// A JSON request body: 415 without a JSON content type, 400 when it does not parse,
 /// 413 over the body limit.
@@ -86,6 +87,25 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
             return Err(ApiError::UnsupportedMediaType);
         }
         parse_json(&bytes).map(Self)
+    }
+}
+
+/// The optional `Idempotency-Key` header of a request.
+pub struct MaybeIdempotencyKey(pub Option<IdempotencyKey>);
+
+impl<S: Send + Sync> FromRequestParts<S> for MaybeIdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        match parts.headers.get(crate::idempotency::HEADER) {
+            None => Ok(Self(None)),
+            Some(value) => {
+                let value = value.to_str().map_err(|_| {
+                    ApiError::BadRequest("Idempotency-Key must be visible ASCII".into())
+                })?;
+                IdempotencyKey::parse(value).map(|k| Self(Some(k)))
+            }
+        }
     }
 }
 

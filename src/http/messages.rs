@@ -8,7 +8,9 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::extract::{JsonBody, NumberPage, QueryParams, page_after, page_limit};
+use super::extract::{
+    JsonBody, MaybeIdempotencyKey, NumberPage, QueryParams, page_after, page_limit,
+};
 use super::openapi::{
     BadRequest, IdempotencyKeyHeader, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType,
     ValidationFailed,
@@ -16,7 +18,6 @@ use super::openapi::{
 use super::{AppState, created, page_of};
 use crate::domain::{Token, parse_body, parse_number};
 use crate::error::ApiError;
-use crate::idempotency::MaybeIdempotencyKey;
 use crate::resources::Message;
 use crate::search::{SearchQuery, parse_terms};
 use crate::store::mysql;

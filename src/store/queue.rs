@@ -56,6 +56,7 @@
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 
+use crate::idempotency::{self, NextAction};
 use crate::resources::{Chat, Message, from_micros, to_micros};
 use chrono::{DateTime, Utc};
 
@@ -587,7 +588,7 @@ impl Queue {
             .arg(if title.is_some() { "1" } else { "0" })
             .arg(title.unwrap_or(""))
             .arg(fingerprint)
-            .arg(crate::idempotency::TTL_SECONDS)
+            .arg(idempotency::TTL_SECONDS)
             .arg(self.max_entries)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -619,7 +620,7 @@ impl Queue {
             .arg(body)
             .arg(to_micros(at))
             .arg(fingerprint)
-            .arg(crate::idempotency::TTL_SECONDS)
+            .arg(idempotency::TTL_SECONDS)
             .arg(self.max_entries)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -776,6 +777,64 @@ impl Queue {
         }
         let _: i64 = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(())
+    }
+
+    /// Reserves an idempotency key for a request of `fingerprint` (for 24 hours), or says
+    /// what the key recorded: its fingerprint and, once answered, the answer. The record
+    /// is `pending|fingerprint` until [`Queue::complete`] makes it
+    /// `done|fingerprint|answer`.
+    pub async fn begin(
+        &self,
+        key: &str,
+        fingerprint: &str,
+    ) -> redis::RedisResult<NextAction<String>> {
+        let mut conn = self.conn.clone();
+        let reserved: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(format!("pending|{fingerprint}"))
+            .arg("NX")
+            .arg("EX")
+            .arg(idempotency::TTL_SECONDS)
+            .query_async(&mut conn)
+            .await?;
+        if reserved.is_some() {
+            return Ok(NextAction::Proceed);
+        }
+        // Gone since (it expired): as good as in progress, the retry will reserve it.
+        let recorded: String = conn
+            .get::<_, Option<String>>(key)
+            .await?
+            .unwrap_or_default();
+        let mut parts = recorded.splitn(3, '|');
+        let (state, recorded, answer) = (parts.next(), parts.next(), parts.next());
+        let answer = answer.filter(|_| state == Some("done")).map(str::to_owned);
+        Ok(NextAction::after(
+            recorded.unwrap_or_default(),
+            answer,
+            fingerprint,
+        ))
+    }
+
+    /// Records the answer to the request that reserved `key`.
+    pub async fn complete(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        answer: &str,
+    ) -> redis::RedisResult<()> {
+        self.conn
+            .clone()
+            .set_ex(
+                key,
+                format!("done|{fingerprint}|{answer}"),
+                idempotency::TTL_SECONDS,
+            )
+            .await
+    }
+
+    /// Frees `key` after its request failed, so that a retry can proceed.
+    pub async fn abandon(&self, key: &str) -> redis::RedisResult<()> {
+        self.conn.clone().del(key).await
     }
 
     /// Records that the stream is about to be trimmed past entries the indexer has not
