@@ -22,6 +22,7 @@
 //! | [`search`] | message search: embedded Tantivy or Elasticsearch |
 //! | [`store`] | MySQL statements; Redis keys, scripts and pending records |
 //! | [`worker`] | the queue consumers (persist, index), dead letters, count sync |
+//! | [`process`] | process-wide settings made at start: allocator tuning, open-files limit |
 //! | [`reindex`] | rebuilding the search index from MySQL |
 //! | [`telemetry`] | logging |
 
@@ -31,6 +32,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod idempotency;
+pub mod process;
 pub mod reindex;
 pub mod resources;
 pub mod search;
