@@ -4,7 +4,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 
-use crate::error::{ApiError, FieldError};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 /// Longest application name and chat title, in characters.
 pub const MAX_NAME_CHARS: usize = 255;
@@ -13,21 +14,49 @@ pub const MAX_BODY_BYTES: usize = 65_535;
 /// Random bytes in a token: 192 bits, 32 URL-safe characters.
 const TOKEN_BYTES: usize = 24;
 
+/// One invalid field of a request body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    /// The field's name in the request body.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// A path or query value that is not well formed (a 400 for the client), with what is
+/// wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+/// Text that cannot be a token names no application (a 404, like an unknown token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no such application")]
+pub struct UnknownToken;
+
 /// An application token: the only public handle of an application.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Token(String);
 
 impl Token {
     /// A fresh token from the operating system's CSPRNG.
-    pub fn generate() -> Result<Self, ApiError> {
+    pub fn generate() -> Result<Self, getrandom::Error> {
         let mut bytes = [0u8; TOKEN_BYTES];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| ApiError::Internal(format!("random source failed: {e}")))?;
+        getrandom::fill(&mut bytes)?;
         Ok(Self(URL_SAFE_NO_PAD.encode(bytes)))
     }
 
     /// A token taken from a URL. Anything that cannot be a token is simply unknown.
-    pub fn parse(s: &str) -> Result<Self, ApiError> {
+    pub fn parse(s: &str) -> Result<Self, UnknownToken> {
         let valid = !s.is_empty()
             && s.len() <= 64
             && s.bytes()
@@ -35,7 +64,7 @@ impl Token {
         if valid {
             Ok(Self(s.to_owned()))
         } else {
-            Err(ApiError::not_found("application"))
+            Err(UnknownToken)
         }
     }
 
@@ -64,10 +93,10 @@ pub fn parse_canonical(s: &str) -> Option<u64> {
 }
 
 /// A chat or message number taken from a URL: a positive integer in canonical form.
-pub fn parse_number(s: &str, what: &str) -> Result<u64, ApiError> {
+pub fn parse_number(s: &str, what: &str) -> Result<u64, Malformed> {
     match parse_canonical(s) {
         Some(n) if n >= 1 => Ok(n),
-        _ => Err(ApiError::BadRequest(format!(
+        _ => Err(Malformed(format!(
             "{what} number must be a positive integer written in plain digits without \
              sign or leading zeros, got `{}`",
             s.chars().take(32).collect::<String>()
@@ -132,10 +161,7 @@ mod tests {
     #[test]
     fn malformed_tokens_are_unknown() {
         for bad in ["", "a/b", "a b", "ä", &"x".repeat(65)] {
-            assert!(
-                matches!(Token::parse(bad), Err(ApiError::NotFound(_))),
-                "{bad}"
-            );
+            assert!(Token::parse(bad) == Err(UnknownToken), "{bad}");
         }
     }
 
@@ -157,10 +183,7 @@ mod tests {
             "1 ",
             "１",
         ] {
-            assert!(
-                matches!(parse_number(bad, "chat"), Err(ApiError::BadRequest(_))),
-                "{bad}"
-            );
+            assert!(parse_number(bad, "chat").is_err(), "{bad}");
         }
     }
 

@@ -1,13 +1,18 @@
 //! The one error type of the HTTP API and its mapping to RFC 9457 problem responses.
 //!
 //! Handlers return `Result<_, ApiError>`; extractor rejections, unknown routes and
-//! middleware failures are turned into the same shape (see `http::problem_layer`).
-//! Bodies of 5xx answers are constant: the cause goes to the log, never to the client.
+//! middleware failures are turned into the same shape (see `http::problem_bodies`).
+//! Every conversion into it is here, so the layers below know nothing of HTTP. Bodies of
+//! 5xx answers are constant: the cause is kept as the error's source and logged once,
+//! when the response is made, never sent to the client.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
+
+pub use crate::domain::FieldError;
+use crate::domain::{Malformed, UnknownToken};
 
 /// A dependency whose failure turns a request into a 503.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,23 +45,8 @@ pub enum Overload {
 /// workers to drain a few batches, short enough not to look like an outage.
 const OVERLOAD_RETRY_AFTER: &str = "5";
 
-/// One invalid field of a request body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
-pub struct FieldError {
-    /// The field's name in the request body.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field,
-            message: message.into(),
-        }
-    }
-}
+/// A failure whose details are for the log only.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -81,11 +71,11 @@ pub enum ApiError {
     #[error("request timed out")]
     Timeout,
     #[error("{} is unavailable", .0.name())]
-    Unavailable(Dependency),
+    Unavailable(Dependency, #[source] Cause),
     #[error("overloaded: {0:?}")]
     Overloaded(Overload),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("internal error")]
+    Internal(#[source] Cause),
 }
 
 impl ApiError {
@@ -108,7 +98,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) | Self::Timeout | Self::Overloaded(_) => {
+            Self::Unavailable(..) | Self::Timeout | Self::Overloaded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -147,7 +137,7 @@ impl ApiError {
                 "validation-failed",
                 "one or more fields are invalid; see `errors`".into(),
             ),
-            Self::Unavailable(dep) => (
+            Self::Unavailable(dep, _) => (
                 "dependency-unavailable",
                 format!("{} is unavailable; retry later", dep.name()),
             ),
@@ -204,10 +194,14 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
-            Self::Internal(cause) => tracing::error!(%cause, "internal error"),
-            Self::Unavailable(dep) => {
-                tracing::warn!(dependency = dep.name(), "dependency unavailable")
+            Self::Internal(cause) => {
+                tracing::error!(error = %chain(cause.as_ref()), "internal error")
             }
+            Self::Unavailable(dep, cause) => tracing::warn!(
+                dependency = dep.name(),
+                error = %chain(cause.as_ref()),
+                "dependency unavailable"
+            ),
             Self::Overloaded(why) => tracing::warn!(reason = ?why, "write refused: overloaded"),
             _ => {}
         }
@@ -218,7 +212,7 @@ impl IntoResponse for ApiError {
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         let retry_after = match self {
-            Self::Unavailable(_) | Self::Timeout => Some("1"),
+            Self::Unavailable(..) | Self::Timeout => Some("1"),
             Self::Overloaded(_) => Some(OVERLOAD_RETRY_AFTER),
             _ => None,
         };
@@ -231,13 +225,39 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An error with its sources, `outer: inner: ...`, for one log field.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+impl ApiError {
+    /// A failure of the service itself: a 500 whose cause only the log sees.
+    pub fn internal(cause: impl Into<Cause>) -> Self {
+        Self::Internal(cause.into())
+    }
+
+    /// The `Idempotency-Key` was used before with another body.
+    pub fn idempotency_mismatch() -> Self {
+        Self::invalid(
+            "Idempotency-Key",
+            "this key was used with a different request body",
+        )
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         if crate::store::mysql_is_down(&err) {
-            tracing::warn!(error = %err, "mysql call failed");
-            Self::Unavailable(Dependency::Mysql)
+            Self::Unavailable(Dependency::Mysql, err.into())
         } else {
-            Self::Internal(format!("mysql: {err}"))
+            Self::Internal(err.into())
         }
     }
 }
@@ -247,11 +267,45 @@ impl From<redis::RedisError> for ApiError {
         if crate::store::redis_is_full(&err) {
             Self::Overloaded(Overload::RedisMemory)
         } else if crate::store::redis_is_down(&err) {
-            tracing::warn!(error = %err, "redis call failed");
-            Self::Unavailable(Dependency::Redis)
+            Self::Unavailable(Dependency::Redis, err.into())
         } else {
-            Self::Internal(format!("redis: {err}"))
+            Self::Internal(err.into())
         }
+    }
+}
+
+impl From<crate::search::SearchError> for ApiError {
+    fn from(err: crate::search::SearchError) -> Self {
+        match err {
+            crate::search::SearchError::Unavailable(_) => {
+                Self::Unavailable(Dependency::Search, err.into())
+            }
+            crate::search::SearchError::Failed(_) => Self::Internal(err.into()),
+        }
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(err: FieldError) -> Self {
+        Self::Validation(vec![err])
+    }
+}
+
+impl From<Malformed> for ApiError {
+    fn from(Malformed(detail): Malformed) -> Self {
+        Self::BadRequest(detail)
+    }
+}
+
+impl From<UnknownToken> for ApiError {
+    fn from(_: UnknownToken) -> Self {
+        Self::not_found("application")
+    }
+}
+
+impl From<getrandom::Error> for ApiError {
+    fn from(err: getrandom::Error) -> Self {
+        Self::Internal(format!("random source failed: {err}").into())
     }
 }
 
@@ -261,7 +315,7 @@ mod tests {
 
     #[test]
     fn internal_errors_do_not_leak_their_cause() {
-        let problem = ApiError::Internal("SELECT secret FROM t".into()).problem();
+        let problem = ApiError::internal("SELECT secret FROM t").problem();
         assert_eq!(problem.status, 500);
         assert!(!problem.detail.contains("SELECT"));
     }

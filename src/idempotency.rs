@@ -13,7 +13,7 @@
 //! Redis (`Queue::begin`), then completed with the answer or abandoned on failure; a
 //! retry arriving while the original is still in progress gets a 409.
 
-use crate::error::ApiError;
+use crate::domain::Malformed;
 
 /// How long a key is remembered.
 pub const TTL_SECONDS: u64 = 24 * 60 * 60;
@@ -28,13 +28,13 @@ pub const MIN_KEY_LEN: usize = 16;
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    pub fn parse(value: &str) -> Result<Self, ApiError> {
+    pub fn parse(value: &str) -> Result<Self, Malformed> {
         let valid = (MIN_KEY_LEN..=255).contains(&value.len())
             && value.bytes().all(|b| b.is_ascii_graphic());
         if valid {
             Ok(Self(value.to_owned()))
         } else {
-            Err(ApiError::BadRequest(
+            Err(Malformed(
                 "Idempotency-Key must be 16 to 255 visible ASCII characters; send a UUID".into(),
             ))
         }
@@ -85,13 +85,6 @@ impl<T> NextAction<T> {
             None => Self::InProgress,
         }
     }
-}
-
-pub fn mismatch() -> ApiError {
-    ApiError::invalid(
-        "Idempotency-Key",
-        "this key was used with a different request body",
-    )
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::Token;
 use crate::error::{ApiError, Overload};
-use crate::idempotency::{IdempotencyKey, NextAction, fingerprint, mismatch};
+use crate::idempotency::{IdempotencyKey, NextAction, fingerprint};
 use crate::resources::{Chat, Message, from_micros, now};
 use crate::store::queue::{Allocation, Enqueued};
 use crate::store::{Store, mysql};
@@ -156,7 +156,7 @@ impl Store {
                     let original = (number, from_micros(at_us).unwrap_or(at));
                     return match NextAction::after(&recorded, Some(original), fingerprint) {
                         NextAction::Replay(original) => Ok(original),
-                        _ => Err(mismatch()),
+                        _ => Err(ApiError::idempotency_mismatch()),
                     };
                 }
                 Allocation::Full => return Err(ApiError::Overloaded(Overload::Backlog)),
@@ -168,14 +168,12 @@ impl Store {
                 Allocation::NoMessageCounter => match chat {
                     Some(chat) => self.restore_message_counter(token, chat).await?,
                     None => {
-                        return Err(ApiError::Internal(
-                            "a chat create found no message counter".into(),
-                        ));
+                        return Err(ApiError::internal("a chat create found no message counter"));
                     }
                 },
             }
         }
-        Err(ApiError::Internal("create: the cache kept missing".into()))
+        Err(ApiError::internal("create: the cache kept missing"))
     }
 
     /// A chat: its pending record while one exists, else its MySQL row. Redis is read

@@ -17,7 +17,7 @@ use super::openapi::{
 use super::{AppState, created, page_of};
 use crate::domain::{Token, parse_name};
 use crate::error::ApiError;
-use crate::idempotency::{NextAction, fingerprint, mismatch};
+use crate::idempotency::{NextAction, fingerprint};
 use crate::resources::{Application, now};
 use crate::store::mysql;
 
@@ -65,7 +65,7 @@ pub async fn create(
     MaybeIdempotencyKey(key): MaybeIdempotencyKey,
     JsonBody(input): JsonBody<CreateApplication>,
 ) -> Result<Response, ApiError> {
-    let name = parse_name(input.name).map_err(|e| ApiError::Validation(vec![e]))?;
+    let name = parse_name(input.name)?;
     let Some(key) = key else {
         let app = insert_application(&state, name).await?;
         return Ok(created(format!("/applications/{}", app.token), app));
@@ -77,7 +77,7 @@ pub async fn create(
         NextAction::Proceed => {}
         NextAction::Replay(answer) => {
             let app: Application = serde_json::from_str(&answer)
-                .map_err(|e| ApiError::Internal(format!("a recorded answer: {e}")))?;
+                .map_err(|e| ApiError::internal(format!("a recorded answer: {e}")))?;
             return Ok(created(format!("/applications/{}", app.token), app));
         }
         NextAction::InProgress => {
@@ -85,7 +85,7 @@ pub async fn create(
                 "a request with this Idempotency-Key is still in progress; retry later".into(),
             ));
         }
-        NextAction::Mismatch => return Err(mismatch()),
+        NextAction::Mismatch => return Err(ApiError::idempotency_mismatch()),
     }
     let app = match insert_application(&state, name).await {
         Ok(app) => app,
@@ -236,7 +236,7 @@ async fn rename(
     JsonBody(input): JsonBody<UpdateApplication>,
 ) -> Result<Json<Application>, ApiError> {
     let token = Token::parse(&token)?;
-    let name = parse_name(input.name).map_err(|e| ApiError::Validation(vec![e]))?;
+    let name = parse_name(input.name)?;
     let app = mysql::rename_application(&state.store.mysql, token.as_str(), &name, now())
         .await?
         .ok_or_else(|| ApiError::not_found("application"))?;

@@ -49,7 +49,7 @@ pub struct UpdateChat {
 }
 
 fn valid_title(title: Option<String>) -> Result<Option<String>, ApiError> {
-    parse_title(title).map_err(|e| ApiError::Validation(vec![e]))
+    Ok(parse_title(title)?)
 }
 
 /// Creates a chat; its number is allocated at once and it is persisted asynchronously.

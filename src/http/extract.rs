@@ -103,7 +103,7 @@ impl<S: Send + Sync> FromRequestParts<S> for MaybeIdempotencyKey {
                 let value = value.to_str().map_err(|_| {
                     ApiError::BadRequest("Idempotency-Key must be visible ASCII".into())
                 })?;
-                IdempotencyKey::parse(value).map(|k| Self(Some(k)))
+                Ok(Self(Some(IdempotencyKey::parse(value)?)))
             }
         }
     }

@@ -71,7 +71,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let token = Token::parse(&token)?;
     let chat = parse_number(&chat, "chat")?;
-    let body = parse_body(input.body).map_err(|e| ApiError::Validation(vec![e]))?;
+    let body = parse_body(input.body)?;
     let message = state
         .store
         .create_message(&token, chat, body, key.as_ref())
@@ -186,7 +186,7 @@ async fn apply_update(
     let token = Token::parse(&token)?;
     let chat = parse_number(&chat, "chat")?;
     let number = parse_number(&number, "message")?;
-    let body = parse_body(input.body).map_err(|e| ApiError::Validation(vec![e]))?;
+    let body = parse_body(input.body)?;
     Ok(Json(
         state
             .store
@@ -245,7 +245,7 @@ pub async fn search(
     let found = state.search.search(query).await?;
     // The terms joined by a space, form-encoded (a space is `+`, a `+` is `%2B`).
     let q = serde_urlencoded::to_string([("q", terms.join(" "))])
-        .map_err(|e| ApiError::Internal(format!("encoding the next link: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("encoding the next link: {e}")))?;
     let path = format!(
         "/applications/{}/chats/{chat}/messages/search?{q}",
         token.as_str(),

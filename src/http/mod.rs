@@ -244,7 +244,7 @@ async fn problem_bodies(response: Response) -> Response {
         s if s.is_client_error() => {
             ApiError::BadRequest(s.canonical_reason().unwrap_or("bad request").to_owned())
         }
-        s => ApiError::Internal(format!("{s} without a body")),
+        s => ApiError::internal(format!("{s} without a body")),
     };
     let (mut parts, _) = response.into_parts();
     let (new_parts, body) = error.into_response().into_parts();

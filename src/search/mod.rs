@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Semaphore;
 
 use crate::config::SearchConfig;
-use crate::error::{ApiError, Dependency};
+use crate::domain::Malformed;
 use crate::resources::Message;
 
 /// A message as the index holds it.
@@ -63,19 +63,17 @@ pub struct SearchQuery {
 }
 
 /// Splits `q` into lowercased terms; 400 when nothing is left after trimming.
-pub fn parse_terms(q: Option<&str>) -> Result<Vec<String>, ApiError> {
+pub fn parse_terms(q: Option<&str>) -> Result<Vec<String>, Malformed> {
     let terms: Vec<String> = q
         .unwrap_or("")
         .split_whitespace()
         .map(str::to_lowercase)
         .collect();
     if terms.is_empty() {
-        return Err(ApiError::BadRequest(
-            "`q` is required and must not be blank".into(),
-        ));
+        return Err(Malformed("`q` is required and must not be blank".into()));
     }
     if terms.len() > 32 || terms.iter().any(|t| t.len() > 256) {
-        return Err(ApiError::BadRequest(
+        return Err(Malformed(
             "`q` may hold at most 32 terms of at most 256 bytes".into(),
         ));
     }
@@ -94,18 +92,6 @@ pub enum SearchError {
     Unavailable(String),
     #[error("search backend failed: {0}")]
     Failed(String),
-}
-
-impl From<SearchError> for ApiError {
-    fn from(err: SearchError) -> Self {
-        match err {
-            SearchError::Unavailable(cause) => {
-                tracing::warn!(%cause, "search unavailable");
-                ApiError::Unavailable(Dependency::Search)
-            }
-            SearchError::Failed(cause) => ApiError::Internal(cause),
-        }
-    }
 }
 
 /// The configured backend; cheap to clone.
