@@ -33,7 +33,7 @@ sample of the outage's messages (its first and last ones included) is searchable
 within a bounded wait. It exits 1 on any violation.
 
 Loopback only, standard library only; every phase is bounded in time: the default run
-takes about 14 minutes (the search outage alone is 10), `--short` about 1.5 minutes.
+takes about 12.5 minutes (the search outage alone is 10), `--short` about 1.5 minutes.
 Logs go to .data/chaos/*.log.
 """
 
@@ -1670,7 +1670,8 @@ def main():
             ("201s received", f"{ok_chats + ok_msgs}  ({ok_chats} chats, {ok_msgs} messages)"),
             ("rows found", f"{len(chat_rows) + len(msg_rows)}  ({len(chat_rows)} chats, "
                            f"{len(msg_rows)} messages)"),
-            ("probe reads sent", f"{len(reads)}  (GET application / recent message)"),
+            ("probe reads sent", f"{len(reads)}  (GET application / recent message; "
+                                 "/healthz in the flood)"),
             ("faults injected", f"{len(faults)}"),
             ("5xx seen", f"{s5xx}"),
             ("503s seen", f"{s503}"),
