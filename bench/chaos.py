@@ -8,16 +8,33 @@ API processes, and faults injected in turn while the load runs:
   2. kill -9 the other worker, replaced at once;
   3. kill -9 the index-holding worker again, replaced at once;
   4. a graceful Redis restart (SHUTDOWN fsyncs the AOF, so nothing may be lost);
-  5. MariaDB stopped (SIGTERM) for 10 s, then started again.
+  5. MariaDB stopped (SIGTERM) for 10 s, then started again;
+  6. a connection flood on api1: 5,000 connections (short: 1,000), half idle, half
+     sending a request head a byte every 2 s, each one the server closes replaced, for
+     15 s (short: 8 s); the APIs run with HEADER_READ_TIMEOUT=5s;
+  7. Redis's maxmemory set 5% above its used memory for 10 s (short: 5 s), then restored;
+  8. a search outage: the worker holding the index writer frozen (SIGSTOP) for 10 minutes
+     (short: 20 s), then resumed (SIGCONT); the workers run with INDEX_LAG_MAX=5s, so the
+     stream is trimmed past the frozen indexer, which then catches up from MySQL.
 
 Then, after a bounded wait for the queue to drain, it checks that every 201 is persisted
 exactly once with its number and text, that numbers are gap-free and unique per parent,
 that counts converge, that search finds a sample of messages again, and that every failed
-request was a fast 503 during a dependency outage (never a 500 or a hang) while creates,
-which need Redis only, kept working with MariaDB down. It exits 1 on any violation.
+request was a fast 503 during a dependency outage or the maxmemory window (never a 500
+or a hang) while creates, which need Redis only, kept working with MariaDB down. Per
+fault: (6) a normal client's /healthz and creates on api1, each on a new connection,
+stay under 1 s (p99 and max) with no failure, the flood was held and the server closed
+its connections after HEADER_READ_TIMEOUT; (7) creates were refused with 503
+/problems/overloaded and Retry-After, reads stayed 200, /readyz said `queue: full`, and
+creates came back after the restore; (8) creates went on, the stream stayed bounded
+(Redis's used_memory and the stream's length sampled every second), the stream was
+trimmed past the indexer, and after SIGCONT the indexer caught up from MySQL and a
+sample of the outage's messages (its first and last ones included) is searchable
+within a bounded wait. It exits 1 on any violation.
 
 Loopback only, standard library only; every phase is bounded in time: the default run
-takes about 2.5 minutes, `--short` about 1 minute. Logs go to .data/chaos/*.log.
+takes about 12.5 minutes (the search outage alone is 10), `--short` about 1.5 minutes.
+Logs go to .data/chaos/*.log.
 """
 
 import argparse
@@ -27,8 +44,12 @@ import os
 import pathlib
 import random
 import re
+import resource
 import secrets
+import selectors
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -47,9 +68,14 @@ PIDFILE = DATA / "pids"
 CLIENT_TIMEOUT = 5.0  # a request with no answer by then is a hang
 FAST = 3.0  # a 503 slower than this is not "fast"
 GRACE = 3.0  # after a dependency is back, clients may still see 503s this long
+# Shorter than the defaults, so that each fault shows its recovery within the run.
+HEADER_READ_TIMEOUT = 5.0  # the API closes a connection without a whole request head then
+INDEX_LAG_MAX = 5.0  # past this lag the stream is trimmed past the (frozen) indexer
+CLAIM_IDLE = 2.0  # a frozen or dead consumer's entries are taken over after this
 WRITER_BUSY = "another process holds the search index writer"
 WRITER_TAKEN = "took over the search index writer"  # a standby took it when its holder died
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+PROBLEM_TYPE = re.compile(r'"type"\s*:\s*"([^"]*)"')
 
 T0 = time.monotonic()  # reset when the load starts; every recorded time is relative to it
 
@@ -158,6 +184,7 @@ class Proc:
         if self.alive():
             self.killed_by_us = True
             self.popen.send_signal(signal.SIGTERM)
+            self.popen.send_signal(signal.SIGCONT)  # in case it was left frozen
             try:
                 self.popen.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -218,7 +245,9 @@ class Stack:
             SEARCH_INDEX_DIR=str(DATA / "index"),
             LOG_LEVEL="warn,chat_system::startup=info",  # startup logs writer takeovers
             DEPENDENCY_TIMEOUT="1s",
-            WORKER_CLAIM_IDLE="2s",
+            WORKER_CLAIM_IDLE=f"{CLAIM_IDLE:.0f}s",
+            HEADER_READ_TIMEOUT=f"{HEADER_READ_TIMEOUT:.0f}s",
+            INDEX_LAG_MAX=f"{INDEX_LAG_MAX:.0f}s",
             COUNTS_SYNC_INTERVAL="1s",
             NO_COLOR="1",  # plain log files (tracing-subscriber honours it)
         )
@@ -287,6 +316,7 @@ class Client:
         self.host, port = addr.split(":")
         self.port = int(port)
         self.conn = None
+        self.retry_after = None  # the Retry-After header of the last answer, if any
 
     def close(self):
         if self.conn is not None:
@@ -302,24 +332,36 @@ class Client:
             self.conn.request(method, path, body=data, headers=headers)
             resp = self.conn.getresponse()
             raw = resp.read()
+            self.retry_after = resp.getheader("retry-after")
             if (resp.getheader("connection") or "").lower() == "close":
                 self.close()
             return resp.status, raw
         except TimeoutError:
             self.close()
+            self.retry_after = None
             return "timeout", b""
         except (OSError, http.client.HTTPException) as e:
             self.close()
+            self.retry_after = None
             return f"conn-error {type(e).__name__}", b""
 
 
 class Rec:
     """One request: what was sent, what came back and when (seconds since the load began)."""
-    __slots__ = ("kind", "api", "t0", "t1", "status", "token", "chat", "number", "text", "detail")
+    __slots__ = ("kind", "api", "t0", "t1", "status", "token", "chat", "number", "text", "detail",
+                 "retry_after")
 
-    def __init__(self, kind, api, t0, t1, status, token, chat, number, text, detail=""):
+    def __init__(self, kind, api, t0, t1, status, token, chat, number, text, detail="",
+                 retry_after=None):
         self.kind, self.api, self.t0, self.t1, self.status = kind, api, t0, t1, status
         self.token, self.chat, self.number, self.text, self.detail = token, chat, number, text, detail
+        self.retry_after = retry_after
+
+    @property
+    def problem_type(self):
+        """The `type` of a problem+json answer (its first 200 bytes are kept in detail)."""
+        m = PROBLEM_TYPE.search(self.detail or "")
+        return m.group(1) if m else None
 
     @property
     def latency(self):
@@ -361,7 +403,8 @@ class Load:
                 self.chats.append((token, number))
         else:
             detail = raw[:200].decode(errors="replace")
-        self.records.append(Rec("chat", api, t0, t1, status, token, None, number, title, detail))
+        self.records.append(Rec("chat", api, t0, t1, status, token, None, number, title, detail,
+                                client.retry_after))
         return number
 
     def create_message(self, client, api, token, chat):
@@ -383,7 +426,10 @@ class Load:
                 self.last_message = (api, token, chat, number)
         else:
             detail = raw[:200].decode(errors="replace")
-        self.records.append(Rec("message", api, t0, t1, status, token, chat, number, body, detail))
+        rec = Rec("message", api, t0, t1, status, token, chat, number, body, detail,
+                  client.retry_after)
+        self.records.append(rec)
+        return rec
 
     def worker(self, index):
         api = index % len(APIS)
@@ -518,6 +564,385 @@ def stop_mysql(faults, seconds):
     fault.t_end = now()
     fault.detail += f"; down {fault.t_end - fault.t_begin:.1f} s in all"
     log(f"  MariaDB back after {fault.t_end - fault.t_begin:.1f} s")
+    faults.append(fault)
+
+
+# ---- faults on connections, Redis memory and search --------------------------------------
+
+def metric(addr, name, timeout=2.0):
+    """The sum of every series of a metric on a /metrics page (None if unreachable)."""
+    try:
+        status, raw = http_get(addr, "/metrics", timeout=timeout)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    total, seen = 0.0, False
+    for line in raw.decode(errors="replace").splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    return total if seen else None
+
+
+def redis_memory():
+    """Redis's used_memory and the stream's length."""
+    info = redis("INFO", "memory")
+    used = int(re.search(r"^used_memory:(\d+)", info, re.M).group(1))
+    return used, int(redis("XLEN", f"{PREFIX}:q").strip() or 0)
+
+
+def mib(n):
+    return f"{n / 1048576:.1f} MiB"
+
+
+def tcp_counters():
+    """Host-wide TCP counters of the kernel: listen-queue overflows and SYN retransmits."""
+    try:
+        lines = pathlib.Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    counters = {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            counters.update(zip(names.split()[1:], map(int, values.split()[1:])))
+    return {k: counters.get(k, 0) for k in ("ListenOverflows", "TCPSynRetrans")}
+
+
+def raise_open_files(want):
+    """Raises the soft open-files limit to the hard one; returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log(f"open files limit {soft} < {want} wanted (ulimit -Hn)")
+    return soft
+
+
+class Flood:
+    """`n` connections to one API process, half sending nothing, half a request head one
+    byte every `SLOW_BYTE_EVERY` s, never finished. Each connection the server closes is
+    replaced while the flood lasts, so that about `n` stay open throughout.
+
+    Connections are opened at most `OPEN_RATE` a second: a faster burst overflows the
+    API's listen queue (1024) whenever its accept loop falls behind for a moment, and a
+    dropped SYN costs any client, the normal one included, a one-second retransmission.
+    That is the kernel's SYN handling, not what this fault is about (holding connections)."""
+
+    HEAD = b"GET /healthz HTTP/1.1\r\nHost: chaos\r\nUser-Agent: a-slow-client\r\nX-Pad: " + b"x" * 200
+    SLOW_BYTE_EVERY = 2.0
+    OPEN_RATE = 2000
+
+    def __init__(self, addr, n):
+        host, port = addr.split(":")
+        self.target = (host, int(port))
+        self.n = n
+        self.sel = selectors.DefaultSelector()
+        self.open = {}  # socket -> [opened at, slow?, bytes sent, next byte at]
+        self.opened = 0
+        self.open_errors = {}
+        self.slow_connects = 0  # connects that took 0.5 s or more (a SYN retransmitted)
+        self.to_open = []  # slow? of each connection to open (again)
+        self.closed_by_server = []  # (closed at, age, slow?)
+        self.answered = []  # first bytes of any answer (the server should send none)
+        self.peak, self.peak_at = 0, None
+        self.full_at = None  # when n were first open
+        self.left_open = []  # ages of those still open at the end, closed by us
+        self.stop = threading.Event()
+
+    def open_one(self, slow):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(2.0)
+        t0 = time.monotonic()
+        try:
+            s.connect(self.target)
+            if time.monotonic() - t0 >= 0.5:
+                self.slow_connects += 1
+        except OSError as e:
+            s.close()
+            name = type(e).__name__
+            self.open_errors[name] = self.open_errors.get(name, 0) + 1
+            self.to_open.append(slow)  # tried again, within the rate
+            return
+        s.setblocking(False)
+        t = now()
+        self.open[s] = [t, slow, 0, t + self.SLOW_BYTE_EVERY]
+        self.sel.register(s, selectors.EVENT_READ)
+        self.opened += 1
+        if len(self.open) > self.peak:
+            self.peak, self.peak_at = len(self.open), t
+        if len(self.open) >= self.n and self.full_at is None:
+            self.full_at = t
+
+    def server_closed(self, s, answer=b""):
+        opened_at, slow, _, _ = self.open.pop(s)
+        self.sel.unregister(s)
+        s.close()
+        t = now()
+        self.closed_by_server.append((t, t - opened_at, slow))
+        if answer:
+            self.answered.append(answer[:60])
+        if not self.stop.is_set():
+            self.to_open.append(slow)
+
+    def run(self, seconds):
+        start = now()
+        end = start + seconds
+        self.to_open = [i % 2 == 1 for i in range(self.n)]
+        tokens, last = 0.0, start
+        next_pass = start
+        while now() < end:
+            t = now()
+            tokens, last = min(self.OPEN_RATE / 20, tokens + (t - last) * self.OPEN_RATE), t
+            while self.to_open and tokens >= 1:
+                tokens -= 1
+                self.open_one(self.to_open.pop())
+            for key, _ in self.sel.select(timeout=0.01 if self.to_open else 0.1):
+                s = key.fileobj
+                try:
+                    data = s.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                self.server_closed(s, data)
+            t = now()
+            if t < next_pass:
+                continue
+            next_pass = t + 0.25
+            for s, state in list(self.open.items()):
+                opened_at, slow, sent, next_at = state
+                if slow and next_at <= t and sent < len(self.HEAD):
+                    try:
+                        s.send(self.HEAD[sent:sent + 1])
+                        state[2], state[3] = sent + 1, t + self.SLOW_BYTE_EVERY
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        self.server_closed(s)
+        self.stop.set()
+        t = now()
+        for s, (opened_at, _, _, _) in list(self.open.items()):
+            self.left_open.append(t - opened_at)
+            self.sel.unregister(s)
+            s.close()
+        self.open.clear()
+        self.sel.close()
+
+
+def flood_connections(stack, load, faults, n, seconds):
+    """(6) A slow-header and idle-connection flood on api1, while a normal client checks
+    /healthz and a create on it, each on a new connection."""
+    api = 0
+    addr = APIS[api]
+    flood = Flood(addr, n)
+    fault = Fault("connection flood", f"{n} connections to api{api + 1} (half idle, half "
+                  f"sending a request head 1 byte / {Flood.SLOW_BYTE_EVERY:.0f} s), "
+                  f"{seconds:.0f} s", now())
+    fault.flood, fault.probes, fault.gauge = flood, [], []
+    fault.connects = []  # the normal client's connect times
+    fault.tcp_before = tcp_counters()
+    log(f"fault: {n} idle and slow connections to api{api + 1} for {seconds:.0f} s")
+    done = threading.Event()
+
+    def normal_client():
+        rng = random.Random(11)
+        i = 0
+        while not done.is_set():
+            i += 1
+            client = Client(addr)
+            t0 = now()
+            client.conn = http.client.HTTPConnection(client.host, client.port,
+                                                     timeout=CLIENT_TIMEOUT)
+            try:
+                client.conn.connect()  # timed alone: a SYN dropped costs a second
+            except OSError:
+                client.close()  # the request below reports the failure
+            fault.connects.append(now() - t0)
+            if i % 2:
+                status, raw = client.request("GET", "/healthz")
+                client.close()
+                rec = Rec("get-healthz", api, t0, now(), status, None, None, None, None,
+                          "" if status == 200 else raw[:200].decode(errors="replace"))
+                load.records.append(rec)
+            else:
+                token, chat = rng.choice(load.chats)
+                rec = load.create_message(client, api, token, chat)
+                rec.t0 = t0  # the connect is part of the client's wait
+                client.close()
+            fault.probes.append(rec)
+            done.wait(0.05)
+
+    def gauge():
+        while not done.wait(0.5):
+            value = metric(addr, "http_connections_open")
+            if value is not None:
+                fault.gauge.append((now(), value))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (normal_client, gauge)]
+    for t in threads:
+        t.start()
+    try:
+        flood.run(seconds)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=CLIENT_TIMEOUT + 2)
+    fault.t_end = now()
+    after = tcp_counters()
+    fault.tcp_delta = {k: after[k] - fault.tcp_before.get(k, 0) for k in after}
+    closed = len(flood.closed_by_server)
+    log(f"  flood over: {flood.peak} held at peak, {flood.opened} opened, {closed} closed "
+        f"by the server")
+    faults.append(fault)
+
+
+def fill_redis(load, faults, seconds):
+    """(7) Redis's maxmemory set just above its used memory for `seconds`, then restored,
+    while /readyz is polled on both APIs."""
+    used, _ = redis_memory()
+    original = redis("CONFIG", "GET", "maxmemory").split()[1]
+    # 5% above what Redis uses now: its 90% mark (QUEUE_MAX_MEMORY's default) is then
+    # below the current use, and Redis's own bound (OOM) a few hundred creates away.
+    bound = used + used // 20
+    fault = Fault("Redis at maxmemory", f"maxmemory {mib(int(original))} → {mib(bound)} "
+                  f"(used_memory {mib(used)}) for {seconds:.0f} s", now())
+    fault.dependency = "redis-memory"
+    fault.readyz = []  # (t, api, status, checks.queue)
+    log(f"fault: Redis maxmemory {bound} (used_memory {used}) for {seconds:.0f} s")
+    redis("CONFIG", "SET", "maxmemory", bound)
+    try:
+        fault.down_from = now()
+        i = 0
+        while now() < fault.t_begin + seconds:
+            i += 1
+            try:
+                status, raw = http_get(APIS[i % 2], "/readyz", timeout=CLIENT_TIMEOUT)
+                queue = json.loads(raw).get("checks", {}).get("queue")
+            except (OSError, ValueError, AttributeError) as e:
+                status, queue = f"error {type(e).__name__}", None
+            fault.readyz.append((now(), i % 2, status, queue))
+            time.sleep(0.2)
+    finally:
+        redis("CONFIG", "SET", "maxmemory", original)
+    fault.down_to = fault.t_end = now()
+    # Recovery: the first create started after the restore that got a 201.
+    fault.recovered_in = None
+    mark = len(load.records)
+    deadline = now() + 10
+    while fault.recovered_in is None and now() < deadline:
+        ok = [r.t1 for r in load.records[mark:] if r.kind in ("chat", "message")
+              and r.status == 201 and r.t0 >= fault.t_end]
+        if ok:
+            fault.recovered_in = min(ok) - fault.t_end
+        else:
+            time.sleep(0.1)
+    fault.detail += "; creates back after " + (
+        "NO" if fault.recovered_in is None else f"{fault.recovered_in:.2f} s")
+    log(f"  maxmemory restored to {original}; {fault.detail.rsplit('; ', 1)[1]}")
+    faults.append(fault)
+
+
+def search_for(records, limit):
+    """Searches for each record's text until every one is found or `limit` passes.
+    Returns (not found, wrong answers, seconds until all were found or None)."""
+    pending = list(records)
+    start = time.monotonic()
+    deadline = start + limit
+    clients = [Client(a) for a in APIS]
+    wrong = []
+    i = 0
+    while pending and time.monotonic() < deadline:
+        still = []
+        for r in pending:
+            i += 1
+            q = urllib.parse.quote(r.text.split("-", 1)[1])  # "<run>-<seq>", unique
+            status, raw = clients[i % 2].request(
+                "GET", f"/applications/{r.token}/chats/{r.chat}/messages/search?q={q}")
+            found = False
+            if status == 200:
+                try:
+                    for m in json.loads(raw):
+                        if m.get("body") == r.text:
+                            found = True
+                            if m.get("number") != r.number:
+                                wrong.append(f"{r.text!r} found as number {m.get('number')}, "
+                                             f"accepted as {r.number}")
+                except (ValueError, AttributeError):
+                    wrong.append(f"{r.text!r}: bad search answer {raw[:100]!r}")
+            if not found:
+                still.append(r)
+        pending = still
+        if pending:
+            time.sleep(0.5)
+    for c in clients:
+        c.close()
+    return pending, wrong, (time.monotonic() - start) if not pending else None
+
+
+def accepted_messages(load, a, b):
+    return [r for r in list(load.records) if r.kind == "message" and r.status == 201
+            and r.number is not None and a <= r.t0 <= b]
+
+
+def freeze_indexer(stack, load, faults, seconds, search_limit):
+    """(8) A search outage: the worker holding the index writer is frozen (SIGSTOP) for
+    `seconds`, Redis memory and the stream's length sampled every second, then it is
+    resumed (SIGCONT) and messages created during the outage are searched for."""
+    holder = stack.holder()
+    other = next(w for w in stack.workers if w is not holder)
+    caught_before = metric(holder.port, "index_caught_up_total") or 0.0
+    trimmed_before = metric(other.port, "index_trimmed_past_total") or 0.0
+    fault = Fault("search outage", f"SIGSTOP {holder.name} (index writer holder, pid "
+                  f"{holder.pid}) for {seconds:.0f} s", now())
+    fault.baseline = redis_memory()
+    fault.samples = []  # (t, used_memory, stream length)
+    fault.gap_at = None  # when {prefix}:index:gap was first seen
+    log(f"fault: SIGSTOP {holder.name} (index writer holder, pid {holder.pid}) "
+        f"for {seconds:.0f} s")
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        fault.down_from = now()
+        next_at = now()
+        while now() < fault.t_begin + seconds:
+            time.sleep(max(0.0, next_at - now()))
+            next_at += 1.0
+            try:
+                used, xlen = redis_memory()
+                fault.samples.append((now(), used, xlen))
+                if fault.gap_at is None and redis("EXISTS", f"{PREFIX}:index:gap").strip() == "1":
+                    fault.gap_at = now() - fault.down_from
+            except (RuntimeError, AttributeError, subprocess.TimeoutExpired) as e:
+                log(f"  sampling Redis: {e}")
+        fault.trimmed_past = (metric(other.port, "index_trimmed_past_total") or 0.0) - trimmed_before
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    fault.down_to = fault.t_end = now()
+    log(f"  SIGCONT {holder.name}; searching for messages created during the outage")
+    # A sample of the messages accepted while the indexer was frozen, its first and last
+    # ones included (around the gap's start and the resumption).
+    during = accepted_messages(load, fault.down_from, fault.down_to)
+    fault.created = len(during)
+    rng = random.Random(13)
+    middle = during[20:-20]
+    fault.sample = during[:20] + rng.sample(middle, min(len(middle), 60)) + during[-20:]
+    fault.not_found, fault.wrong, fault.searchable_in = search_for(fault.sample, search_limit)
+    # The resumed indexer caught up from MySQL (the gap was read back from there).
+    deadline = time.monotonic() + 30
+    fault.caught_up = 0.0
+    while time.monotonic() < deadline:
+        fault.caught_up = (metric(holder.port, "index_caught_up_total") or 0.0) - caught_before
+        if fault.caught_up > 0:
+            break
+        time.sleep(0.5)
+    peak_used = max((u for _, u, _ in fault.samples), default=0)
+    peak_len = max((n for _, _, n in fault.samples), default=0)
+    fault.detail += (f"; Redis peak {mib(peak_used)}, stream peak {peak_len} entries, "
+                     f"{fault.created} messages created, searchable "
+                     + ("NO" if fault.searchable_in is None else
+                        f"{fault.searchable_in:.1f} s") + " after SIGCONT")
+    log(f"  {fault.detail.split('; ', 1)[1]}")
     faults.append(fault)
 
 
@@ -721,60 +1146,36 @@ def check_counts(v, tokens, limit):
         time.sleep(0.5)
 
 
-def check_search(v, load, msgs_201, faults, sample_size, limit):
+def check_search(v, load, faults, sample_size, limit):
     """(4) a sample of accepted messages is found again by search, within the deadline.
-    Half of the sample comes from the times the index-holding worker was down."""
+    A third of the sample comes from the times the index-holding worker was down (killed),
+    a third from the search outage (frozen), the rest from any time."""
     accepted = [r for r in load.records if r.kind == "message" and r.status == 201
                 and r.number is not None]
     if not accepted:
         v.fail(4, "no accepted message to search for")
-        return 0, 0, None
+        return 0, 0, 0, None
     rng = random.Random(7)
     holder_down = [(f.down_from, f.t_end + 2) for f in faults
                    if f.name == "kill -9 worker" and "index writer holder" in f.detail.split(";")[0]]
-    during = [r for r in accepted if any(a <= r.t0 <= b for a, b in holder_down)]
-    sample = rng.sample(during, min(len(during), sample_size // 2))
-    chosen = set(sample)
+    frozen = [(f.down_from, f.t_end + 2) for f in faults if f.name == "search outage"]
+    sample, chosen = [], set()
+    for windows in (holder_down, frozen):
+        during = [r for r in accepted if any(a <= r.t0 <= b for a, b in windows)]
+        picked = rng.sample(during, min(len(during), sample_size // 3))
+        sample.append(picked)
+        chosen.update(picked)
     rest = [r for r in accepted if r not in chosen]
-    sample += rng.sample(rest, min(len(rest), sample_size - len(sample)))
-    pending = list(sample)
-    start = time.monotonic()
-    deadline = start + limit
-    client = [Client(a) for a in APIS]
-    wrong = []
-    i = 0
-    while pending and time.monotonic() < deadline:
-        still = []
-        for r in pending:
-            i += 1
-            q = urllib.parse.quote(r.text.split("-", 1)[1])  # "<run>-<seq>", unique
-            status, raw = client[i % 2].request(
-                "GET", f"/applications/{r.token}/chats/{r.chat}/messages/search?q={q}")
-            found = False
-            if status == 200:
-                try:
-                    for m in json.loads(raw):
-                        if m.get("body") == r.text:
-                            found = True
-                            if m.get("number") != r.number:
-                                wrong.append(f"{r.text!r} found as number {m.get('number')}, "
-                                             f"accepted as {r.number}")
-                except (ValueError, AttributeError):
-                    wrong.append(f"{r.text!r}: bad search answer {raw[:100]!r}")
-            if not found:
-                still.append(r)
-        pending = still
-        if pending:
-            time.sleep(0.5)
-    for c in client:
-        c.close()
+    everything = sample[0] + sample[1]
+    everything += rng.sample(rest, min(len(rest), sample_size - len(everything)))
+    pending, wrong, seconds = search_for(everything, limit)
     if wrong:
         v.fail(4, "search answers with wrong content", wrong)
     if pending:
-        v.fail(4, f"{len(pending)} of {len(sample)} sampled messages not found by search "
+        v.fail(4, f"{len(pending)} of {len(everything)} sampled messages not found by search "
                   f"within {limit:.0f} s",
                [f"{r.text!r} (chat {r.chat} #{r.number}, created at {r.t0:.1f}s)" for r in pending])
-    return len(sample), len(during), (time.monotonic() - start) if not pending else None
+    return len(everything), len(sample[0]), len(sample[1]), seconds
 
 
 def dependency_windows(faults):
@@ -832,8 +1233,8 @@ def check_failures(v, load, faults):
     if slow_503:
         v.fail(5, f"{slow_n} 503s took {FAST:.0f} s or more", slow_503)
     if stray_503:
-        v.fail(5, f"{stray_n} 503s while every dependency was up "
-                  "(workers being killed must not affect the API)", stray_503)
+        v.fail(5, f"{stray_n} 503s while every dependency was up (workers killed or "
+                  "frozen and connection floods must not affect the API)", stray_503)
     if other:
         v.fail(5, f"{other_n} unexpected error answers", other)
 
@@ -862,6 +1263,197 @@ def check_failures(v, load, faults):
                 v.warn(f"{len(served)} GET /applications/{{token}} answered 200 while MariaDB "
                        "was down (from a cache?)")
     return per_fault
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))] if values else 0.0
+
+
+def check_flood(v, fault):
+    """(6) during the flood a normal client is served within 1 s, never with a 5xx; the
+    flood was held; the server closed its connections after HEADER_READ_TIMEOUT."""
+    flood, probes = fault.flood, fault.probes
+    latencies = [r.latency for r in probes]
+    p99, worst = percentile(latencies, 0.99), max(latencies, default=0.0)
+    failed = [r for r in probes if r.status not in (200, 201)]
+    if not probes:
+        v.fail(6, "the normal client sent no request during the flood")
+    if failed:
+        v.fail(6, f"{len(failed)} of {len(probes)} normal-client requests failed during "
+                  "the flood", grouped(failed, [fault]))
+    if worst >= 1.0:
+        v.fail(6, f"normal-client latency during the flood: p99 {p99 * 1000:.0f} ms, max "
+                  f"{worst * 1000:.0f} ms (bound: under 1 s)",
+               [f"{r.kind} → {r.status} at {r.t0:.2f}s in {r.latency * 1000:.0f} ms"
+                for r in sorted(probes, key=lambda r: -r.latency)[:5]])
+    if flood.peak < 0.95 * flood.n:
+        v.fail(6, f"the driver held only {flood.peak} of {flood.n} connections at once "
+                  f"(connect errors: {flood.open_errors or 'none'})")
+    gauge_peak = max((g for _, g in fault.gauge), default=None)
+    if gauge_peak is None:
+        v.fail(6, "api1's /metrics never answered during the flood")
+    elif gauge_peak < 0.9 * flood.peak:
+        v.warn(f"http_connections_open peaked at {gauge_peak:.0f} while the driver held "
+               f"{flood.peak} connections")
+    ages = sorted(age for _, age, _ in flood.closed_by_server)
+    late_bound = HEADER_READ_TIMEOUT + 2.0
+    late = [a for a in ages if a > late_bound]
+    overdue = [a for a in flood.left_open if a > late_bound]
+    if fault.t_end - fault.t_begin > late_bound and not ages:
+        v.fail(6, "the server closed none of the flood's connections "
+                  f"(HEADER_READ_TIMEOUT {HEADER_READ_TIMEOUT:.0f} s)")
+    if late or overdue:
+        v.fail(6, f"{len(late) + len(overdue)} flood connections stayed open longer than "
+                  f"HEADER_READ_TIMEOUT + 2 s ({len(late)} closed late, up to "
+                  f"{max(late, default=0):.1f} s; {len(overdue)} still open at the end, up to "
+                  f"{max(overdue, default=0):.1f} s)")
+    early = [a for a in ages if a < HEADER_READ_TIMEOUT - 0.5]
+    if early:
+        v.warn(f"{len(early)} flood connections were closed before HEADER_READ_TIMEOUT "
+               f"(the earliest after {min(early):.2f} s)")
+    if flood.answered:
+        v.warn(f"the server answered {len(flood.answered)} unfinished request heads "
+               f"(e.g. {flood.answered[0]!r}) instead of closing without an answer")
+    idle = sum(1 for _, _, slow in flood.closed_by_server if not slow)
+    first = min((t for t, _, _ in flood.closed_by_server), default=None)
+    held = f"held at peak: {flood.peak} by the driver's count"
+    if flood.full_at is not None:
+        held += f" (all {flood.n} open {flood.full_at - fault.t_begin:.1f} s in)"
+    held += (", " + ("no answer" if gauge_peak is None else f"{gauge_peak:.0f}")
+             + " by api1's http_connections_open")
+    closed = f"{flood.opened} opened in all; the server closed {len(ages)}"
+    if ages:
+        closed += (f" ({idle} idle, {len(ages) - idle} slow), the first "
+                   f"{first - fault.t_begin:.1f} s into the flood, at ages min/median/max "
+                   f"{ages[0]:.1f}/{statistics.median(ages):.1f}/{ages[-1]:.1f} s")
+    closed += (f" (HEADER_READ_TIMEOUT {HEADER_READ_TIMEOUT:.0f} s); {len(flood.left_open)} "
+               "closed by the driver at the end")
+    connects = fault.connects
+    fault.figures = [
+        held,
+        f"opened at most {Flood.OPEN_RATE}/s; {flood.slow_connects} of the flood's connects "
+        "took 0.5 s or more",
+        closed,
+        f"normal client on api1 (a new connection each): {len(probes)} requests "
+        f"({sum(1 for r in probes if r.kind == 'get-healthz')} /healthz, "
+        f"{sum(1 for r in probes if r.kind == 'message')} creates), p99 {p99 * 1000:.1f} ms, "
+        f"max {worst * 1000:.1f} ms, {len(failed)} failed; its connects: max "
+        f"{max(connects, default=0) * 1000:.0f} ms, "
+        f"{sum(1 for c in connects if c >= 0.5)} of {len(connects)} took 0.5 s or more",
+        "kernel (host-wide) during the flood: "
+        + ", ".join(f"{k} +{n}" for k, n in fault.tcp_delta.items()),
+    ]
+    return p99, worst
+
+
+def check_maxmemory(v, load, fault):
+    """(7) with Redis at maxmemory, creates get a fast 503 /problems/overloaded with
+    Retry-After, reads go on, /readyz says `queue: full`; creates come back after."""
+    a, b = fault.t_begin - 0.2, fault.t_end + GRACE
+    window = [r for r in load.records if r.t0 <= b and a <= r.t1]
+    creates = [r for r in window if r.kind in ("chat", "message")]
+    refused = [r for r in creates if r.status == 503]
+    overloaded = [r for r in refused if r.problem_type == "/problems/overloaded"]
+    other_503 = [r for r in refused if r.problem_type != "/problems/overloaded"]
+    no_retry = [r for r in refused if not (r.retry_after or "").strip().isdigit()]
+    reads = [r for r in window if r.kind.startswith("get-")]
+    bad_reads = [r for r in reads if r.status != 200]
+    if not overloaded:
+        v.fail(7, f"no create was refused with /problems/overloaded while Redis was at "
+                  f"maxmemory ({len(creates)} creates, {len(refused)} × 503)")
+    if other_503:
+        v.fail(7, f"{len(other_503)} creates refused with another problem than "
+                  "/problems/overloaded while Redis was at maxmemory", grouped(other_503, [fault]))
+    if no_retry:
+        v.fail(7, f"{len(no_retry)} 503s without a Retry-After header", grouped(no_retry, [fault]))
+    if bad_reads:
+        v.fail(7, f"{len(bad_reads)} of {len(reads)} reads failed while Redis was at maxmemory",
+               grouped(bad_reads, [fault]))
+    full = [t for t, _, status, queue in fault.readyz if status == 503 and queue == "full"]
+    if not full:
+        v.fail(7, f"/readyz never answered 503 with queue: full while Redis was at maxmemory "
+                  f"({len(fault.readyz)} polls: "
+                  f"{sorted({(s, q) for _, _, s, q in fault.readyz}, key=str)})")
+    if fault.recovered_in is None:
+        v.fail(7, "no create succeeded within 10 s after maxmemory was restored")
+    retry_values = sorted({r.retry_after for r in overloaded if r.retry_after})
+    fault.figures = [
+        f"creates overlapping the window (+{GRACE:.0f} s): {len(creates)}: "
+        f"{sum(1 for r in creates if r.status == 201)} × 201, {len(overloaded)} × 503 "
+        f"/problems/overloaded (Retry-After: {', '.join(retry_values) or 'none'}, slowest "
+        f"{max((r.latency for r in refused), default=0) * 1000:.0f} ms), {len(other_503)} × other 503, "
+        f"{sum(1 for r in creates if r.status not in (201, 503))} × other",
+        f"reads: {len(reads)}, {len(bad_reads)} failed; /readyz: {len(full)} of "
+        f"{len(fault.readyz)} polls 503 with queue: full, the first "
+        + (f"{full[0] - fault.down_from:.1f} s after the change" if full else "never"),
+        "creates back " + ("NO" if fault.recovered_in is None else
+                           f"{fault.recovered_in:.2f} s") + " after the restore",
+    ]
+    return len(overloaded)
+
+
+def check_search_outage(v, load, fault):
+    """(8) with the indexer frozen, creates go on, the stream (and so Redis memory) stays
+    bounded because it is trimmed past the indexer, and after it resumes every message of
+    the outage is searchable (a sample, its first and last ones included)."""
+    span = max(1e-3, fault.down_to - fault.down_from)
+    creates = [r for r in load.records if r.kind in ("chat", "message")
+               and fault.down_from <= r.t0 <= fault.down_to]
+    ok = sum(1 for r in creates if r.status == 201)
+    # Entries stay in the stream until they are older than INDEX_LAG_MAX (plus a trim
+    # period, and a frozen consumer's entries until they are claimed): allow twice that.
+    bound = int(ok / span * 2 * (INDEX_LAG_MAX + CLAIM_IDLE + 1.0)) + 100
+    peak_used = max(fault.samples, key=lambda s: s[1], default=(0, 0, 0))
+    peak_len = max(fault.samples, key=lambda s: s[2], default=(0, 0, 0))
+    if not ok:
+        v.fail(8, f"no create succeeded during the search outage ({len(creates)} tried)")
+    if not fault.samples:
+        v.fail(8, "Redis could not be sampled during the search outage")
+    elif peak_len[2] > bound:
+        v.fail(8, f"the stream reached {peak_len[2]} entries during the search outage "
+                  f"(bound {bound}: {2 * (INDEX_LAG_MAX + CLAIM_IDLE + 1):.0f} s of creates; "
+                  f"{ok} creates in {span:.0f} s)")
+    if fault.trimmed_past <= 0:
+        v.fail(8, "the stream was never trimmed past the frozen indexer "
+                  "(index_trimmed_past_total of the other worker did not grow)")
+    # A long outage must not let memory creep up: the median of its last minute against
+    # the median of its second minute (the first holds the climb to INDEX_LAG_MAX).
+    if span >= 180:
+        second = [u for t, u, _ in fault.samples if 60 <= t - fault.down_from < 120]
+        last = [u for t, u, _ in fault.samples if t - fault.down_from >= span - 60]
+        if second and last:
+            m2, ml = statistics.median(second), statistics.median(last)
+            fault.trend = (m2, ml)
+            if ml > m2 * 1.25 and ml - m2 > 8 * 1048576:
+                v.fail(8, f"Redis memory grew during the search outage: median {mib(m2)} in "
+                          f"its second minute, {mib(ml)} in its last")
+    if fault.wrong:
+        v.fail(8, "search answers with wrong content after the outage", fault.wrong)
+    if fault.not_found:
+        v.fail(8, f"{len(fault.not_found)} of {len(fault.sample)} messages created during the "
+                  "search outage not searchable after it",
+               [f"{r.text!r} (chat {r.chat} #{r.number}, created at {r.t0:.1f}s)"
+                for r in fault.not_found])
+    if fault.caught_up <= 0:
+        v.fail(8, "the resumed indexer did not catch up from MySQL (index_caught_up_total "
+                  "did not grow)")
+    fault.figures = [
+        f"creates during the outage: {len(creates)}, {ok} × 201 ({fault.created} messages)",
+        f"Redis used_memory: {mib(fault.baseline[0])} before, peak {mib(peak_used[1])} "
+        f"({peak_used[0] - fault.down_from:.0f} s in); stream: {fault.baseline[1]} entries "
+        f"before, peak {peak_len[2]} ({peak_len[0] - fault.down_from:.0f} s in; bound {bound})"
+        + (f"; median used_memory 2nd minute {mib(fault.trend[0])}, last minute "
+           f"{mib(fault.trend[1])}" if getattr(fault, "trend", None) else ""),
+        "trimmed past the indexer: gap marked "
+        + ("never" if fault.gap_at is None else f"{fault.gap_at:.0f} s in")
+        + f", index_trimmed_past_total +{fault.trimmed_past:.0f}",
+        f"after SIGCONT: {fault.caught_up:.0f} messages indexed from MySQL; "
+        f"{len(fault.sample) - len(fault.not_found)} of {len(fault.sample)} sampled outage "
+        "messages searchable "
+        + ("(NOT all)" if fault.searchable_in is None else f"{fault.searchable_in:.1f} s after SIGCONT"),
+    ]
+    return peak_used[1], peak_len[2]
 
 
 def check_processes(v, stack):
@@ -908,12 +1500,18 @@ def queue_state():
 # ---- the run ------------------------------------------------------------------------------
 
 def schedule(short):
-    """(start at, fault) pairs, in seconds after the load began, and the load's length."""
+    """(start at, fault) pairs, in seconds after the load began (a fault starts when the
+    one before it is over, if that is later), the load's shortest length, and the sizes of
+    the last three faults."""
     if short:
-        return [(2, "kill-holder"), (10, "kill-other"), (13, "kill-holder-again"),
-                (16, "redis"), (19, "mysql")], 30.0
-    return [(8, "kill-holder"), (22, "kill-other"), (32, "kill-holder-again"),
-            (44, "redis"), (58, "mysql")], 90.0
+        return ([(2, "kill-holder"), (10, "kill-other"), (13, "kill-holder-again"),
+                 (16, "redis"), (19, "mysql"), (31, "flood"), (41, "maxmemory"),
+                 (50, "search-outage")], 30.0,
+                dict(flood=1000, flood_s=8.0, maxmemory_s=5.0, outage_s=20.0))
+    return ([(8, "kill-holder"), (22, "kill-other"), (32, "kill-holder-again"),
+             (44, "redis"), (58, "mysql"), (72, "flood"), (92, "maxmemory"),
+             (108, "search-outage")], 90.0,
+            dict(flood=5000, flood_s=15.0, maxmemory_s=10.0, outage_s=600.0))
 
 
 def main():
@@ -924,11 +1522,25 @@ def main():
     p.add_argument("--rate", type=float, default=300, help="creates per second (default 300)")
     p.add_argument("--threads", type=int, default=8, help="load threads (default 8)")
     p.add_argument("--mysql-down", type=float, default=10, help="seconds MariaDB stays down")
+    p.add_argument("--flood", type=int, help="connections of the flood (full 5000, short 1000)")
+    p.add_argument("--outage", type=float,
+                   help="seconds the index writer's holder stays frozen (full 600, short 20)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
 
-    faults_plan, duration = schedule(args.short)
+    faults_plan, duration, sizes = schedule(args.short)
+    if args.flood is not None:
+        sizes["flood"] = args.flood
+    if args.outage is not None:
+        sizes["outage_s"] = args.outage
+    # The flood's sockets, the load's and a margin.
+    open_files = raise_open_files(sizes["flood"] + 256)
+    flood_note = None
+    if open_files != resource.RLIM_INFINITY and open_files < sizes["flood"] + 256:
+        flood_note = (f"the open-files limit ({open_files}, ulimit -Hn) cut the flood from "
+                      f"{sizes['flood']} to {open_files - 256} connections")
+        sizes["flood"] = open_files - 256
     run = secrets.token_hex(3)
     started = time.monotonic()
     DATA.mkdir(parents=True, exist_ok=True)
@@ -941,6 +1553,8 @@ def main():
     stack = Stack(args.bin)
     load = None
     v = Verdict()
+    if flood_note:
+        v.warn(flood_note)
     faults = []
     try:
         log(f"run {run}: starting MariaDB :{MYSQL_PORT} and Redis :{REDIS_PORT}")
@@ -994,6 +1608,13 @@ def main():
                 restart_redis(faults)
             elif what == "mysql":
                 stop_mysql(faults, args.mysql_down)
+            elif what == "flood":
+                flood_connections(stack, load, faults, sizes["flood"], sizes["flood_s"])
+            elif what == "maxmemory":
+                fill_redis(load, faults, sizes["maxmemory_s"])
+            elif what == "search-outage":
+                freeze_indexer(stack, load, faults, sizes["outage_s"],
+                               search_limit=60 if args.short else 180)
             last_fault_end = now()
         # Some load after the last recovery, so the recovered path is exercised too.
         time.sleep(max(0.0, max(duration, last_fault_end + 3) - now()))
@@ -1010,9 +1631,16 @@ def main():
 
         chats_201, msgs_201, chat_rows, msg_rows = check_persistence(v, load, tokens)
         counts_s = check_counts(v, tokens, 20)
-        sampled, sampled_during, search_s = check_search(
-            v, load, msgs_201, faults, 50, 40)
+        sampled, sampled_killed, sampled_frozen, search_s = check_search(
+            v, load, faults, 75, 40)
         per_fault = check_failures(v, load, faults)
+        for f in faults:
+            if f.name == "connection flood":
+                check_flood(v, f)
+            elif f.name == "Redis at maxmemory":
+                check_maxmemory(v, load, f)
+            elif f.name == "search outage":
+                check_search_outage(v, load, f)
         check_processes(v, stack)
         dlq, groups = queue_state()
         if dlq:
@@ -1042,7 +1670,8 @@ def main():
             ("201s received", f"{ok_chats + ok_msgs}  ({ok_chats} chats, {ok_msgs} messages)"),
             ("rows found", f"{len(chat_rows) + len(msg_rows)}  ({len(chat_rows)} chats, "
                            f"{len(msg_rows)} messages)"),
-            ("probe reads sent", f"{len(reads)}  (GET application / recent message)"),
+            ("probe reads sent", f"{len(reads)}  (GET application / recent message; "
+                                 "/healthz in the flood)"),
             ("faults injected", f"{len(faults)}"),
             ("5xx seen", f"{s5xx}"),
             ("503s seen", f"{s503}"),
@@ -1052,7 +1681,8 @@ def main():
             ("queue drained in", f"{drain_s:.1f} s"),
             ("counts converged in", "NO" if counts_s is None else f"{counts_s:.1f} s"),
             ("search: sample found in", ("NO" if search_s is None else f"{search_s:.1f} s")
-             + f"  ({sampled} sampled, {min(sampled_during, sampled // 2)} from index-writer outages)"),
+             + f"  ({sampled} sampled: {sampled_killed} from index-writer kills, "
+               f"{sampled_frozen} from the search outage)"),
             ("dead-letter entries", f"{dlq}"),
         ]
         width = max(len(k) for k, _ in rows)
@@ -1066,6 +1696,8 @@ def main():
         for f, n, ok, n503, nr, r503 in per_fault:
             out(f"  {f.t_begin:6.1f}–{f.t_end:5.1f}s  {f.name}: {f.detail}")
             out(f"  {'':14}creates {n}: {ok} × 201, {n503} × 503; reads {nr}: {r503} × 503")
+            for line in getattr(f, "figures", []):
+                out(f"  {'':14}{line}")
             if f.dependency == "mysql":
                 c_ok, c_n = f.creates_while_down
                 a503, an = f.app_reads_while_down
@@ -1083,7 +1715,9 @@ def main():
                 out(f"  violation {x}")
         else:
             out("  PASSED: no violation (1 persisted exactly once, 2 numbers gap-free, "
-                "3 counts converge, 4 search catches up, 5 fast 503s only)")
+                "3 counts converge, 4 search catches up, 5 fast 503s only, 6 served "
+                "through the connection flood, 7 overloaded not broken at maxmemory, "
+                "8 search outage bounded and recovered)")
         with open(DATA / "requests.csv", "w") as f:
             f.write("kind,api,start_s,end_s,latency_ms,status,token,chat,number,text,detail\n")
             for r in sorted(load.records, key=lambda r: r.t0):
