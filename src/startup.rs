@@ -32,6 +32,27 @@ pub enum StartError {
     Worker(#[from] WorkerError),
 }
 
+/// Connections the kernel queues for `accept` (it caps the figure at
+/// `net.core.somaxconn`, 4,096 on current Linux; `ss -ltn` shows it as Send-Q). A burst
+/// of connects beyond the queue loses SYNs, which clients
+/// resend only after a second: tokio's default of 1,024 let a burst of 1,000 connects
+/// delay other clients by that second.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// A listening socket on `addr`, with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As tokio's `bind` does: a restarted server binds at once, whatever sockets of its
+    // predecessor are still in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// A bound, not yet serving, API server.
 pub struct ApiServer {
     listener: TcpListener,
@@ -45,12 +66,10 @@ impl ApiServer {
         search: Search,
         config: &ApiConfig,
     ) -> Result<Self, StartError> {
-        let listener = TcpListener::bind(config.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.bind,
-                source,
-            })?;
+        let listener = listen(config.bind).map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })?;
         let state = AppState::new(
             store,
             search,
@@ -222,9 +241,7 @@ pub async fn serve_worker_metrics(
     addr: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StartError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
     let router = http::worker_router(http::install_metrics_recorder());
     tokio::spawn(server::serve(
         listener,
