@@ -34,9 +34,8 @@ pub enum StartError {
 
 /// Connections the kernel queues for `accept` (it caps the figure at
 /// `net.core.somaxconn`, 4,096 on current Linux; `ss -ltn` shows it as Send-Q). A burst
-/// of connects beyond the queue loses SYNs, which clients
-/// resend only after a second: tokio's default of 1,024 let a burst of 1,000 connects
-/// delay other clients by that second.
+/// of connects beyond the queue loses SYNs, which clients resend only after a second:
+/// tokio's default of 1,024 let a burst of 1,000 connects delay other clients by that.
 const LISTEN_BACKLOG: u32 = 8192;
 
 /// A listening socket on `addr`, with [`LISTEN_BACKLOG`].
