@@ -59,9 +59,13 @@ import urllib.parse
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / ".data" / "chaos"
 DEPS_DIR = ROOT / ".data" / "chaos-deps"
-MYSQL_PORT, REDIS_PORT = 23306, 23379
-APIS = ["127.0.0.1:23931", "127.0.0.1:23932"]
-FIRST_WORKER_METRICS_PORT = 23941
+# Ports (environment overrides: CHAOS_MYSQL_PORT, CHAOS_REDIS_PORT, CHAOS_API_PORT for the
+# first API, the second one above it, and CHAOS_WORKER_METRICS_PORT for the first worker).
+MYSQL_PORT = int(os.environ.get("CHAOS_MYSQL_PORT", 23306))
+REDIS_PORT = int(os.environ.get("CHAOS_REDIS_PORT", 23379))
+_API_PORT = int(os.environ.get("CHAOS_API_PORT", 23931))
+APIS = [f"127.0.0.1:{_API_PORT}", f"127.0.0.1:{_API_PORT + 1}"]
+FIRST_WORKER_METRICS_PORT = int(os.environ.get("CHAOS_WORKER_METRICS_PORT", 23941))
 PREFIX = "chaos"
 PIDFILE = DATA / "pids"
 
