@@ -20,7 +20,9 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 # --- chef ----------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS chef
 ARG CARGO_CHEF_VERSION=0.1.78
-# The project is edition 2024 (Rust >= 1.85); rust:1-bookworm tracks the latest stable.
+# rust:1-bookworm tracks the latest stable, which is at least Cargo.toml's rust-version
+# (1.94). rust-toolchain.toml is kept out of the context (.dockerignore), so rustup uses
+# the image's toolchain rather than fetching the pinned one.
 RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}" \
     && rm -rf "${CARGO_HOME}/registry"
 WORKDIR /build

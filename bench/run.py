@@ -9,6 +9,10 @@ time; the default run takes about 10 minutes, `--quick` about 2.
 The worker runs in the kernel's idle scheduling class (`chrt --idle 0`): on one box,
 the API's latency comes first and persistence takes the spare CPU. Set
 BENCH_WORKER_PRIORITY=normal to measure without it, or nice10 for `nice -n 10`.
+
+Ports (all on 127.0.0.1), each overridable when taken: BENCH_MYSQL_PORT (default 24306)
+and BENCH_REDIS_PORT (24379) for the private MariaDB and Redis, BENCH_API_PORT (3100),
+BENCH_WORKER_METRICS_PORT (3101) and BENCH_PROBE_PORT (3102).
 """
 
 import argparse
@@ -28,8 +32,20 @@ import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / ".data" / "bench"
-MYSQL_PORT, REDIS_PORT = 24306, 24379
-API, WORKER_METRICS, PROBE = "127.0.0.1:3100", "127.0.0.1:3101", "127.0.0.1:3102"
+
+
+def _port(name, default):
+    value = os.environ.get(name, str(default))
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SystemExit(f"bench: {name} must be a port number (1-65535), not '{value}'")
+    return int(value)
+
+
+MYSQL_PORT = _port("BENCH_MYSQL_PORT", 24306)
+REDIS_PORT = _port("BENCH_REDIS_PORT", 24379)
+API = f"127.0.0.1:{_port('BENCH_API_PORT', 3100)}"
+WORKER_METRICS = f"127.0.0.1:{_port('BENCH_WORKER_METRICS_PORT', 3101)}"
+PROBE = f"127.0.0.1:{_port('BENCH_PROBE_PORT', 3102)}"
 PREFIX = "bench"
 WORKER_PRIORITY = os.environ.get("BENCH_WORKER_PRIORITY", "idle")
 PRIORITY_WRAPPERS = {"idle": ["chrt", "--idle", "0"], "nice10": ["nice", "-n", "10"], "normal": []}
@@ -279,6 +295,14 @@ def main():
     backlog = 200_000 if quick else 1_000_000
     search_corpus = 100_000
 
+    # A server already on one of these ports would answer in place of ours (checked
+    # before the build, which takes minutes; MariaDB and Redis: scripts/deps checks).
+    for name, addr in (("BENCH_API_PORT", API), ("BENCH_WORKER_METRICS_PORT", WORKER_METRICS),
+                       ("BENCH_PROBE_PORT", PROBE)):
+        if _port_open(addr):
+            raise SystemExit(f"bench: {addr} is already taken; stop what listens there, "
+                             f"or set {name} to a free port")
+
     target_dir = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     log("building (release)")
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "chat-system",
@@ -287,11 +311,13 @@ def main():
     probe_bin = str(target_dir / "release" / "examples" / "probe")
     if not shutil.which("wrk"):
         log("installing wrk")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq",
+                        "--no-install-recommends", "wrk"], check=True)
 
     DATA.mkdir(parents=True, exist_ok=True)
     deps_env = dict(os.environ, DEPS_DIR=str(DATA / "deps"), DEPS_MYSQL_PORT=str(MYSQL_PORT),
-                    DEPS_REDIS_PORT=str(REDIS_PORT))
+                    DEPS_REDIS_PORT=str(REDIS_PORT), DEPS_MYSQL_PORT_VAR="BENCH_MYSQL_PORT",
+                    DEPS_REDIS_PORT_VAR="BENCH_REDIS_PORT")
     subprocess.run([ROOT / "scripts" / "deps", "start"], env=deps_env, check=True)
     stack = Stack(binary)
     results, figures = [], {}

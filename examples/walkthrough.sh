@@ -309,7 +309,7 @@ request() {
   if ! code=$(curl "${args[@]}" 2>"$WT_WORK/curl.err"); then
     LAST_REQUEST=''
     fail "no answer from $BASE_URL: $(<"$WT_WORK/curl.err")
-Is the server running? (scripts/run, or docker compose up; set BASE_URL if it listens elsewhere)"
+Is the server running? (scripts/run, or docker compose up --build; set BASE_URL if it listens elsewhere)"
   fi
   printf '%s' "$code" >"$WT_WORK/status"
   [ "${QUIET:-0}" = 1 ] || show
