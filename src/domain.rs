@@ -104,45 +104,83 @@ pub fn parse_number(s: &str, what: &str) -> Result<u64, Malformed> {
     }
 }
 
-/// `name` of an application: required, 1 to 255 characters, not only blanks.
-pub fn parse_name(name: Option<String>) -> Result<String, FieldError> {
-    let name = name.ok_or_else(|| FieldError::new("name", "is required"))?;
-    if name.trim().is_empty() {
-        return Err(FieldError::new("name", "must not be empty"));
-    }
-    if name.chars().count() > MAX_NAME_CHARS {
-        return Err(FieldError::new(
-            "name",
-            format!("must be at most {MAX_NAME_CHARS} characters"),
-        ));
-    }
-    Ok(name)
+/// Text checked once, at the edge: past it, a value of one of these types is valid.
+macro_rules! text_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+    };
 }
 
-/// `title` of a chat: optional (null allowed), at most 255 characters.
-pub fn parse_title(title: Option<String>) -> Result<Option<String>, FieldError> {
-    match title {
-        Some(t) if t.chars().count() > MAX_NAME_CHARS => Err(FieldError::new(
-            "title",
-            format!("must be at most {MAX_NAME_CHARS} characters"),
-        )),
-        other => Ok(other),
+text_type!(
+    /// An application's name: 1 to 255 characters, not only blanks.
+    Name
+);
+text_type!(
+    /// A chat's title: at most 255 characters.
+    Title
+);
+text_type!(
+    /// A message's body: 1 to 65,535 bytes, not only blanks.
+    Body
+);
+
+impl Name {
+    /// `name` of a request body: required.
+    pub fn parse(name: Option<String>) -> Result<Self, FieldError> {
+        let name = name.ok_or_else(|| FieldError::new("name", "is required"))?;
+        if name.trim().is_empty() {
+            return Err(FieldError::new("name", "must not be empty"));
+        }
+        if name.chars().count() > MAX_NAME_CHARS {
+            return Err(FieldError::new(
+                "name",
+                format!("must be at most {MAX_NAME_CHARS} characters"),
+            ));
+        }
+        Ok(Self(name))
     }
 }
 
-/// `body` of a message: required, 1 to 65,535 bytes, not only blanks.
-pub fn parse_body(body: Option<String>) -> Result<String, FieldError> {
-    let body = body.ok_or_else(|| FieldError::new("body", "is required"))?;
-    if body.trim().is_empty() {
-        return Err(FieldError::new("body", "must not be empty"));
+impl Title {
+    /// `title` of a request body: optional, and null means none.
+    pub fn parse(title: Option<String>) -> Result<Option<Self>, FieldError> {
+        match title {
+            Some(t) if t.chars().count() > MAX_NAME_CHARS => Err(FieldError::new(
+                "title",
+                format!("must be at most {MAX_NAME_CHARS} characters"),
+            )),
+            other => Ok(other.map(Self)),
+        }
     }
-    if body.len() > MAX_BODY_BYTES {
-        return Err(FieldError::new(
-            "body",
-            format!("must be at most {MAX_BODY_BYTES} bytes"),
-        ));
+}
+
+impl Body {
+    /// `body` of a request body: required.
+    pub fn parse(body: Option<String>) -> Result<Self, FieldError> {
+        let body = body.ok_or_else(|| FieldError::new("body", "is required"))?;
+        if body.trim().is_empty() {
+            return Err(FieldError::new("body", "must not be empty"));
+        }
+        if body.len() > MAX_BODY_BYTES {
+            return Err(FieldError::new(
+                "body",
+                format!("must be at most {MAX_BODY_BYTES} bytes"),
+            ));
+        }
+        Ok(Self(body))
     }
-    Ok(body)
 }
 
 #[cfg(test)]
@@ -221,25 +259,31 @@ mod tests {
 
     #[test]
     fn names_are_required_non_blank_and_bounded() {
-        assert!(parse_name(None).is_err());
-        assert!(parse_name(Some("  ".into())).is_err());
-        assert!(parse_name(Some("é".repeat(255))).is_ok());
-        assert!(parse_name(Some("a".repeat(256))).is_err());
+        assert!(Name::parse(None).is_err());
+        assert!(Name::parse(Some("  ".into())).is_err());
+        assert!(Name::parse(Some("é".repeat(255))).is_ok());
+        assert!(Name::parse(Some("a".repeat(256))).is_err());
     }
 
     #[test]
     fn titles_are_optional_and_bounded() {
-        assert_eq!(parse_title(None).unwrap(), None);
-        assert!(parse_title(Some("a".repeat(255))).is_ok());
-        assert!(parse_title(Some("a".repeat(256))).is_err());
+        assert_eq!(Title::parse(None).unwrap(), None);
+        assert_eq!(
+            Title::parse(Some("t".into()))
+                .unwrap()
+                .map(Title::into_string),
+            Some("t".to_owned())
+        );
+        assert!(Title::parse(Some("a".repeat(255))).is_ok());
+        assert!(Title::parse(Some("a".repeat(256))).is_err());
     }
 
     #[test]
     fn bodies_are_bounded_in_bytes() {
-        assert!(parse_body(None).is_err());
-        assert!(parse_body(Some(String::new())).is_err());
-        assert!(parse_body(Some("a".repeat(MAX_BODY_BYTES))).is_ok());
+        assert!(Body::parse(None).is_err());
+        assert!(Body::parse(Some(String::new())).is_err());
+        assert!(Body::parse(Some("a".repeat(MAX_BODY_BYTES))).is_ok());
         // 32,768 two-byte characters: under the character count, over the byte limit.
-        assert!(parse_body(Some("é".repeat(32_768))).is_err());
+        assert!(Body::parse(Some("é".repeat(32_768))).is_err());
     }
 }

@@ -5,7 +5,7 @@ use std::future::Future;
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::Token;
+use crate::domain::{Body, Title, Token};
 use crate::error::{ApiError, Overload};
 use crate::idempotency::{IdempotencyKey, NextAction, fingerprint};
 use crate::resources::{Chat, Message, from_micros, now};
@@ -59,9 +59,10 @@ impl Store {
     pub async fn create_chat(
         &self,
         token: &Token,
-        title: Option<String>,
+        title: Option<Title>,
         key: Option<&IdempotencyKey>,
     ) -> Result<Chat, ApiError> {
+        let title = title.map(Title::into_string);
         let at = now();
         let fingerprint = fingerprint(&[title.as_deref()]);
         let idem_key = key.map(|k| {
@@ -91,9 +92,10 @@ impl Store {
         &self,
         token: &Token,
         chat: u64,
-        body: String,
+        body: Body,
         key: Option<&IdempotencyKey>,
     ) -> Result<Message, ApiError> {
+        let body = body.into_string();
         let at = now();
         let fingerprint = fingerprint(&[Some(&body)]);
         let idem_key = key.map(|k| {
@@ -241,13 +243,13 @@ impl Store {
         &self,
         token: &Token,
         number: u64,
-        title: Option<Option<String>>,
+        title: Option<Option<Title>>,
     ) -> Result<Chat, ApiError> {
         let (mut chat, app_id) = self.chat_and_app(token, number).await?;
         let Some(title) = title else {
             return Ok(chat);
         };
-        chat.title = title;
+        chat.title = title.map(Title::into_string);
         chat.updated_at = now();
         let queued = self
             .queue
@@ -263,10 +265,10 @@ impl Store {
         token: &Token,
         chat: u64,
         number: u64,
-        body: String,
+        body: Body,
     ) -> Result<Message, ApiError> {
         let (mut message, app_id) = self.message_and_app(token, chat, number).await?;
-        message.body = body;
+        message.body = body.into_string();
         message.updated_at = now();
         let queued = self
             .queue

@@ -15,7 +15,7 @@ use super::openapi::{
     Unauthorized, Unavailable, UnsupportedMediaType, ValidationFailed,
 };
 use super::{AppState, created, page_of};
-use crate::domain::{Token, parse_name};
+use crate::domain::{Name, Token};
 use crate::error::ApiError;
 use crate::idempotency::{NextAction, fingerprint};
 use crate::resources::{Application, now};
@@ -65,14 +65,14 @@ pub async fn create(
     MaybeIdempotencyKey(key): MaybeIdempotencyKey,
     JsonBody(input): JsonBody<CreateApplication>,
 ) -> Result<Response, ApiError> {
-    let name = parse_name(input.name)?;
+    let name = Name::parse(input.name)?;
     let Some(key) = key else {
         let app = insert_application(&state, name).await?;
         return Ok(created(format!("/applications/{}", app.token), app));
     };
     let queue = &state.store.queue;
     let redis_key = queue.keys.idempotency_applications(key.as_str());
-    let fingerprint = fingerprint(&[Some(&name)]);
+    let fingerprint = fingerprint(&[Some(name.as_str())]);
     match queue.begin(&redis_key, &fingerprint).await? {
         NextAction::Proceed => {}
         NextAction::Replay(answer) => {
@@ -106,12 +106,12 @@ pub async fn create(
 }
 
 /// Writes a new application to MySQL and caches its token.
-async fn insert_application(state: &AppState, name: String) -> Result<Application, ApiError> {
+async fn insert_application(state: &AppState, name: Name) -> Result<Application, ApiError> {
     let at = now();
     let token = Token::generate()?;
     let app = Application {
         token: token.as_str().to_owned(),
-        name,
+        name: name.into_string(),
         chats_count: 0,
         created_at: at,
         updated_at: at,
@@ -236,8 +236,8 @@ async fn rename(
     JsonBody(input): JsonBody<UpdateApplication>,
 ) -> Result<Json<Application>, ApiError> {
     let token = Token::parse(&token)?;
-    let name = parse_name(input.name)?;
-    let app = mysql::rename_application(&state.store.mysql, token.as_str(), &name, now())
+    let name = Name::parse(input.name)?;
+    let app = mysql::rename_application(&state.store.mysql, token.as_str(), name.as_str(), now())
         .await?
         .ok_or_else(|| ApiError::not_found("application"))?;
     Ok(Json(app))

@@ -17,7 +17,7 @@ use super::openapi::{
     ValidationFailed,
 };
 use super::{AppState, created, page_of};
-use crate::domain::{Token, parse_number, parse_title};
+use crate::domain::{Title, Token, parse_number};
 use crate::error::ApiError;
 use crate::resources::Chat;
 use crate::store::mysql;
@@ -48,8 +48,8 @@ pub struct UpdateChat {
     pub title: Option<Option<String>>,
 }
 
-fn valid_title(title: Option<String>) -> Result<Option<String>, ApiError> {
-    Ok(parse_title(title)?)
+fn valid_title(title: Option<String>) -> Result<Option<Title>, ApiError> {
+    Ok(Title::parse(title)?)
 }
 
 /// Creates a chat; its number is allocated at once and it is persisted asynchronously.

@@ -16,7 +16,7 @@ use super::openapi::{
     ValidationFailed,
 };
 use super::{AppState, created, page_of};
-use crate::domain::{Token, parse_body, parse_number};
+use crate::domain::{Body, Token, parse_number};
 use crate::error::ApiError;
 use crate::resources::Message;
 use crate::search::{SearchQuery, parse_terms};
@@ -71,7 +71,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let token = Token::parse(&token)?;
     let chat = parse_number(&chat, "chat")?;
-    let body = parse_body(input.body)?;
+    let body = Body::parse(input.body)?;
     let message = state
         .store
         .create_message(&token, chat, body, key.as_ref())
@@ -186,7 +186,7 @@ async fn apply_update(
     let token = Token::parse(&token)?;
     let chat = parse_number(&chat, "chat")?;
     let number = parse_number(&number, "message")?;
-    let body = parse_body(input.body)?;
+    let body = Body::parse(input.body)?;
     Ok(Json(
         state
             .store

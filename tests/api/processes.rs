@@ -204,7 +204,12 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
             let _permit = permits.acquire_owned().await.unwrap();
             let token = chat_system::domain::Token::parse(&token).unwrap();
             store
-                .create_message(&token, chat, text, None)
+                .create_message(
+                    &token,
+                    chat,
+                    chat_system::domain::Body::parse(Some(text)).unwrap(),
+                    None,
+                )
                 .await
                 .unwrap()
         });
