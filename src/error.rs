@@ -6,6 +6,8 @@
 //! 5xx answers are constant: the cause is kept as the error's source and logged once,
 //! when the response is made, never sent to the client.
 
+use std::collections::BTreeMap;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -74,6 +76,9 @@ pub enum ApiError {
     Unavailable(Dependency, #[source] Cause),
     #[error("overloaded: {0:?}")]
     Overloaded(Overload),
+    /// `/readyz` with a failing check: each check and its state.
+    #[error("not ready")]
+    NotReady(BTreeMap<&'static str, &'static str>),
     #[error("internal error")]
     Internal(#[source] Cause),
 }
@@ -98,7 +103,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(..) | Self::Timeout | Self::Overloaded(_) => {
+            Self::Unavailable(..) | Self::Timeout | Self::Overloaded(_) | Self::NotReady(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -153,6 +158,18 @@ impl ApiError {
                  Retry-After seconds"
                     .into(),
             ),
+            Self::NotReady(checks) => (
+                "dependency-unavailable",
+                format!(
+                    "not ready: {}",
+                    checks
+                        .iter()
+                        .filter(|(_, state)| **state != "ok")
+                        .map(|(name, state)| format!("{name} {state}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
             Self::Timeout => (
                 "timeout",
                 "the request did not complete in time; retry later".into(),
@@ -166,6 +183,10 @@ impl ApiError {
             detail,
             errors: match self {
                 Self::Validation(errors) => Some(errors.clone()),
+                _ => None,
+            },
+            checks: match self {
+                Self::NotReady(checks) => Some(checks.clone()),
                 _ => None,
             },
         }
@@ -187,6 +208,9 @@ pub struct Problem {
     /// The invalid fields, for 422 answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errors: Option<Vec<FieldError>>,
+    /// Each readiness check and its state (`ok`, `unavailable`, `full`), for `/readyz`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<BTreeMap<&'static str, &'static str>>,
 }
 
 pub const PROBLEM_JSON: &str = "application/problem+json";

@@ -1,12 +1,13 @@
 //! Operational endpoints: liveness, readiness, metrics and the OpenAPI document.
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -17,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use crate::error::{PROBLEM_JSON, Problem};
+use crate::error::{ApiError, Problem};
 use crate::store::mysql;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -148,37 +149,16 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         Ok(Ok(_)) => "ok",
         _ => "unavailable",
     };
-    let checks = [
+    let checks = BTreeMap::from([
         ("mysql", state_of(matches!(mysql_ok, Ok(Ok(()))))),
         ("redis", state_of(redis_ok)),
         ("search", state_of(matches!(search_ok, Ok(Ok(()))))),
         ("queue", if redis_ok { queue } else { "unavailable" }),
-    ];
-    let failing: Vec<String> = checks
-        .iter()
-        .filter(|(_, state)| *state != "ok")
-        .map(|(name, state)| format!("{name} {state}"))
-        .collect();
-    let detail: serde_json::Map<String, serde_json::Value> = checks
-        .iter()
-        .map(|(name, state)| ((*name).to_owned(), json!(state)))
-        .collect();
-    if failing.is_empty() {
-        return Json(json!({"status": "ready", "checks": detail})).into_response();
+    ]);
+    if checks.values().all(|state| *state == "ok") {
+        return Json(json!({"status": "ready", "checks": checks})).into_response();
     }
-    let body = json!({
-        "type": "/problems/dependency-unavailable",
-        "title": "Service Unavailable",
-        "status": 503,
-        "detail": format!("not ready: {}", failing.join(", ")),
-        "checks": detail,
-    });
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        [(header::CONTENT_TYPE, PROBLEM_JSON)],
-        body.to_string(),
-    )
-        .into_response()
+    ApiError::NotReady(checks).into_response()
 }
 
 /// Prometheus metrics in the text exposition format.
