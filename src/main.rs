@@ -58,6 +58,9 @@ async fn start(open_files: OpenFiles) -> ExitCode {
 
 async fn run(command: Command) -> Result<(), StartError> {
     let shutdown = startup::shutdown_signal();
+    // Before anything records a metric: what start-up records (the index writer's
+    // holder, say) would otherwise be lost.
+    chat_system::http::install_metrics_recorder();
     match command {
         Command::Migrate { store } => {
             let store = Store::connect(&store).await?;

@@ -101,6 +101,12 @@ pub enum Search {
     Elastic(Arc<elastic::ElasticIndex>),
 }
 
+/// `search_index_writer_held`: 1 in the process that holds the embedded index's writer
+/// (the one that indexes), 0 in the others, for operators and tools to find it.
+fn record_writer(held: bool) {
+    metrics::gauge!("search_index_writer_held").set(if held { 1.0 } else { 0.0 });
+}
+
 impl Search {
     /// Opens the configured backend. `writer` asks for the right to index; with the
     /// embedded index only one process on a host can have it.
@@ -112,6 +118,7 @@ impl Search {
             None => {
                 let dir = config.search_index_dir.clone();
                 let index = blocking(move || embedded::EmbeddedIndex::open(&dir, writer)).await?;
+                record_writer(index.has_writer());
                 Ok(Self::Embedded(Arc::new(index)))
             }
         }
@@ -131,7 +138,9 @@ impl Search {
         match self {
             Self::Embedded(index) => {
                 let index = index.clone();
-                blocking(move || index.try_take_writer()).await
+                let taken = blocking(move || index.try_take_writer()).await?;
+                record_writer(taken);
+                Ok(taken)
             }
             Self::Elastic(_) => Ok(true),
         }

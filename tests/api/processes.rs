@@ -512,3 +512,59 @@ async fn an_empty_admin_key_stops_the_process_at_start() {
     assert!(stderr.contains("ADMIN_API_KEY"), "{stderr}");
     assert!(stderr.contains("must not be empty"), "{stderr}");
 }
+
+/// A free port on loopback, for a child process to bind right after.
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_holding_the_index_writer_says_so_in_its_metrics() {
+    let app = TestApp::spawn().await;
+    // An index directory of their own (the test app holds its own directory's writer):
+    // the first worker takes its writer, the second finds it taken.
+    let dir = app
+        .search_config
+        .search_index_dir
+        .with_extension("processes");
+    let dir = dir.to_str().unwrap();
+    // The gauge's value once the worker serves its metrics.
+    let held = |addr: String| async move {
+        let url = format!("http://{addr}/metrics");
+        let value = std::sync::Mutex::new(None);
+        eventually(Duration::from_secs(20), "the worker's metrics", || async {
+            let Ok(reply) = reqwest::get(&url).await else {
+                return false;
+            };
+            let text = reply.text().await.unwrap_or_default();
+            let found = text
+                .lines()
+                .find_map(|l| l.strip_prefix("search_index_writer_held "))
+                .map(str::to_owned);
+            let seen = found.is_some();
+            *value.lock().unwrap() = found;
+            seen
+        })
+        .await;
+        value.into_inner().unwrap().unwrap()
+    };
+    let (first_addr, second_addr) = (free_addr(), free_addr());
+    let first = [
+        ("WORKER_METRICS_BIND", first_addr.as_str()),
+        ("SEARCH_INDEX_DIR", dir),
+    ];
+    let _first = Process::start(&app, "worker", &first).await;
+    assert_eq!(held(first_addr.clone()).await, "1");
+    let second = [
+        ("WORKER_METRICS_BIND", second_addr.as_str()),
+        ("SEARCH_INDEX_DIR", dir),
+    ];
+    let _second = Process::start(&app, "worker", &second).await;
+    assert_eq!(held(second_addr).await, "0");
+    let _ = std::fs::remove_dir_all(dir);
+}
