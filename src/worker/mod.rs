@@ -593,7 +593,9 @@ impl Worker {
             };
             positions.push((group.name.clone(), oldest));
         }
-        let floor = self.trim_floor(&positions).await?;
+        // Measured first: memory pressure decides whether the indexer may hold the stream.
+        let pressure = self.store.queue.measure_pressure().await?;
+        let floor = self.trim_floor(&positions, pressure.full).await?;
         if let Some(floor) = floor {
             // An approximate trim removes at most `TRIM_LIMIT` entries per call (Redis's
             // own default), which alone would fall behind a queue growing faster than
@@ -629,8 +631,8 @@ impl Worker {
                     .await?;
             }
         }
-        let pressure = self.store.queue.measure_pressure().await?;
-        metrics::gauge!("queue_length").set(pressure.entries as f64);
+        let len: u64 = conn.xlen(&stream).await?;
+        metrics::gauge!("queue_length").set(len as f64);
         metrics::gauge!("redis_used_memory_bytes").set(pressure.used_memory as f64);
         metrics::gauge!("queue_full").set(if pressure.full { 1.0 } else { 0.0 });
         let dead: u64 = conn.xlen(self.store.queue.keys.dead_letters()).await?;
@@ -646,6 +648,7 @@ impl Worker {
     async fn trim_floor(
         &self,
         positions: &[(String, String)],
+        pressed: bool,
     ) -> Result<Option<String>, WorkerError> {
         let position = |name: &str| {
             positions
@@ -672,7 +675,6 @@ impl Worker {
         };
         let lag_ms = now_ms().saturating_sub(accepted_ms(&needed).unwrap_or(0));
         metrics::gauge!("index_backlog_age_seconds").set(lag_ms as f64 / 1000.0);
-        let pressed = self.store.queue.pressure().await?.full;
         if u128::from(lag_ms) <= self.config.index_lag_max.as_millis() && !pressed {
             if self.trimming_past_index.swap(false, Ordering::Relaxed) {
                 tracing::info!("the stream is trimmed behind the search indexer again");
