@@ -260,6 +260,14 @@ class Stack:
                         REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}",
                         REDIS_PREFIX=PREFIX, LOG_LEVEL="warn",
                         SEARCH_INDEX_DIR=str(DATA / "search"),
+                        # The run queues a backlog of a million messages on top of what
+                        # the create scenarios left: above the default bound of writes
+                        # waiting to be persisted, which would refuse part of it.
+                        QUEUE_MAX_ENTRIES="10000000",
+                        # The backlog's entries are minutes old by the time the indexer
+                        # reaches them: measure indexing from the stream, not the
+                        # catch-up from MySQL that an older backlog would get.
+                        INDEX_LAG_MAX="10m",
                         COUNTS_SYNC_INTERVAL="10s")
 
     def start(self, name, *args, **extra):

@@ -572,26 +572,32 @@ impl Worker {
         let stream = self.store.queue.keys.stream();
         let mut conn = self.conn();
         let info: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&stream).await?;
-        // Where each group still needs the stream from: its oldest pending entry, else
-        // its last delivered one.
-        let mut positions: Vec<(String, String)> = Vec::new();
+        // Where each group still needs the stream from.
+        let mut positions: Vec<(String, Position)> = Vec::new();
         for group in &info.groups {
             metrics::gauge!("queue_pending", "group" => group_label(&group.name))
                 .set(group.pending as f64);
             if let Some(lag) = group.lag {
                 metrics::gauge!("queue_lag", "group" => group_label(&group.name)).set(lag as f64);
             }
-            let oldest = if group.pending > 0 {
+            let last_delivered = Position {
+                id: group.last_delivered_id.clone(),
+                needed: false,
+            };
+            let position = if group.pending > 0 {
                 let summary: redis::streams::StreamPendingReply =
                     conn.xpending(&stream, &group.name).await?;
                 match summary {
-                    redis::streams::StreamPendingReply::Data(d) => d.start_id,
-                    _ => group.last_delivered_id.clone(),
+                    redis::streams::StreamPendingReply::Data(d) => Position {
+                        id: d.start_id,
+                        needed: true,
+                    },
+                    _ => last_delivered,
                 }
             } else {
-                group.last_delivered_id.clone()
+                last_delivered
             };
-            positions.push((group.name.clone(), oldest));
+            positions.push((group.name.clone(), position));
         }
         // Measured first: memory pressure decides whether the indexer may hold the stream.
         let pressure = self.store.queue.measure_pressure().await?;
@@ -647,32 +653,41 @@ impl Worker {
     /// trimmed, and the indexer reads it back from there (see `catch_up`).
     async fn trim_floor(
         &self,
-        positions: &[(String, String)],
+        positions: &[(String, Position)],
         pressed: bool,
     ) -> Result<Option<String>, WorkerError> {
         let position = |name: &str| {
             positions
                 .iter()
                 .find(|(group, _)| group == name)
-                .map(|(_, id)| id.clone())
+                .map(|(_, position)| position)
         };
-        let Some(persist) = position(PERSIST_GROUP) else {
+        let Some(persist) = position(PERSIST_GROUP).map(|p| p.id.clone()) else {
             return Ok(None);
         };
         let Some(index) = position(INDEX_GROUP) else {
             return Ok(Some(persist));
         };
-        if stream_id_le(&persist, &index) {
-            return Ok(Some(persist));
-        }
-        // How long ago the first entry past the indexer's position was accepted.
+        // The first entry the indexer has not handled: its oldest pending one, or the one
+        // after the last delivered to it. Trimming to `persist` removes the entries
+        // before it; only if that one is among them does the indexer lose anything.
+        let from = if index.needed {
+            index.id.clone()
+        } else {
+            format!("({}", index.id)
+        };
         let next: redis::streams::StreamRangeReply = self
             .conn()
-            .xrange_count(self.store.queue.keys.stream(), format!("({index}"), "+", 1)
+            .xrange_count(self.store.queue.keys.stream(), from, "+", 1)
             .await?;
         let Some(needed) = next.ids.first().map(|e| e.id.clone()) else {
             return Ok(Some(persist));
         };
+        if stream_id_le(&persist, &needed) {
+            return Ok(Some(persist));
+        }
+        let index = index.id.clone();
+        // How long ago that entry was accepted.
         let lag_ms = now_ms().saturating_sub(accepted_ms(&needed).unwrap_or(0));
         metrics::gauge!("index_backlog_age_seconds").set(lag_ms as f64 / 1000.0);
         if u128::from(lag_ms) <= self.config.index_lag_max.as_millis() && !pressed {
@@ -801,6 +816,13 @@ fn record_lag<'a>(metric: &'static str, ids: impl Iterator<Item = &'a str>) {
     for ms in ids.filter_map(accepted_ms) {
         histogram.record(now_ms.saturating_sub(ms) as f64 / 1000.0);
     }
+}
+
+/// Where a consumer group is in the stream.
+struct Position {
+    id: String,
+    /// The entry `id` itself is still needed (it is pending), not only those after it.
+    needed: bool,
 }
 
 /// A group's name as a metric label: the known groups, else `other` (labels stay bounded

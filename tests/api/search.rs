@@ -293,3 +293,34 @@ async fn a_stopped_indexer_holds_no_stream_and_catches_up_from_mysql() {
         vec!["late needle".to_owned()]
     );
 }
+
+#[tokio::test]
+async fn an_indexer_only_behind_on_entries_still_in_the_stream_has_no_gap() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.message(&token, chat, "first needle").await;
+    app.drain().await;
+
+    // Persistence moves on by one entry, with no patience for the indexer's lag; the
+    // indexer has not read that entry yet, but it is still in the stream.
+    let mut config = worker_config();
+    config.index_lag_max = Duration::ZERO;
+    let mut persist = build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
+        .await
+        .unwrap();
+    app.message(&token, chat, "second needle").await;
+    persist.drain().await.unwrap();
+    let gap: bool = redis::cmd("EXISTS")
+        .arg(app.store.queue.keys.index_gap())
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    assert!(
+        !gap,
+        "no entry the indexer needs was trimmed: no catch-up is due"
+    );
+
+    app.drain().await;
+    assert_eq!(search(&app, &token, chat, "needle").await.len(), 2);
+}
