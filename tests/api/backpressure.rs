@@ -15,6 +15,20 @@ fn assert_overloaded(reply: &Reply) {
     assert_eq!(reply.header("retry-after"), Some("5"));
 }
 
+/// A message create, a chat create and an update all get the overload 503.
+async fn assert_every_write_refused(app: &TestApp, token: &str, chat: u64) {
+    let messages = format!("/applications/{token}/chats/{chat}/messages");
+    assert_overloaded(&app.post(&messages, json!({"body": "refused"})).await);
+    assert_overloaded(
+        &app.post(&format!("/applications/{token}/chats"), json!({}))
+            .await,
+    );
+    assert_overloaded(
+        &app.patch(&format!("{messages}/1"), json!({"body": "x"}))
+            .await,
+    );
+}
+
 #[tokio::test]
 async fn over_the_backlog_bound_writes_get_a_503_and_reads_keep_working() {
     let mut app = TestApp::with(Options {
@@ -29,15 +43,7 @@ async fn over_the_backlog_bound_writes_get_a_503_and_reads_keep_working() {
     let messages = format!("/applications/{token}/chats/{chat}/messages");
 
     // Three entries queued, none persisted: every kind of write is refused...
-    assert_overloaded(&app.post(&messages, json!({"body": "three"})).await);
-    assert_overloaded(
-        &app.post(&format!("/applications/{token}/chats"), json!({}))
-            .await,
-    );
-    assert_overloaded(
-        &app.patch(&format!("{messages}/1"), json!({"body": "x"}))
-            .await,
-    );
+    assert_every_write_refused(&app, &token, chat).await;
     assert_eq!(app.stream_len().await, 3, "nothing half-written");
     // ...while reads, of pending items too, go on, and readiness says why.
     let read = app.get(&format!("{messages}/2")).await;
@@ -137,15 +143,7 @@ async fn at_redis_maxmemory_writes_get_a_503_and_workers_still_start_and_drain()
     let mut conn = app.redis().await;
     set_maxmemory_below_use(&mut conn).await;
 
-    assert_overloaded(&app.post(&messages, json!({"body": "refused"})).await);
-    assert_overloaded(
-        &app.post(&format!("/applications/{token}/chats"), json!({}))
-            .await,
-    );
-    assert_overloaded(
-        &app.patch(&format!("{messages}/1"), json!({"body": "x"}))
-            .await,
-    );
+    assert_every_write_refused(&app, &token, chat).await;
     let read = app.get(&format!("{messages}/1")).await;
     assert_eq!(read.status, 200, "reads keep working: {}", read.body);
     let ready = app.get("/readyz").await;

@@ -33,13 +33,7 @@ impl Process {
             .env("COUNTS_SYNC_INTERVAL", "200ms")
             .kill_on_drop(true);
         let addr = if role == "api" {
-            // Take a free port from the kernel; the process binds it right after.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let addr = format!("127.0.0.1:{port}");
+            let addr = free_addr();
             command.env("BIND", &addr);
             Some(addr)
         } else {
@@ -348,25 +342,21 @@ async fn logs_never_contain_bodies_tokens_or_forged_fields() {
     let log_path = std::env::temp_dir().join(format!("chat-system-log-{}.txt", app.prefix));
     let log = std::fs::File::create(&log_path).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_chat-system"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let addr = free_addr();
     command
         .arg("serve")
         .env("DATABASE_URL", app.store_config.database_url.expose())
         .env("REDIS_URL", app.store_config.redis_url.expose())
         .env("REDIS_PREFIX", &app.prefix)
         .env("SEARCH_INDEX_DIR", log_path.with_extension("index"))
-        .env("BIND", format!("127.0.0.1:{port}"))
+        .env("BIND", &addr)
         .env("LOG_LEVEL", "debug")
         .env("LOG_FORMAT", "text")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .kill_on_drop(true);
     let mut child = command.spawn().unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("http://{addr}");
     eventually(Duration::from_secs(20), "serve to listen", || async {
         reqwest::get(format!("{base}/healthz"))
             .await

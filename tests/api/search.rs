@@ -246,6 +246,15 @@ async fn search_all(app: &TestApp, token: &str, chat: u64, query: &str) -> Vec<S
     }
 }
 
+/// A persisting worker with no patience for the indexer's lag (`INDEX_LAG_MAX` zero).
+async fn impatient_persister(app: &TestApp) -> chat_system::worker::Worker {
+    let mut config = worker_config();
+    config.index_lag_max = Duration::ZERO;
+    build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_stopped_indexer_holds_no_stream_and_catches_up_from_mysql() {
     let mut app = TestApp::spawn().await;
@@ -256,11 +265,7 @@ async fn a_stopped_indexer_holds_no_stream_and_catches_up_from_mysql() {
     app.drain().await;
 
     // The indexer stops; persistence goes on, with no patience for the indexer's lag.
-    let mut config = worker_config();
-    config.index_lag_max = Duration::ZERO;
-    let mut persist = build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
-        .await
-        .unwrap();
+    let mut persist = impatient_persister(&app).await;
     const N: usize = 2_000;
     for i in 0..N {
         app.message(&token, chat, &format!("needle {i}")).await;
@@ -304,11 +309,7 @@ async fn an_indexer_only_behind_on_entries_still_in_the_stream_has_no_gap() {
 
     // Persistence moves on by one entry, with no patience for the indexer's lag; the
     // indexer has not read that entry yet, but it is still in the stream.
-    let mut config = worker_config();
-    config.index_lag_max = Duration::ZERO;
-    let mut persist = build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
-        .await
-        .unwrap();
+    let mut persist = impatient_persister(&app).await;
     app.message(&token, chat, "second needle").await;
     persist.drain().await.unwrap();
     let gap: bool = redis::cmd("EXISTS")
