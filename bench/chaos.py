@@ -589,11 +589,28 @@ def metric(addr, name, timeout=2.0):
     return total if seen else None
 
 
+# The stack's `chat-system queue-status` command line, set when the stack is made: the
+# queue's state comes from the product's own report, never from its Redis key names.
+QUEUE_STATUS = None
+
+
+def queue_status(tokens=()):
+    """`chat-system queue-status` as a dict (per shard and totals; counters of tokens)."""
+    binary, env = QUEUE_STATUS
+    args = [binary, "queue-status"]
+    for token in tokens:
+        args += ["--counters-of", token]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise RuntimeError(f"queue-status: {out.stderr.strip()[-300:]}")
+    return json.loads(out.stdout)
+
+
 def redis_memory():
-    """Redis's used_memory and the stream's length."""
+    """Redis's used_memory and the write queue's length."""
     info = redis("INFO", "memory")
     used = int(re.search(r"^used_memory:(\d+)", info, re.M).group(1))
-    return used, int(redis("XLEN", f"{PREFIX}:q").strip() or 0)
+    return used, queue_status()["length"]
 
 
 def mib(n):
@@ -915,7 +932,7 @@ def freeze_indexer(stack, load, faults, seconds, search_limit):
             try:
                 used, xlen = redis_memory()
                 fault.samples.append((now(), used, xlen))
-                if fault.gap_at is None and redis("EXISTS", f"{PREFIX}:index:gap").strip() == "1":
+                if fault.gap_at is None and queue_status()["index_gap"]:
                     fault.gap_at = now() - fault.down_from
             except (RuntimeError, AttributeError, subprocess.TimeoutExpired) as e:
                 log(f"  sampling Redis: {e}")
@@ -990,15 +1007,6 @@ def wait_drained(tokens, want_chats, want_msgs, limit):
             break
         time.sleep(0.5)
     return (last or (0, 0)) + (time.monotonic() - start,)
-
-
-def mget(keys):
-    values = []
-    for i in range(0, len(keys), 200):
-        chunk = keys[i:i + 200]
-        out = redis("MGET", *chunk).split("\n")
-        values.extend(out[:len(chunk)])
-    return values
 
 
 class Verdict:
@@ -1104,18 +1112,19 @@ def check_persistence(v, load, tokens):
     if orphans:
         v.fail(2, "messages persisted in chats that have no row", orphans)
 
-    counter_keys, expected = [], []
+    counters = queue_status(tokens)["counters"]
+    got_want = []
     for token in tokens:
-        counter_keys.append(f"{PREFIX}:{{{token}}}:chats")
-        expected.append((f"app {token[:8]}… chat counter", max(chats_of.get(token, {0}))))
+        got_want.append((f"app {token[:8]}… chat counter", counters[token]["chats"],
+                         max(chats_of.get(token, {0}))))
     for (token, number) in sorted(chat_rows):
-        counter_keys.append(f"{PREFIX}:{{{token}}}:c:{number}:msgs")
-        expected.append((f"app {token[:8]}… chat {number} message counter",
+        got_want.append((f"app {token[:8]}… chat {number} message counter",
+                         counters[token]["messages"].get(str(number)),
                          max(msgs_of.get((token, number), {0}))))
     mismatched = []
-    for (what, want), got in zip(expected, mget(counter_keys)):
-        if got.strip() != str(want):
-            mismatched.append(f"{what}: Redis {got.strip() or 'missing'}, MySQL max {want}")
+    for what, got, want in got_want:
+        if got != want:
+            mismatched.append(f"{what}: Redis {'missing' if got is None else got}, MySQL max {want}")
     if mismatched:
         v.fail(2, "Redis counters disagree with the highest persisted number", mismatched)
     return chats_201, msgs_201, chat_rows, msg_rows
@@ -1483,22 +1492,11 @@ def check_processes(v, stack):
 
 
 def queue_state():
-    """XLEN of the dead-letter stream and the pending/lag of each consumer group."""
-    dlq = int(redis("XLEN", f"{PREFIX}:dlq").strip() or 0)
-    groups = {}
-    raw = redis("XINFO", "GROUPS", f"{PREFIX}:q").split("\n")
-    # --raw prints each group as flat name/value lines.
-    i = 0
-    current = None
-    while i + 1 < len(raw):
-        key, value = raw[i].strip(), raw[i + 1].strip()
-        if key == "name":
-            current = value
-            groups[current] = {}
-        elif current is not None and key in ("pending", "lag", "consumers"):
-            groups[current][key] = value
-        i += 2
-    return dlq, groups
+    """Dead letters and the pending/lag of each consumer group, over every shard."""
+    status = queue_status()
+    groups = {g["name"]: {"pending": str(g["pending"]), "lag": str(g["lag"])}
+              for g in status["groups"]}
+    return status["dead_letters"], groups
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -1555,6 +1553,8 @@ def main():
     PIDFILE.write_text("")
 
     stack = Stack(args.bin)
+    global QUEUE_STATUS
+    QUEUE_STATUS = (args.bin, stack.env)
     load = None
     v = Verdict()
     if flood_note:
@@ -1648,7 +1648,7 @@ def main():
         check_processes(v, stack)
         dlq, groups = queue_state()
         if dlq:
-            v.fail(1, f"{dlq} entries in the dead-letter stream {PREFIX}:dlq")
+            v.fail(1, f"{dlq} entries in the dead-letter streams")
         for name, g in groups.items():
             if g.get("pending", "0") != "0":
                 v.warn(f"consumer group {name} still has {g['pending']} pending entries")

@@ -8,6 +8,8 @@
 //!
 //!   cargo run --release --example probe -- <bind> <redis-url> <prefix>
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{Json, Path, State};
 use axum::http::StatusCode;
@@ -25,7 +27,7 @@ struct Input {
 const TOKEN: &str = "probe";
 
 async fn create(
-    State(queue): State<Queue>,
+    State(queue): State<Arc<Queue>>,
     Path(chat): Path<u64>,
     Json(input): Json<Input>,
 ) -> (StatusCode, String) {
@@ -38,8 +40,7 @@ async fn create(
                 return (StatusCode::CREATED, format!("{{\"number\":{number}}}"));
             }
             Ok(Allocation::NoMessageCounter) => {
-                let key = queue.keys.message_counter(TOKEN, chat);
-                if queue.restore_counter(&key, 0).await.is_err() {
+                if queue.restore_message_counter(TOKEN, chat, 0).await.is_err() {
                     break;
                 }
             }
@@ -60,6 +61,8 @@ async fn main() {
         database_url: "mysql://unused@127.0.0.1/unused".parse().expect("url"),
         database_pool_size: 1,
         redis_url: redis_url.parse().expect("REDIS url"),
+        redis_cluster_nodes: None,
+        redis_shards: 16,
         redis_prefix: prefix.clone(),
         dependency_timeout: std::time::Duration::from_secs(2),
         queue_max_entries: u64::MAX,
@@ -68,16 +71,15 @@ async fn main() {
     let conn = chat_system::store::connect_redis(&config)
         .await
         .expect("redis");
-    let queue = Queue::new(conn, prefix);
+    let target = chat_system::store::redis_target(&config);
+    let queue = Queue::new(conn, target, config.dependency_timeout, prefix, 16);
     // One application whose chats 1..=1,000,000 all exist.
     queue.cache_application(TOKEN, 1, true).await.expect("seed");
-    let _: () = redis::AsyncCommands::set(
-        &mut queue.conn.clone(),
-        queue.keys.chat_counter(TOKEN),
-        1_000_000,
-    )
-    .await
-    .expect("seed");
+    let _: () =
+        redis::AsyncCommands::set(&mut queue.conn(), queue.keys.chat_counter(TOKEN), 1_000_000)
+            .await
+            .expect("seed");
+    let queue = Arc::new(queue);
     let app = Router::new()
         .route("/probe/{chat}", post(create))
         .with_state(queue);

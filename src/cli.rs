@@ -53,6 +53,15 @@ pub enum Command {
         #[command(flatten)]
         store: StoreConfig,
     },
+    /// Print the write queue's state as JSON (per shard: entries, dead letters, and each
+    /// consumer group's pending entries and lag), then exit. For operators and tools.
+    QueueStatus {
+        #[command(flatten)]
+        store: StoreConfig,
+        /// Also print the number counters of this application (repeatable).
+        #[arg(long = "counters-of", value_name = "TOKEN")]
+        counters_of: Vec<String>,
+    },
     /// Rebuild the search index from MySQL, in batches; safe to re-run. With the embedded
     /// index, stop the process holding its writer first.
     Reindex {

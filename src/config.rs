@@ -36,6 +36,25 @@ pub struct StoreConfig {
     )]
     pub redis_url: SecretUrl,
 
+    /// Seed nodes of a Redis Cluster (`host:port,host:port,...`, or `redis://` URLs; a
+    /// password in them is used for every node). Set: Redis is used as a cluster and
+    /// `REDIS_URL` is ignored.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER_NODES",
+        hide_env_values = true,
+        value_parser = parse_cluster_nodes
+    )]
+    pub redis_cluster_nodes: Option<ClusterNodes>,
+
+    /// Shards of the write queue: each is a stream with the keys of its applications
+    /// under one hash tag, so a Redis Cluster spreads them over its masters. Fixed for
+    /// the life of a deployment: changing it moves applications to other shards (see the
+    /// README for the procedure).
+    #[arg(long, env = "REDIS_SHARDS", default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub redis_shards: u16,
+
     /// Prefix of every Redis key, so several deployments (or tests) can share one Redis.
     #[arg(long, env = "REDIS_PREFIX", default_value = "cs", value_parser = parse_prefix)]
     pub redis_prefix: String,
@@ -55,6 +74,47 @@ pub struct StoreConfig {
     /// it has one. Checked by the workers every second.
     #[arg(long, env = "QUEUE_MAX_MEMORY", value_parser = parse_bytes)]
     pub queue_max_memory: Option<u64>,
+}
+
+/// The seed nodes of a Redis Cluster, as `redis://` URLs (secret: they may hold a
+/// password).
+#[derive(Clone)]
+pub struct ClusterNodes(Vec<String>);
+
+impl ClusterNodes {
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClusterNodes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterNodes({} nodes, redacted)", self.0.len())
+    }
+}
+
+/// `host:port,host:port` or `redis://...` URLs, comma-separated.
+pub fn parse_cluster_nodes(s: &str) -> Result<ClusterNodes, String> {
+    let nodes: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            if n.contains("://") {
+                n.to_owned()
+            } else {
+                format!("redis://{n}")
+            }
+        })
+        .collect();
+    if nodes.is_empty() {
+        return Err("expected at least one `host:port`".into());
+    }
+    for node in &nodes {
+        redis::IntoConnectionInfo::into_connection_info(node.as_str())
+            .map_err(|_| "expected `host:port` or a `redis://` URL for each node".to_owned())?;
+    }
+    Ok(ClusterNodes(nodes))
 }
 
 /// Settings of the HTTP API.

@@ -118,6 +118,22 @@ async fn run(command: Command) -> Result<(), StartError> {
             }
             served
         }
+        Command::QueueStatus { store, counters_of } => {
+            let queue = chat_system::store::connect_queue(&store).await?;
+            let status =
+                queue
+                    .status(&counters_of)
+                    .await
+                    .map_err(|source| ConnectError::Redis {
+                        url: "the write queue".into(),
+                        source,
+                    })?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&status).unwrap_or_default()
+            );
+            Ok(())
+        }
         Command::Reindex {
             store,
             search,

@@ -42,16 +42,17 @@ impl Store {
         let id = self.application_id(token).await?;
         let max = mysql::max_chat_number(&self.mysql, id).await?;
         tracing::info!(max, "restoring a chat counter from MySQL");
-        let key = self.queue.keys.chat_counter(token.as_str());
-        Ok(self.queue.restore_counter(&key, max).await?)
+        Ok(self.queue.restore_chat_counter(token.as_str(), max).await?)
     }
 
     async fn restore_message_counter(&self, token: &Token, chat: u64) -> Result<(), ApiError> {
         let id = self.application_id(token).await?;
         let max = mysql::max_message_number(&self.mysql, id, chat).await?;
         tracing::info!(chat, max, "restoring a message counter from MySQL");
-        let key = self.queue.keys.message_counter(token.as_str(), chat);
-        Ok(self.queue.restore_counter(&key, max).await?)
+        Ok(self
+            .queue
+            .restore_message_counter(token.as_str(), chat, max)
+            .await?)
     }
 
     /// Allocates the chat's number and queues it. No MySQL write; a MySQL read only on

@@ -14,8 +14,8 @@ use crate::config::{ApiConfig, StoreConfig, WorkerConfig};
 use crate::http::{self, AppState};
 use crate::search::{Search, SearchError};
 use crate::server::{self, Limits};
-use crate::store::{self, ConnectError, Store};
-use crate::worker::{Backlog, Role, Worker, WorkerError};
+use crate::store::{ConnectError, Store};
+use crate::worker::{Backlog, Inbox, Role, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -125,17 +125,14 @@ const WORKER_METRICS_LIMITS: Limits = Limits {
     drain_timeout: DRAIN_MARGIN,
 };
 
-/// Connects a worker, with a Redis connection of its own for blocking reads.
+/// Makes a consumer of `role`'s group (it starts reading when run).
 pub async fn build_worker(
     store: Store,
-    store_config: &StoreConfig,
+    _store_config: &StoreConfig,
     config: &WorkerConfig,
     role: Role,
 ) -> Result<Worker, StartError> {
-    let mut reader_config = store_config.clone();
-    reader_config.dependency_timeout += config.batch_wait;
-    let reader = store::connect_redis(&reader_config).await?;
-    Ok(Worker::new(store, reader, config.clone(), role).await?)
+    Ok(Worker::new(store, config.clone(), role).await?)
 }
 
 /// Starts the persisting worker and, when this process may write the search index, the
@@ -154,16 +151,27 @@ pub async fn spawn_workers(
     let mut tasks = Vec::new();
     let backlog = Backlog::default();
     // Several persisting consumers per process overlap one batch's MySQL commit with the
-    // next batch's Redis reads; one of them does the periodic maintenance.
+    // next batch's reads; they share one consumer name and the fetchers that read every
+    // shard for it. One of them does the periodic maintenance.
+    let mut persist_config = config.clone();
+    persist_config.name = Some(format!("{base}-persist"));
+    let inbox = Inbox::spawn(
+        store,
+        crate::worker::PERSIST_GROUP,
+        &format!("{base}-persist"),
+        config.batch_size,
+        shutdown,
+    )
+    .await
+    .map_err(crate::worker::WorkerError::from)?;
     for i in 0..config.concurrency.max(1) {
-        let mut persist_config = config.clone();
-        persist_config.name = Some(format!("{base}-p{i}"));
         let mut persist =
             build_worker(store.clone(), store_config, &persist_config, Role::Persist).await?;
         if i > 0 {
             persist.skip_maintenance();
         }
         persist.share_backlog(backlog.clone());
+        persist.share_inbox(inbox.clone());
         tasks.push(tokio::spawn(persist.run(shutdown.clone())));
     }
     let mut index_config = config.clone();

@@ -122,9 +122,10 @@ pub struct Readiness {
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Readiness: 200 when MySQL, Redis and the search backend answer and the write queue
-/// takes writes, else 503 naming each check that fails (`queue: full` while creates and
-/// updates are refused for backpressure; reads still work then).
+/// Readiness: 200 when MySQL, Redis (on a cluster: `cluster_state:ok`) and the search
+/// backend answer and the write queue takes writes, else 503 naming each check that fails
+/// (`queue: full` while creates and updates are refused for backpressure in any shard;
+/// reads still work then).
 #[utoipa::path(
     get, path = "/readyz", tag = "operations", operation_id = "getReadiness",
     responses(
@@ -139,14 +140,14 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         tokio::time::timeout(CHECK_TIMEOUT, mysql::ping(&state.store.mysql)),
         tokio::time::timeout(CHECK_TIMEOUT, state.store.queue.ping()),
         tokio::time::timeout(CHECK_TIMEOUT, state.search.ping()),
-        tokio::time::timeout(CHECK_TIMEOUT, state.store.queue.pressure()),
+        tokio::time::timeout(CHECK_TIMEOUT, state.store.queue.any_shard_full()),
     );
     let state_of = |ok: bool| if ok { "ok" } else { "unavailable" };
     let redis_ok = matches!(redis_ok, Ok(Ok(())));
     // The write queue: `full` while creates and updates are refused (reads still work).
     let queue = match pressure {
-        Ok(Ok(p)) if p.full => "full",
-        Ok(Ok(_)) => "ok",
+        Ok(Ok(true)) => "full",
+        Ok(Ok(false)) => "ok",
         _ => "unavailable",
     };
     let checks = BTreeMap::from([

@@ -1,17 +1,16 @@
 //! Storage: MySQL (the system of record) and Redis (numbers, queue, pending records).
 //!
 //! * [`mysql`]: reads, the application writes, and the workers' batch upserts.
-//! * [`queue`]: Redis keys, the atomic Lua scripts of the create and update paths, and
-//!   the pending records that serve reads until a worker has persisted a write.
+//! * [`queue`]: everything Redis: key names, the atomic Lua scripts of the create and
+//!   update paths, the pending records that serve reads until a worker has persisted a
+//!   write, and the sharded write queue the workers consume (one Redis or a cluster).
 
 pub mod mysql;
 pub mod queue;
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 
 use crate::config::StoreConfig;
@@ -31,7 +30,7 @@ pub struct Store {
 pub enum ConnectError {
     #[error("DATABASE_URL is invalid: {0}")]
     DatabaseUrl(sqlx::Error),
-    #[error("REDIS_URL is invalid: {0}")]
+    #[error("REDIS_URL or REDIS_CLUSTER_NODES is invalid: {0}")]
     RedisUrl(redis::RedisError),
     #[error("cannot reach MySQL at {url}: {source}")]
     Mysql { url: String, source: sqlx::Error },
@@ -48,14 +47,8 @@ impl Store {
     /// Connects to both stores, creating the MySQL database if it does not exist yet.
     pub async fn connect(config: &StoreConfig) -> Result<Self, ConnectError> {
         let mysql = connect_mysql(config).await?;
-        let redis = connect_redis(config).await?;
-        Ok(Self {
-            mysql,
-            queue: Arc::new(
-                Queue::new(redis, &config.redis_prefix)
-                    .with_limits(config.queue_max_entries, config.queue_max_memory),
-            ),
-        })
+        let queue = Arc::new(connect_queue(config).await?);
+        Ok(Self { mysql, queue })
     }
 }
 
@@ -92,17 +85,39 @@ async fn create_database_if_missing(
     conn.close().await
 }
 
-pub async fn connect_redis(config: &StoreConfig) -> Result<ConnectionManager, ConnectError> {
-    let url = config.redis_url.to_string();
-    let client = redis::Client::open(config.redis_url.expose()).map_err(ConnectError::RedisUrl)?;
-    let manager_config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(config.dependency_timeout))
-        .set_response_timeout(Some(config.dependency_timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_with_config(client, manager_config)
+/// The Redis side alone.
+pub async fn connect_queue(config: &StoreConfig) -> Result<Queue, ConnectError> {
+    let redis = connect_redis(config).await?;
+    Ok(Queue::new(
+        redis,
+        redis_target(config),
+        config.dependency_timeout,
+        &config.redis_prefix,
+        config.redis_shards,
+    )
+    .with_limits(config.queue_max_entries, config.queue_max_memory))
+}
+
+/// Where Redis is: the cluster's seed nodes when `REDIS_CLUSTER_NODES` is set, else
+/// `REDIS_URL`.
+pub fn redis_target(config: &StoreConfig) -> queue::Target {
+    match &config.redis_cluster_nodes {
+        Some(nodes) => queue::Target::Cluster(nodes.urls().to_vec()),
+        None => queue::Target::Single(config.redis_url.expose().to_owned()),
+    }
+}
+
+pub async fn connect_redis(config: &StoreConfig) -> Result<queue::RedisConn, ConnectError> {
+    let url = match &config.redis_cluster_nodes {
+        Some(nodes) => format!("the cluster ({} seed nodes)", nodes.urls().len()),
+        None => config.redis_url.to_string(),
+    };
+    queue::RedisConn::connect(&redis_target(config), config.dependency_timeout)
         .await
-        .map_err(|source| ConnectError::Redis { url, source })
+        .map_err(|source| match source.kind() {
+            redis::ErrorKind::InvalidClientConfig => ConnectError::RedisUrl(source),
+            _ => ConnectError::Redis { url, source },
+        })
 }
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -138,13 +153,15 @@ pub fn redis_is_full(err: &redis::RedisError) -> bool {
 
 /// True when the error means Redis cannot serve us now (rather than a bad command):
 /// unreachable, or up but not ready (loading its data set after a restart, a failover
-/// in progress), which the client library classes as "wait and retry".
+/// in progress, a cluster slot without a master or being migrated: `CLUSTERDOWN`,
+/// `MASTERDOWN`, `TRYAGAIN`), which the client library classes as "wait and retry".
 pub fn redis_is_down(err: &redis::RedisError) -> bool {
     err.is_io_error()
         || err.is_timeout()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
         || err.is_unrecoverable_error()
+        || err.is_cluster_error()
         || matches!(
             err.retry_method(),
             redis::RetryMethod::WaitAndRetry | redis::RetryMethod::RefreshSlotsAndRetry

@@ -16,7 +16,7 @@
 
 use crate::search::Search;
 use crate::store::mysql::{self, MessageCursor};
-use crate::store::queue::version_of;
+use crate::store::queue::{Shard, version_of};
 
 use super::{INDEX_GROUP, Worker, WorkerError};
 
@@ -24,27 +24,43 @@ use super::{INDEX_GROUP, Worker, WorkerError};
 const CATCH_UP_BATCH: u32 = 5_000;
 
 impl Worker {
-    /// Index role: catches up from MySQL if the stream was trimmed past this group.
-    /// Returns the number of messages indexed from MySQL.
+    /// Index role: catches up from MySQL in every shard whose stream was trimmed past
+    /// this group. Returns the number of messages indexed from MySQL.
     pub(super) async fn catch_up_index(&mut self, search: &Search) -> Result<u64, WorkerError> {
+        let mut indexed = 0;
+        for shard in self.store.queue.keys.shards() {
+            indexed += self.catch_up_shard(search, shard).await?;
+        }
+        Ok(indexed)
+    }
+
+    async fn catch_up_shard(&mut self, search: &Search, shard: Shard) -> Result<u64, WorkerError> {
         let queue = &self.store.queue;
-        let from = match queue.index_catch_up_in_progress().await? {
+        let from = match queue.index_catch_up_in_progress(shard).await? {
             Some(from) => from,
             None => {
-                if !queue.index_gap_marked().await? {
+                if !queue.index_gap_marked(shard).await? {
                     return Ok(0);
                 }
                 // What this worker holds was read before the reset: commit and
                 // acknowledge it first.
                 self.flush_index(true).await?;
-                match self.store.queue.start_index_catch_up(INDEX_GROUP).await? {
+                match self
+                    .store
+                    .queue
+                    .start_index_catch_up(shard, INDEX_GROUP)
+                    .await?
+                {
                     Some(from) => from,
                     None => return Ok(0),
                 }
             }
         };
+        // Versions come from each shard's own stream; rows of other shards at or after
+        // this one are indexed again too, which is harmless (a document is replaced only
+        // by a newer version) and keeps the scan to one index range.
         let min_version = version_of(&from).unwrap_or(0);
-        tracing::warn!(from = %from, "search index: catching up from MySQL");
+        tracing::warn!(shard, from = %from, "search index: catching up from MySQL");
         let mut cursor = MessageCursor::default();
         let mut indexed = 0u64;
         loop {
@@ -58,9 +74,13 @@ impl Worker {
             search.index(docs).await?;
             cursor = next;
         }
-        self.store.queue.finish_index_catch_up().await?;
+        self.store.queue.finish_index_catch_up(shard).await?;
         metrics::counter!("index_caught_up_total").increment(indexed);
-        tracing::info!(messages = indexed, "search index: caught up from MySQL");
+        tracing::info!(
+            shard,
+            messages = indexed,
+            "search index: caught up from MySQL"
+        );
         Ok(indexed)
     }
 }

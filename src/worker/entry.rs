@@ -1,10 +1,9 @@
 //! Queue entries as the worker reads them: parsed and checked, or rejected with a reason.
 
-use redis::streams::StreamId;
-
 use crate::resources::from_micros;
 use crate::store::mysql::{ChatWrite, MessageWrite};
-use crate::store::queue::{Keys, Kind, QueuedWrite, version_of};
+use crate::store::queue::stream::{Delivered, Release};
+use crate::store::queue::{Keys, Kind, QueuedWrite, Shard, version_of};
 
 /// One accepted write, ready to persist.
 #[derive(Clone, Debug, PartialEq)]
@@ -16,16 +15,18 @@ pub enum Write {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
     pub id: String,
+    pub shard: Shard,
     pub token: String,
     pub write: Write,
 }
 
 impl Entry {
     /// Parses a stream entry; the error says why it cannot be persisted.
-    pub fn parse(raw: &StreamId) -> Result<Self, String> {
+    pub fn parse(item: &Delivered) -> Result<Self, String> {
+        let raw = &item.raw;
         let version = version_of(&raw.id).ok_or("the entry id is not a stream id")?;
         let payload: String = raw.get("e").ok_or("field `e` is missing")?;
-        let w = QueuedWrite::decode(&payload)?;
+        let w = QueuedWrite::decode(&payload).map_err(|e| e.to_string())?;
         let time =
             |us: i64| from_micros(us).ok_or_else(|| format!("timestamp {us} is out of range"));
         let (created_at, updated_at) = (time(w.created_us)?, time(w.updated_us)?);
@@ -50,16 +51,22 @@ impl Entry {
         };
         Ok(Self {
             id: raw.id.clone(),
+            shard: item.shard,
             token: w.token,
             write,
         })
     }
 
     /// The pending record this entry wrote, to release once it is persisted.
-    pub fn record_key(&self, keys: &Keys) -> String {
-        match &self.write {
-            Write::Chat(c) => keys.chat_record(&self.token, c.number),
-            Write::Message(m) => keys.message_record(&self.token, m.chat_number, m.number),
+    pub fn release(&self, keys: &Keys) -> Release {
+        let (hash, field) = match &self.write {
+            Write::Chat(c) => (keys.chat_records(&self.token), c.number),
+            Write::Message(m) => (keys.message_records(&self.token, m.chat_number), m.number),
+        };
+        Release {
+            hash,
+            field,
+            version: self.id.clone(),
         }
     }
 
@@ -98,17 +105,21 @@ impl Parent {
 mod tests {
     use super::*;
     use redis::Value;
+    use redis::streams::StreamId;
 
-    fn raw(payload: &str) -> StreamId {
-        StreamId {
-            id: "1700000000000-3".into(),
-            map: [(
-                "e".to_owned(),
-                Value::BulkString(payload.as_bytes().to_vec()),
-            )]
-            .into_iter()
-            .collect(),
-            ..StreamId::default()
+    fn raw(payload: &str) -> Delivered {
+        Delivered {
+            shard: 3,
+            raw: StreamId {
+                id: "1700000000000-3".into(),
+                map: [(
+                    "e".to_owned(),
+                    Value::BulkString(payload.as_bytes().to_vec()),
+                )]
+                .into_iter()
+                .collect(),
+                ..StreamId::default()
+            },
         }
     }
 
@@ -141,9 +152,12 @@ mod tests {
     fn malformed_entries_say_why() {
         let err = Entry::parse(&raw("m|x|tok|1|1|1|1|1|b")).unwrap_err();
         assert!(err.contains("app id"), "{err}");
-        let missing = StreamId {
-            id: "1-1".into(),
-            ..StreamId::default()
+        let missing = Delivered {
+            shard: 0,
+            raw: StreamId {
+                id: "1-1".into(),
+                ..StreamId::default()
+            },
         };
         assert!(Entry::parse(&missing).unwrap_err().contains("`e`"));
     }

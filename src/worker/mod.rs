@@ -1,38 +1,40 @@
 //! The worker: drains the write queue into MySQL and into the search index, in batches,
-//! and keeps counts fresh. Each destination has its own consumer group on the one
+//! and keeps counts fresh. Each destination has its own consumer group on every shard's
 //! stream (`persist`, `index`), so a search outage delays indexing, never persistence.
 //!
-//! * Reads the stream through its consumer group, up to `WORKER_BATCH_SIZE` entries per
-//!   read, waiting at most `WORKER_BATCH_WAIT` for the first one.
-//! * Persists a batch as multi-row idempotent upserts in one transaction and acknowledges
-//!   the entries only after the commit: a crash before the ack means redelivery, and
-//!   redelivery changes nothing.
-//! * Takes over entries another consumer left unacknowledged for `WORKER_CLAIM_IDLE`.
-//! * Sends an entry that cannot be persisted to the dead-letter stream, with the reason.
-//! * `persist` only: trims the stream behind the slowest consumer group and, every
-//!   `COUNTS_SYNC_INTERVAL`, refreshes the counts of the parents touched since.
-//! * `index` only: indexes message bodies; an entry it cannot parse is left to the
-//!   `persist` group, which owns the dead-letter stream.
+//! * [`fetch`]: fetchers wait on every shard's stream and hand entries to the consumers
+//!   of their process; a consumer's batch may mix shards.
+//! * [`persist`]: a batch becomes multi-row idempotent upserts in one transaction; the
+//!   entries are acknowledged only after the commit (a crash before means redelivery,
+//!   and redelivery changes nothing). An entry that cannot be persisted goes to its
+//!   shard's dead-letter stream, with the reason.
+//! * [`index`]: message bodies go to the search index, acknowledged once committed;
+//!   `catch_up` reads back from MySQL what was trimmed before the indexer saw it.
+//! * [`maintenance`] (one persisting consumer per process): takes over entries other
+//!   consumers left unacknowledged for `WORKER_CLAIM_IDLE`, trims each stream behind the
+//!   slowest group, measures the backlog, and every `COUNTS_SYNC_INTERVAL` refreshes the
+//!   counts of the parents touched since.
 
 mod catch_up;
 mod entry;
+mod fetch;
+mod index;
+mod maintenance;
+mod persist;
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
-use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use tokio::sync::watch;
 
 pub use entry::{Entry, Parent, Write};
+pub use fetch::Inbox;
 
 use crate::config::WorkerConfig;
-use crate::search::{MessageDoc, Search, SearchError};
-use crate::store::queue::accepted_ms;
-use crate::store::{Store, mysql, mysql_is_transient};
+use crate::search::{Search, SearchError};
+use crate::store::Store;
+use crate::store::queue::stream::Delivered;
 
 /// The consumer group that persists to MySQL.
 pub const PERSIST_GROUP: &str = "persist";
@@ -46,16 +48,9 @@ pub enum Role {
     Index(Search),
 }
 
-const TRIM_EVERY: Duration = Duration::from_secs(1);
-/// Entries one `XTRIM` call may remove, and calls per trim: up to 2,000,000 entries a
-/// second, far above what the API can queue.
-const TRIM_LIMIT: u64 = 10_000;
-const TRIM_MAX_CALLS: usize = 200;
-/// The embedded index commits (and the `index` group acknowledges) at most this often:
-/// a commit per small batch would cost more than the indexing itself.
-const INDEX_COMMIT_EVERY: Duration = Duration::from_millis(200);
-const INDEX_COMMIT_MAX_PENDING: usize = 50_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest a consumer waits for entries before it does its periodic work.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// The indexer of a process whose persisting consumers read a full batch this recently
 /// leaves the CPU to them (see [`Backlog`]), checking again this often, and for at most
 /// `INDEX_YIELD_MAX` in a row: indexing slows down under a backlog but never stops.
@@ -106,97 +101,76 @@ pub enum WorkerError {
     Search(#[from] SearchError),
 }
 
+/// One consumer of one group.
 pub struct Worker {
     store: Store,
-    /// A connection of its own: a blocking read must not hold up other commands.
-    reader: ConnectionManager,
     config: WorkerConfig,
     consumer: String,
-    claim_cursor: String,
     role: Role,
+    /// Where the scan for idle entries goes on, per shard.
+    claim_cursors: Vec<String>,
     /// Index role: entries added to the index but not yet committed, hence not yet
     /// acknowledged, and since when.
-    unacked: Vec<String>,
+    unacked: Vec<Delivered>,
     unacked_since: Option<Instant>,
-    /// Persist role: trims the stream and syncs counts (one consumer per process does).
+    /// Persist role: claims, trims and syncs counts (one consumer per process does).
     maintenance: bool,
     backlog: Backlog,
-    /// Whether the last trim went past the indexer (logged once per episode).
-    trimming_past_index: AtomicBool,
+    /// The entries fetched for this consumer's group; made at `run` if not shared.
+    inbox: Option<Inbox>,
+    /// Per shard: whether the last trim went past the indexer (logged once per episode).
+    trimming_past_index: Vec<AtomicBool>,
 }
 
 impl Worker {
-    pub async fn new(
-        store: Store,
-        reader: ConnectionManager,
-        config: WorkerConfig,
-        role: Role,
-    ) -> Result<Self, WorkerError> {
+    /// A consumer named `WORKER_NAME` (default: host and pid). Creates its group on
+    /// every shard if missing (an existing group is only read, so that a worker starts
+    /// while Redis is at its `maxmemory`; `migrate` creates the groups ahead of time), and
+    /// removes the group's consumers left behind by earlier processes.
+    pub async fn new(store: Store, config: WorkerConfig, role: Role) -> Result<Self, WorkerError> {
         let consumer = config.name.clone().unwrap_or_else(default_consumer_name);
+        let shards = store.queue.keys.shard_count();
         let worker = Self {
             store,
-            reader,
             config,
             consumer,
-            claim_cursor: "0-0".into(),
+            claim_cursors: vec!["0-0".into(); shards],
             role,
             unacked: Vec::new(),
             unacked_since: None,
             maintenance: true,
             backlog: Backlog::default(),
-            trimming_past_index: AtomicBool::new(false),
+            inbox: None,
+            trimming_past_index: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         };
-        worker.ensure_group().await?;
+        for shard in worker.store.queue.keys.shards() {
+            worker
+                .store
+                .queue
+                .ensure_group(shard, worker.group())
+                .await?;
+            // Every restart leaves a consumer name behind. Those with nothing pending,
+            // idle for longer than `WORKER_CLAIM_IDLE`, are removed: live consumers read
+            // at least every second, and removing one with nothing pending loses nothing.
+            let idle = worker.config.claim_idle.as_millis();
+            let removed = worker
+                .store
+                .queue
+                .remove_stale_consumers(shard, worker.group(), idle)
+                .await?;
+            if removed > 0 {
+                tracing::info!(
+                    count = removed,
+                    shard,
+                    group = worker.group(),
+                    "removed stale consumers"
+                );
+            }
+        }
         Ok(worker)
     }
 
-    /// Creates the consumer group (and the stream) if missing, then removes the group's
-    /// consumers left behind by earlier processes. An existing group is only read, so a
-    /// worker starts (and drains) while Redis is at its `maxmemory`; `migrate` creates
-    /// the groups ahead of time. A new group starts at the beginning of the stream, so
-    /// entries queued before any worker existed are kept.
-    async fn ensure_group(&self) -> Result<(), WorkerError> {
-        let group = self.group();
-        if !group_exists(&mut self.conn(), &self.store.queue.keys.stream(), group).await? {
-            create_group(&mut self.conn(), &self.store.queue.keys.stream(), group).await?;
-        }
-        self.remove_stale_consumers().await
-    }
-
-    /// Every restart leaves a consumer name behind. Those with nothing pending, idle for
-    /// longer than `WORKER_CLAIM_IDLE`, are removed: live consumers read every
-    /// `WORKER_BATCH_WAIT`, and removing one with nothing pending loses nothing (its next
-    /// read makes it again).
-    async fn remove_stale_consumers(&self) -> Result<(), WorkerError> {
-        let stream = self.store.queue.keys.stream();
-        let reply: redis::streams::StreamInfoConsumersReply =
-            self.conn().xinfo_consumers(&stream, self.group()).await?;
-        let stale: Vec<&str> = reply
-            .consumers
-            .iter()
-            .filter(|c| c.pending == 0 && c.idle as u128 > self.config.claim_idle.as_millis())
-            .map(|c| c.name.as_str())
-            .collect();
-        for name in &stale {
-            let _: i64 = redis::cmd("XGROUP")
-                .arg("DELCONSUMER")
-                .arg(&stream)
-                .arg(self.group())
-                .arg(*name)
-                .query_async(&mut self.conn())
-                .await?;
-        }
-        if !stale.is_empty() {
-            tracing::info!(
-                count = stale.len(),
-                group = self.group(),
-                "removed stale consumers"
-            );
-        }
-        Ok(())
-    }
-
-    /// Leaves trimming and count syncing to another consumer of this process.
+    /// Leaves claiming, trimming and count syncing to another consumer of this process.
     pub fn skip_maintenance(&mut self) {
         self.maintenance = false;
     }
@@ -207,6 +181,15 @@ impl Worker {
         self.backlog = backlog;
     }
 
+    /// Takes entries from these fetchers (shared with other consumers of the group).
+    pub fn share_inbox(&mut self, inbox: Inbox) {
+        self.inbox = Some(inbox);
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
     /// Index role: waits while this process's persisting consumers work through a
     /// backlog, up to `INDEX_YIELD_MAX`.
     async fn yield_to_persistence(&self, shutdown: &mut watch::Receiver<bool>) {
@@ -215,57 +198,68 @@ impl Worker {
         }
     }
 
-    fn group(&self) -> &'static str {
+    pub fn group(&self) -> &'static str {
         match self.role {
             Role::Persist => PERSIST_GROUP,
             Role::Index(_) => INDEX_GROUP,
         }
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.store.queue.conn.clone()
-    }
-
     /// Runs until `shutdown` turns true; the batch in hand is finished and acknowledged
     /// first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let inbox = match self.inbox.clone() {
+            Some(inbox) => inbox,
+            None => loop {
+                let spawned = Inbox::spawn(
+                    &self.store,
+                    self.group(),
+                    &self.consumer,
+                    self.config.batch_size,
+                    &shutdown,
+                )
+                .await;
+                match spawned {
+                    Ok(inbox) => break inbox,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot connect the queue's readers; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(MAX_BACKOFF) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        if *shutdown.borrow() {
+                            return;
+                        }
+                    }
+                }
+            },
+        };
         tracing::info!(consumer = %self.consumer, group = self.group(), "worker started");
-        let mut own_backlog = true;
         let mut backoff = Duration::from_millis(100);
-        let (mut last_claim, mut last_trim, mut last_counts) =
-            (Instant::now(), Instant::now(), Instant::now());
+        let mut in_hand: Vec<Delivered> = Vec::new();
+        let (mut last_periodic, mut last_counts) = (Instant::now(), Instant::now());
         while !*shutdown.borrow() {
             self.yield_to_persistence(&mut shutdown).await;
-            let step_started = Instant::now();
             let result = async {
-                if last_claim.elapsed() >= self.config.claim_idle / 2 {
-                    last_claim = Instant::now();
-                    self.claim_idle().await?;
+                if last_periodic.elapsed() >= maintenance::EVERY {
+                    last_periodic = Instant::now();
+                    self.periodic().await?;
                 }
-                let persist = matches!(self.role, Role::Persist) && self.maintenance;
-                if persist && last_trim.elapsed() >= TRIM_EVERY {
-                    last_trim = Instant::now();
-                    self.trim_and_measure().await?;
-                }
-                if persist && last_counts.elapsed() >= self.config.counts_sync_interval {
+                if self.maintenance
+                    && matches!(self.role, Role::Persist)
+                    && last_counts.elapsed() >= self.config.counts_sync_interval
+                {
                     last_counts = Instant::now();
                     self.sync_counts().await?;
                 }
-                if let Role::Index(search) = &self.role
-                    && last_trim.elapsed() >= TRIM_EVERY
-                {
-                    last_trim = Instant::now();
-                    let search = search.clone();
-                    self.catch_up_index(&search).await?;
+                if in_hand.is_empty() {
+                    in_hand = inbox
+                        .next(self.config.batch_size, IDLE_WAIT, self.config.batch_wait)
+                        .await;
                 }
-                // After a failure (or at start) our own unacknowledged entries come first.
-                let from = if own_backlog { "0" } else { ">" };
-                let entries = self.read(from).await?;
-                if own_backlog && entries.is_empty() {
-                    own_backlog = false;
-                }
-                let idle = entries.is_empty();
-                let handled = self.process(entries).await?;
+                let idle = in_hand.is_empty();
+                let handled = self.process(in_hand.clone()).await?;
+                in_hand.clear();
                 self.flush_index(idle).await?;
                 Ok::<usize, WorkerError>(handled)
             }
@@ -276,22 +270,10 @@ impl Worker {
                     if handled >= self.config.batch_size && matches!(self.role, Role::Persist) {
                         self.backlog.mark();
                     }
-                    // A partial batch means the queue is keeping up: linger until the
-                    // batch wait is over, so that the next batch is a bigger one. Many
-                    // tiny transactions (several consumers each taking a few entries as
-                    // they arrive) cost far more CPU per entry, and it is taken from the
-                    // API's latency. A full batch means a backlog: read again at once.
-                    if handled > 0 && handled < self.config.batch_size {
-                        let until = step_started + self.config.batch_wait;
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(until.into()) => {}
-                            _ = shutdown.changed() => {}
-                        }
-                    }
                 }
                 Err(e) => {
+                    // The batch in hand is kept and tried again.
                     tracing::warn!(error = %e, retry_in = ?backoff, "worker step failed");
-                    own_backlog = true;
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.changed() => {}
@@ -300,27 +282,47 @@ impl Worker {
                 }
             }
         }
+        if !in_hand.is_empty()
+            && let Err(e) = self.process(in_hand).await
+        {
+            tracing::warn!(error = %e, "could not finish the batch in hand; it will be redelivered");
+        }
         if let Err(e) = self.flush_index(true).await {
             tracing::warn!(error = %e, "could not commit the last indexed entries; they will be redelivered");
         }
         tracing::info!(consumer = %self.consumer, group = self.group(), "worker stopped");
     }
 
-    /// Persists everything queued now, then refreshes counts: a worker step callable from
-    /// tests and tools. Returns the number of entries handled.
+    /// Handles everything queued now in every shard, then refreshes counts and trims: a
+    /// worker step callable from tests and tools. Returns the number of entries handled.
     pub async fn drain(&mut self) -> Result<usize, WorkerError> {
         let mut total = 0;
         if let Role::Index(search) = &self.role {
             let search = search.clone();
             self.catch_up_index(&search).await?;
         }
-        for from in ["0", ">"] {
-            loop {
-                let entries = self.read(from).await?;
-                if entries.is_empty() {
-                    break;
+        let mut conn = self.store.queue.conn();
+        let shards: Vec<_> = self.store.queue.keys.shards().collect();
+        for shard in shards {
+            for from in ["0", ">"] {
+                loop {
+                    let entries = self
+                        .store
+                        .queue
+                        .read_group(
+                            &mut conn,
+                            (self.group(), &self.consumer),
+                            &[shard],
+                            from,
+                            self.config.batch_size,
+                            None,
+                        )
+                        .await?;
+                    if entries.is_empty() {
+                        break;
+                    }
+                    total += self.process(entries).await?;
                 }
-                total += self.process(entries).await?;
             }
         }
         self.flush_index(true).await?;
@@ -331,516 +333,30 @@ impl Worker {
         Ok(total)
     }
 
-    async fn read(&mut self, from: &str) -> Result<Vec<StreamId>, WorkerError> {
-        let mut options = StreamReadOptions::default()
-            .group(self.group(), &self.consumer)
-            .count(self.config.batch_size);
-        if from == ">" {
-            options = options.block(self.config.batch_wait.as_millis() as usize);
-        }
-        let reply: Option<StreamReadReply> = self
-            .reader
-            .xread_options(&[self.store.queue.keys.stream()], &[from], &options)
-            .await?;
-        Ok(reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .collect())
-    }
-
-    /// Takes over entries other consumers left idle too long, and persists them.
-    async fn claim_idle(&mut self) -> Result<(), WorkerError> {
-        let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(self.store.queue.keys.stream())
-            .arg(self.group())
-            .arg(&self.consumer)
-            .arg(self.config.claim_idle.as_millis() as u64)
-            .arg(&self.claim_cursor)
-            .arg("COUNT")
-            .arg(self.config.batch_size)
-            .query_async(&mut self.conn())
-            .await?;
-        self.claim_cursor = reply.next_stream_id;
-        if !reply.claimed.is_empty() {
-            tracing::info!(count = reply.claimed.len(), "took over idle entries");
-            metrics::counter!("worker_claimed_total").increment(reply.claimed.len() as u64);
-            self.process(reply.claimed).await?;
-        }
-        Ok(())
-    }
-
     /// Handles one batch; returns how many entries it acknowledged.
-    async fn process(&mut self, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
-        if raw.is_empty() {
+    async fn process(&mut self, batch: Vec<Delivered>) -> Result<usize, WorkerError> {
+        if batch.is_empty() {
             return Ok(0);
         }
         match &self.role {
-            Role::Persist => self.persist_batch(raw).await,
+            Role::Persist => self.persist_batch(batch).await,
             Role::Index(search) => {
                 let search = search.clone();
-                self.index_batch(&search, raw).await
+                self.index_batch(&search, batch).await
             }
         }
-    }
-
-    /// Commits the index and acknowledges what it now holds, when due (or `now`).
-    async fn flush_index(&mut self, now: bool) -> Result<(), WorkerError> {
-        let Role::Index(search) = &self.role else {
-            return Ok(());
-        };
-        let Some(since) = self.unacked_since else {
-            return Ok(());
-        };
-        let due = now
-            || since.elapsed() >= INDEX_COMMIT_EVERY
-            || self.unacked.len() >= INDEX_COMMIT_MAX_PENDING
-            || !search.batches_commits();
-        if !due {
-            return Ok(());
-        }
-        search.commit().await?;
-        for ids in self.unacked.chunks(10_000) {
-            let _: i64 = self
-                .conn()
-                .xack(self.store.queue.keys.stream(), INDEX_GROUP, ids)
-                .await?;
-        }
-        record_lag("index_lag_seconds", self.unacked.iter().map(String::as_str));
-        metrics::counter!("worker_indexed_total").increment(self.unacked.len() as u64);
-        self.unacked.clear();
-        self.unacked_since = None;
-        Ok(())
-    }
-
-    /// Adds the messages of one batch to the index; they are acknowledged once committed.
-    async fn index_batch(
-        &mut self,
-        search: &Search,
-        raw: Vec<StreamId>,
-    ) -> Result<usize, WorkerError> {
-        let docs: Vec<MessageDoc> = raw
-            .iter()
-            .filter_map(|item| Entry::parse(item).ok())
-            .filter_map(|entry| match entry.write {
-                Write::Message(m) => Some(MessageDoc {
-                    token: entry.token,
-                    chat: m.chat_number,
-                    number: m.number,
-                    body: m.body,
-                    version: m.version,
-                    created_at: m.created_at,
-                    updated_at: m.updated_at,
-                }),
-                Write::Chat(_) => None,
-            })
-            .collect();
-        match search.add(docs).await {
-            Ok(()) => {}
-            Err(e @ SearchError::Unavailable(_)) => return Err(e.into()),
-            Err(e) => {
-                // The index can be rebuilt from MySQL (`reindex`); holding the queue
-                // for a document the backend refuses would stall every later one.
-                tracing::error!(error = %e, "documents refused by the search backend");
-                metrics::counter!("index_failures_total").increment(1);
-            }
-        }
-        self.unacked.extend(raw.iter().map(|r| r.id.clone()));
-        self.unacked_since.get_or_insert_with(Instant::now);
-        Ok(raw.len())
-    }
-
-    /// Persists one batch; returns how many entries it acknowledged.
-    async fn persist_batch(&self, raw: Vec<StreamId>) -> Result<usize, WorkerError> {
-        let mut entries = Vec::with_capacity(raw.len());
-        for item in &raw {
-            match Entry::parse(item) {
-                Ok(entry) => entries.push(entry),
-                Err(reason) => self.dead_letter(item, &reason).await?,
-            }
-        }
-        let started = Instant::now();
-        let persisted = self.persist(&entries).await;
-        let sql_done = started.elapsed();
-        if let Err(err) = persisted {
-            if mysql_is_transient(&err) {
-                return Err(err.into());
-            }
-            // A statement failed on its data: find the culprits one by one, so that
-            // they alone go to the dead-letter stream and the rest are kept.
-            tracing::warn!(error = %err, "batch failed; retrying entries one by one");
-            let mut kept = Vec::with_capacity(entries.len());
-            for entry in entries {
-                match self.persist(std::slice::from_ref(&entry)).await {
-                    Ok(()) => kept.push(entry),
-                    Err(e) if mysql_is_transient(&e) => return Err(e.into()),
-                    Err(e) => {
-                        let item = raw.iter().find(|r| r.id == entry.id);
-                        if let Some(item) = item {
-                            self.dead_letter(item, &e.to_string()).await?;
-                        }
-                    }
-                }
-            }
-            entries = kept;
-        }
-        self.acknowledge(&entries).await?;
-        tracing::debug!(entries = raw.len(), sql = ?sql_done, total = ?started.elapsed(), "batch persisted");
-        Ok(raw.len())
-    }
-
-    async fn persist(&self, entries: &[Entry]) -> Result<(), sqlx::Error> {
-        let mut chats = Vec::new();
-        let mut messages = Vec::new();
-        for entry in entries {
-            match &entry.write {
-                Write::Chat(c) => chats.push(c.clone()),
-                Write::Message(m) => messages.push(m.clone()),
-            }
-        }
-        let mut tx = self.store.mysql.begin().await?;
-        mysql::upsert_chats(&mut tx, &chats).await?;
-        mysql::upsert_messages(&mut tx, &messages).await?;
-        tx.commit().await
-    }
-
-    /// After the commit: release the pending records and mark the parents touched, then
-    /// acknowledge. In that order, a crash or a Redis error part-way leaves the entries
-    /// unacknowledged, so they are redelivered and the whole step runs again (each part
-    /// of it is idempotent); acknowledging first could leave a stale pending record that
-    /// nothing would ever release.
-    async fn acknowledge(&self, entries: &[Entry]) -> Result<(), WorkerError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let keys = &self.store.queue.keys;
-        let records: Vec<(String, String)> = entries
-            .iter()
-            .map(|e| (e.record_key(keys), e.id.clone()))
-            .collect();
-        self.store.queue.release_pending(&records).await?;
-
-        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        let touched: Vec<String> = entries
-            .iter()
-            .flat_map(Entry::touched)
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let marked: redis::RedisResult<()> = self.conn().sadd(keys.touched(), &touched).await;
-        match marked {
-            Ok(()) => {}
-            // At `maxmemory` the set cannot grow: refresh these counts now instead, so
-            // that acknowledging (which frees memory) goes on.
-            Err(e) if crate::store::redis_is_full(&e) => self.sync_parents(&touched).await?,
-            Err(e) => return Err(e.into()),
-        }
-        let _: i64 = self.conn().xack(keys.stream(), PERSIST_GROUP, &ids).await?;
-
-        record_lag("persist_lag_seconds", entries.iter().map(|e| e.id.as_str()));
-        metrics::histogram!("worker_batch_size").record(entries.len() as f64);
-        metrics::counter!("worker_persisted_total").increment(entries.len() as u64);
-        Ok(())
-    }
-
-    /// Moves an entry to the dead-letter stream with the reason, and acknowledges it.
-    async fn dead_letter(&self, item: &StreamId, reason: &str) -> Result<(), WorkerError> {
-        tracing::error!(entry = %item.id, %reason, "entry sent to the dead-letter stream");
-        metrics::counter!("dead_letters_total").increment(1);
-        let keys = &self.store.queue.keys;
-        let mut fields: Vec<(String, Vec<u8>)> = vec![
-            ("dlq_reason".into(), reason.as_bytes().to_vec()),
-            ("dlq_entry".into(), item.id.as_bytes().to_vec()),
-        ];
-        fields.extend(item.map.iter().map(|(k, v)| {
-            let bytes = redis::from_redis_value_ref::<Vec<u8>>(v).unwrap_or_default();
-            (k.clone(), bytes)
-        }));
-        let cap = redis::streams::StreamMaxlen::Approx(self.config.dead_letter_max as usize);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .xadd_maxlen(keys.dead_letters(), cap, "*", &fields)
-            .ignore()
-            .xack(keys.stream(), PERSIST_GROUP, &[&item.id])
-            .ignore();
-        pipe.exec_async(&mut self.conn()).await?;
-        Ok(())
-    }
-
-    /// Trims entries every group has acknowledged, and publishes the queue gauges.
-    async fn trim_and_measure(&self) -> Result<(), WorkerError> {
-        let stream = self.store.queue.keys.stream();
-        let mut conn = self.conn();
-        let info: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&stream).await?;
-        // Where each group still needs the stream from.
-        let mut positions: Vec<(String, Position)> = Vec::new();
-        for group in &info.groups {
-            metrics::gauge!("queue_pending", "group" => group_label(&group.name))
-                .set(group.pending as f64);
-            if let Some(lag) = group.lag {
-                metrics::gauge!("queue_lag", "group" => group_label(&group.name)).set(lag as f64);
-            }
-            let last_delivered = Position {
-                id: group.last_delivered_id.clone(),
-                needed: false,
-            };
-            let position = if group.pending > 0 {
-                let summary: redis::streams::StreamPendingReply =
-                    conn.xpending(&stream, &group.name).await?;
-                match summary {
-                    redis::streams::StreamPendingReply::Data(d) => Position {
-                        id: d.start_id,
-                        needed: true,
-                    },
-                    _ => last_delivered,
-                }
-            } else {
-                last_delivered
-            };
-            positions.push((group.name.clone(), position));
-        }
-        // Measured first: memory pressure decides whether the indexer may hold the stream.
-        let pressure = self.store.queue.measure_pressure().await?;
-        let floor = self.trim_floor(&positions, pressure.full).await?;
-        if let Some(floor) = floor {
-            // An approximate trim removes at most `TRIM_LIMIT` entries per call (Redis's
-            // own default), which alone would fall behind a queue growing faster than
-            // that per second. Call it until it has caught up: each call stays short, so
-            // creates interleave with it.
-            let mut caught_up = false;
-            for _ in 0..TRIM_MAX_CALLS {
-                let trimmed: u64 = redis::cmd("XTRIM")
-                    .arg(&stream)
-                    .arg("MINID")
-                    .arg("~")
-                    .arg(&floor)
-                    .arg("LIMIT")
-                    .arg(TRIM_LIMIT)
-                    .query_async(&mut conn)
-                    .await?;
-                // Whole stream nodes go at once, so a call may stop a little short of
-                // the limit with more to come: only a call that removed nothing is last.
-                if trimmed == 0 {
-                    caught_up = true;
-                    break;
-                }
-            }
-            // Then the rest of the first node, exactly: the stream's length is what the
-            // backlog bound (`QUEUE_MAX_ENTRIES`) counts. Once caught up, that is at most
-            // one node's worth of entries.
-            if caught_up {
-                let _: u64 = redis::cmd("XTRIM")
-                    .arg(&stream)
-                    .arg("MINID")
-                    .arg(&floor)
-                    .query_async(&mut conn)
-                    .await?;
-            }
-        }
-        let len: u64 = conn.xlen(&stream).await?;
-        metrics::gauge!("queue_length").set(len as f64);
-        metrics::gauge!("redis_used_memory_bytes").set(pressure.used_memory as f64);
-        metrics::gauge!("queue_full").set(if pressure.full { 1.0 } else { 0.0 });
-        let dead: u64 = conn.xlen(self.store.queue.keys.dead_letters()).await?;
-        metrics::gauge!("dead_letter_length").set(dead as f64);
-        Ok(())
-    }
-
-    /// Where the stream may be trimmed up to. Persistence holds it back always; the
-    /// indexer only while it lags persistence by at most `INDEX_LAG_MAX` and Redis is not
-    /// under memory pressure. Past that, entries the indexer has not handled are trimmed
-    /// anyway (a search outage must not become a Redis outage): MySQL has everything
-    /// trimmed, and the indexer reads it back from there (see `catch_up`).
-    async fn trim_floor(
-        &self,
-        positions: &[(String, Position)],
-        pressed: bool,
-    ) -> Result<Option<String>, WorkerError> {
-        let position = |name: &str| {
-            positions
-                .iter()
-                .find(|(group, _)| group == name)
-                .map(|(_, position)| position)
-        };
-        let Some(persist) = position(PERSIST_GROUP).map(|p| p.id.clone()) else {
-            return Ok(None);
-        };
-        let Some(index) = position(INDEX_GROUP) else {
-            return Ok(Some(persist));
-        };
-        // The first entry the indexer has not handled: its oldest pending one, or the one
-        // after the last delivered to it. Trimming to `persist` removes the entries
-        // before it; only if that one is among them does the indexer lose anything.
-        let from = if index.needed {
-            index.id.clone()
-        } else {
-            format!("({}", index.id)
-        };
-        let next: redis::streams::StreamRangeReply = self
-            .conn()
-            .xrange_count(self.store.queue.keys.stream(), from, "+", 1)
-            .await?;
-        let Some(needed) = next.ids.first().map(|e| e.id.clone()) else {
-            return Ok(Some(persist));
-        };
-        if stream_id_le(&persist, &needed) {
-            return Ok(Some(persist));
-        }
-        let index = index.id.clone();
-        // How long ago that entry was accepted.
-        let lag_ms = now_ms().saturating_sub(accepted_ms(&needed).unwrap_or(0));
-        metrics::gauge!("index_backlog_age_seconds").set(lag_ms as f64 / 1000.0);
-        if u128::from(lag_ms) <= self.config.index_lag_max.as_millis() && !pressed {
-            if self.trimming_past_index.swap(false, Ordering::Relaxed) {
-                tracing::info!("the stream is trimmed behind the search indexer again");
-            }
-            return Ok(Some(index));
-        }
-        // The mark first: without it the indexer would never learn of its gap. Redis at
-        // its very `maxmemory` refuses it; then only what every group is done with goes
-        // (which frees memory), and the next round tries again.
-        if let Err(e) = self.store.queue.mark_index_gap(&index).await {
-            if crate::store::redis_is_full(&e) {
-                return Ok(Some(index));
-            }
-            return Err(e.into());
-        }
-        if !self.trimming_past_index.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                lag_ms,
-                pressed,
-                from = %index,
-                "the search indexer lags too far behind: trimming the stream past it; it \
-                 will catch up from MySQL"
-            );
-        }
-        metrics::counter!("index_trimmed_past_total").increment(1);
-        Ok(Some(persist))
-    }
-
-    /// Refreshes the counts of the parents touched since the last sync. `SPOP` hands each
-    /// parent to exactly one worker; a failed refresh puts the parent back.
-    pub async fn sync_counts(&self) -> Result<(), WorkerError> {
-        let key = self.store.queue.keys.touched();
-        loop {
-            let members: Vec<String> = redis::cmd("SPOP")
-                .arg(&key)
-                .arg(mysql::COUNT_SYNC_BATCH)
-                .query_async(&mut self.conn())
-                .await?;
-            if members.is_empty() {
-                return Ok(());
-            }
-            if let Err(e) = self.refresh_counts(&members).await {
-                let _: () = self.conn().sadd(&key, &members).await?;
-                return Err(e.into());
-            }
-        }
-    }
-
-    /// Refreshes the counts of these parents now.
-    async fn sync_parents(&self, members: &[String]) -> Result<(), WorkerError> {
-        Ok(self.refresh_counts(members).await?)
-    }
-
-    /// Refreshes the parents' counts: two statements per `COUNT_SYNC_BATCH` parents of each
-    /// kind. Repeating it is harmless (counts only rise).
-    async fn refresh_counts(&self, members: &[String]) -> Result<(), sqlx::Error> {
-        let (mut apps, mut chats) = (Vec::new(), Vec::new());
-        for member in members {
-            match Parent::parse(member) {
-                Some(Parent::Application(app)) => apps.push(app),
-                Some(Parent::Chat(app, chat)) => chats.push((app, chat)),
-                None => {}
-            }
-        }
-        mysql::sync_chats_counts(&self.store.mysql, &apps).await?;
-        mysql::sync_messages_counts(&self.store.mysql, &chats).await?;
-        metrics::counter!("counts_synced_total").increment(members.len() as u64);
-        Ok(())
     }
 }
 
-async fn group_exists(
-    conn: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-) -> Result<bool, WorkerError> {
-    let info: redis::RedisResult<redis::streams::StreamInfoGroupsReply> =
-        conn.xinfo_groups(stream).await;
-    match info {
-        Ok(info) => Ok(info.groups.iter().any(|g| g.name == group)),
-        // No stream yet.
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
-            Ok(false)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn create_group(
-    conn: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-) -> Result<(), WorkerError> {
-    let created: redis::RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "0").await;
-    match created {
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        other => Ok(other?),
-    }
-}
-
-/// Creates the consumer groups of the write queue if missing (`migrate` does, so that
-/// workers can start while Redis is at its `maxmemory`).
+/// Creates the consumer groups of every shard's stream if missing (`migrate` does, so
+/// that workers can start while Redis is at its `maxmemory`).
 pub async fn create_groups(store: &Store) -> Result<(), WorkerError> {
-    let stream = store.queue.keys.stream();
-    let mut conn = store.queue.conn.clone();
-    for group in [PERSIST_GROUP, INDEX_GROUP] {
-        if !group_exists(&mut conn, &stream, group).await? {
-            create_group(&mut conn, &stream, group).await?;
+    for shard in store.queue.keys.shards() {
+        for group in [PERSIST_GROUP, INDEX_GROUP] {
+            store.queue.ensure_group(shard, group).await?;
         }
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Records, for each entry, the time from its acceptance (its stream id) to now.
-fn record_lag<'a>(metric: &'static str, ids: impl Iterator<Item = &'a str>) {
-    let now_ms = now_ms();
-    let histogram = metrics::histogram!(metric);
-    for ms in ids.filter_map(accepted_ms) {
-        histogram.record(now_ms.saturating_sub(ms) as f64 / 1000.0);
-    }
-}
-
-/// Where a consumer group is in the stream.
-struct Position {
-    id: String,
-    /// The entry `id` itself is still needed (it is pending), not only those after it.
-    needed: bool,
-}
-
-/// A group's name as a metric label: the known groups, else `other` (labels stay bounded
-/// whatever else shares the stream).
-fn group_label(name: &str) -> &'static str {
-    match name {
-        PERSIST_GROUP => PERSIST_GROUP,
-        INDEX_GROUP => INDEX_GROUP,
-        _ => "other",
-    }
-}
-
-fn stream_id_le(a: &str, b: &str) -> bool {
-    let parse = |s: &str| -> (u64, u64) {
-        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-    };
-    parse(a) <= parse(b)
 }
 
 /// A consumer name unique to this process: host name and pid.

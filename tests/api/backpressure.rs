@@ -96,7 +96,7 @@ async fn a_retry_of_an_accepted_create_is_answered_even_when_the_backlog_is_full
 
 /// Sets the private Redis's `maxmemory` to half of what it uses: every write that needs
 /// memory is then refused with `OOM`, however a few bytes more or less are in use.
-async fn set_maxmemory_below_use(conn: &mut redis::aio::ConnectionManager) {
+async fn set_maxmemory_below_use(conn: &mut chat_system::store::queue::RedisConn) {
     let info: String = redis::cmd("INFO")
         .arg("memory")
         .query_async(conn)
@@ -118,7 +118,7 @@ async fn set_maxmemory_below_use(conn: &mut redis::aio::ConnectionManager) {
     assert_eq!(refused.unwrap_err().code(), Some("OOM"));
 }
 
-async fn set_maxmemory(conn: &mut redis::aio::ConnectionManager, bytes: u64) {
+async fn set_maxmemory(conn: &mut chat_system::store::queue::RedisConn, bytes: u64) {
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
@@ -185,21 +185,21 @@ async fn queued_bytes_per_message(app: &TestApp, token: &str, chat: u64, n: u64)
     let keys = &app.store.queue.keys;
     let mut total: u64 = redis::cmd("MEMORY")
         .arg("USAGE")
-        .arg(keys.stream())
+        .arg(keys.stream(keys.shard_of(token)))
         .arg("SAMPLES")
         .arg(0)
         .query_async(&mut conn)
         .await
         .unwrap();
-    for number in 1..=n {
-        let record: u64 = redis::cmd("MEMORY")
-            .arg("USAGE")
-            .arg(keys.message_record(token, chat, number))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        total += record;
-    }
+    let records: u64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(keys.message_records(token, chat))
+        .arg("SAMPLES")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    total += records;
     total as f64 / n as f64
 }
 
@@ -210,7 +210,12 @@ async fn a_queued_message_is_stored_once() {
     let big_chat = app.chat(&token).await;
     let small_chat = app.chat(&token).await;
     let _: () = redis::cmd("DEL")
-        .arg(app.store.queue.keys.stream())
+        .arg(
+            app.store
+                .queue
+                .keys
+                .stream(app.store.queue.keys.shard_of(&token)),
+        )
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
@@ -228,7 +233,12 @@ async fn a_queued_message_is_stored_once() {
     );
 
     let _: () = redis::cmd("DEL")
-        .arg(app.store.queue.keys.stream())
+        .arg(
+            app.store
+                .queue
+                .keys
+                .stream(app.store.queue.keys.shard_of(&token)),
+        )
         .query_async(&mut app.redis().await)
         .await
         .unwrap();

@@ -114,12 +114,11 @@ async fn a_chat_is_readable_right_after_its_201_and_after_persistence() {
 
     app.drain().await;
     assert_eq!(app.scalar("SELECT COUNT(*) FROM chats").await, 1);
-    let record: bool = redis::cmd("EXISTS")
-        .arg(app.store.queue.keys.chat_record(&token, 1))
-        .query_async(&mut app.redis().await)
-        .await
-        .unwrap();
-    assert!(!record, "the pending record is released once persisted");
+    let record = app.store.queue.lookup_chat(&token, 1).await.unwrap();
+    assert!(
+        record.pending.is_none(),
+        "the pending record is released once persisted"
+    );
     let persisted = app.get(&path).await;
     assert_eq!(persisted.body, created.body, "same resource from MySQL");
     app.get(&format!("/applications/{token}/chats/2"))

@@ -9,9 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chat_system::config::{ApiConfig, SearchConfig, StoreConfig, WorkerConfig, parse_duration};
+use chat_system::config::{
+    ApiConfig, SearchConfig, StoreConfig, WorkerConfig, parse_cluster_nodes, parse_duration,
+};
 use chat_system::search::Search;
 use chat_system::startup::{ApiServer, build_worker};
+use chat_system::store::queue::RedisConn;
 use chat_system::store::{MIGRATOR, Store};
 use chat_system::worker::{Role, Worker};
 use reqwest::StatusCode;
@@ -28,6 +31,15 @@ pub fn mysql_server_url() -> String {
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL")
         .expect("TEST_REDIS_URL is not set: run the tests with scripts/test")
+}
+
+/// `TEST_REDIS_CLUSTER_NODES`: when set (`scripts/test` does for its cluster pass), apps
+/// use this Redis Cluster instead of `TEST_REDIS_URL`, except where a test needs a Redis
+/// of its own (a proxy in front of it, a private server).
+pub fn redis_cluster_nodes() -> Option<String> {
+    std::env::var("TEST_REDIS_CLUSTER_NODES")
+        .ok()
+        .filter(|n| !n.is_empty())
 }
 
 fn unique_name(prefix: &str) -> String {
@@ -134,6 +146,10 @@ impl TestApp {
             Some(p) => format!("mysql://root@{}/{database}", p.addr),
             None => format!("{server}/{database}"),
         };
+        let cluster = match (&redis_proxy, &options.redis_url) {
+            (None, None) => redis_cluster_nodes(),
+            _ => None,
+        };
         let redis = match (&redis_proxy, options.redis_url) {
             (Some(p), _) => format!("redis://{}", p.addr),
             (None, Some(url)) => url,
@@ -143,6 +159,8 @@ impl TestApp {
             database_url: database_url.parse().unwrap(),
             database_pool_size: 8,
             redis_url: redis.parse().unwrap(),
+            redis_cluster_nodes: cluster.map(|n| parse_cluster_nodes(&n).unwrap()),
+            redis_shards: 16,
             redis_prefix: prefix.clone(),
             dependency_timeout: Duration::from_secs(2),
             queue_max_entries: options.queue_max_entries.unwrap_or(1_000_000),
@@ -294,16 +312,21 @@ impl TestApp {
         self.worker.drain().await.expect("drain the persist group")
     }
 
-    pub async fn redis(&self) -> redis::aio::ConnectionManager {
-        self.store.queue.conn.clone()
+    pub async fn redis(&self) -> RedisConn {
+        self.store.queue.conn()
     }
 
+    /// `REDIS_CLUSTER_NODES` for a process of this app, when it runs on the test cluster.
+    pub fn cluster_env(&self) -> Vec<(&'static str, String)> {
+        match (&self.store_config.redis_cluster_nodes, redis_cluster_nodes()) {
+            (Some(_), Some(nodes)) => vec![("REDIS_CLUSTER_NODES", nodes)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Entries in every shard's stream.
     pub async fn stream_len(&self) -> u64 {
-        redis::cmd("XLEN")
-            .arg(self.store.queue.keys.stream())
-            .query_async(&mut self.redis().await)
-            .await
-            .unwrap()
+        self.store.queue.length().await.unwrap()
     }
 
     pub async fn scalar(&self, sql: &'static str) -> i64 {
@@ -353,17 +376,40 @@ async fn cleanup(database: String, prefix: String) {
             .execute(&mut conn)
             .await;
     }
-    if let Ok(client) = redis::Client::open(redis_url())
-        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
-    {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}:*"))
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: redis::RedisResult<()> =
-                redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+    // Every node (the seed nodes of a cluster are all its masters here): the keys each
+    // holds, found with SCAN and deleted one by one (a multi-key DEL would cross slots).
+    let nodes: Vec<String> = match redis_cluster_nodes() {
+        Some(nodes) => nodes.split(',').map(|n| format!("redis://{n}")).collect(),
+        None => vec![redis_url()],
+    };
+    for node in nodes {
+        let Ok(client) = redis::Client::open(node) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let mut cursor = 0u64;
+        loop {
+            let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}:*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+            else {
+                break;
+            };
+            for key in keys {
+                let _: redis::RedisResult<()> =
+                    redis::cmd("UNLINK").arg(key).query_async(&mut conn).await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
     }
 }

@@ -26,6 +26,7 @@ impl Process {
             .arg(role)
             .env("DATABASE_URL", app.store_config.database_url.expose())
             .env("REDIS_URL", app.store_config.redis_url.expose())
+            .envs(app.cluster_env())
             .env("REDIS_PREFIX", &app.prefix)
             .env("SEARCH_INDEX_DIR", &app.search_config.search_index_dir)
             .env("LOG_LEVEL", "warn")
@@ -221,7 +222,11 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         &[("WORKER_NAME", "doomed"), ("WORKER_BATCH_SIZE", "3000")],
     )
     .await;
-    let stream = app.store.queue.keys.stream();
+    let stream = app
+        .store
+        .queue
+        .keys
+        .stream(app.store.queue.keys.shard_of(&token));
     let pending_of_doomed = || async {
         let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
             .arg(&stream)
@@ -232,7 +237,7 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
             .query_async(&mut app.redis().await)
             .await
             .unwrap();
-        // The process's persisting consumers are named doomed-p0, doomed-p1, ...
+        // The process's persisting consumers share the name doomed-persist.
         reply
             .ids
             .iter()
@@ -347,6 +352,7 @@ async fn logs_never_contain_bodies_tokens_or_forged_fields() {
         .arg("serve")
         .env("DATABASE_URL", app.store_config.database_url.expose())
         .env("REDIS_URL", app.store_config.redis_url.expose())
+        .envs(app.cluster_env())
         .env("REDIS_PREFIX", &app.prefix)
         .env("SEARCH_INDEX_DIR", log_path.with_extension("index"))
         .env("BIND", &addr)

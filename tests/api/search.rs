@@ -312,11 +312,8 @@ async fn an_indexer_only_behind_on_entries_still_in_the_stream_has_no_gap() {
     let mut persist = impatient_persister(&app).await;
     app.message(&token, chat, "second needle").await;
     persist.drain().await.unwrap();
-    let gap: bool = redis::cmd("EXISTS")
-        .arg(app.store.queue.keys.index_gap())
-        .query_async(&mut app.redis().await)
-        .await
-        .unwrap();
+    let shard = app.store.queue.keys.shard_of(&token);
+    let gap = app.store.queue.index_gap_marked(shard).await.unwrap();
     assert!(
         !gap,
         "no entry the indexer needs was trimmed: no catch-up is due"

@@ -8,6 +8,7 @@ use chat_system::store::mysql::{self, MessageWrite};
 use serde_json::json;
 
 use chat_system::startup::build_worker;
+use chat_system::store::queue::RedisConn;
 use chat_system::worker::Role;
 use redis::AsyncCommands;
 
@@ -53,10 +54,10 @@ async fn lost_counters_and_tokens_are_rebuilt_from_mysql() {
     app.drain().await;
 
     let keys = &app.store.queue.keys;
+    // One slot (the application's shard): a multi-key DEL works on a cluster too.
     let _: () = redis::cmd("DEL")
         .arg(keys.chat_counter(&token))
-        .arg(keys.message_counter(&token, 2))
-        .arg(keys.message_counter(&token, 3))
+        .arg(keys.message_counters(&token))
         .arg(keys.application(&token))
         .query_async(&mut app.redis().await)
         .await
@@ -86,9 +87,10 @@ async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_goes_on()
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     let keys = app.store.queue.keys.clone();
+    let shard = keys.shard_of(&token);
     let mut conn = app.redis().await;
     let _: String = redis::cmd("XADD")
-        .arg(keys.stream())
+        .arg(keys.stream(shard))
         .arg("*")
         .arg(&["e", "m|not-a-number|t|1|1|1|1|1|body"])
         .query_async(&mut conn)
@@ -99,7 +101,7 @@ async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_goes_on()
 
     assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 1);
     let dead: Vec<redis::Value> = redis::cmd("XRANGE")
-        .arg(keys.dead_letters())
+        .arg(keys.dead_letters(shard))
         .arg("-")
         .arg("+")
         .query_async(&mut conn)
@@ -107,7 +109,7 @@ async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_goes_on()
         .unwrap();
     assert_eq!(dead.len(), 1);
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(keys.dead_letters())
+        .arg(keys.dead_letters(shard))
         .arg("-")
         .arg("+")
         .query_async(&mut conn)
@@ -116,7 +118,7 @@ async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_goes_on()
     let reason: String = reply.ids[0].get("dlq_reason").unwrap();
     assert!(reason.contains("app id"), "{reason}");
     let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
-        .arg(keys.stream())
+        .arg(keys.stream(shard))
         .arg("persist")
         .query_async(&mut conn)
         .await
@@ -130,9 +132,10 @@ async fn an_entry_mysql_rejects_is_dead_lettered_alone() {
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     let keys = app.store.queue.keys.clone();
+    let shard = keys.shard_of(&token);
     // Well formed, but for an application that does not exist: the foreign key fails.
     let _: String = redis::cmd("XADD")
-        .arg(keys.stream())
+        .arg(keys.stream(shard))
         .arg("*")
         .arg(&[
             "e",
@@ -149,7 +152,7 @@ async fn an_entry_mysql_rejects_is_dead_lettered_alone() {
         .unwrap();
     assert_eq!(bodies, ["kept"]);
     let dead: u64 = redis::cmd("XLEN")
-        .arg(keys.dead_letters())
+        .arg(keys.dead_letters(shard))
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
@@ -255,7 +258,7 @@ async fn entries_left_by_a_dead_consumer_are_taken_over() {
     let keys = app.store.queue.keys.clone();
     let _: redis::Value = redis::cmd("XREADGROUP")
         .arg(&["GROUP", "persist", "doomed", "COUNT", "100", "STREAMS"])
-        .arg(keys.stream())
+        .arg(keys.stream(keys.shard_of(&token)))
         .arg(">")
         .query_async(&mut app.redis().await)
         .await
@@ -275,7 +278,7 @@ async fn entries_left_by_a_dead_consumer_are_taken_over() {
 #[tokio::test]
 async fn the_stream_is_trimmed_behind_every_group_however_long_it_grew() {
     let app = TestApp::spawn().await;
-    let stream = app.store.queue.keys.stream();
+    let stream = app.store.queue.keys.stream(0);
     let mut redis = app.redis().await;
     // 60,000 entries every group has already acknowledged: far more than one
     // approximate trim call removes (10,000).
@@ -321,7 +324,7 @@ async fn the_dead_letter_stream_is_capped() {
         .unwrap();
     for _ in 0..500 {
         let _: String = redis::cmd("XADD")
-            .arg(keys.stream())
+            .arg(keys.stream(0))
             .arg("*")
             .arg(&["e", "garbage"])
             .query_async(&mut conn)
@@ -330,7 +333,7 @@ async fn the_dead_letter_stream_is_capped() {
     }
     assert_eq!(worker.drain().await.unwrap(), 500);
     let dead: u64 = redis::cmd("XLEN")
-        .arg(keys.dead_letters())
+        .arg(keys.dead_letters(0))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -346,11 +349,12 @@ async fn a_starting_worker_removes_consumers_left_idle_with_nothing_pending() {
     let mut conn = app.redis().await;
     let token = app.application("a").await;
     app.chat(&token).await;
+    let shard = keys.shard_of(&token);
     // A consumer of a process long gone, and one that still holds an entry.
     for (name, read) in [("ghost", false), ("holder", true)] {
         let _: i64 = redis::cmd("XGROUP")
             .arg("CREATECONSUMER")
-            .arg(keys.stream())
+            .arg(keys.stream(shard))
             .arg("persist")
             .arg(name)
             .query_async(&mut conn)
@@ -364,7 +368,7 @@ async fn a_starting_worker_removes_consumers_left_idle_with_nothing_pending() {
                 .arg("COUNT")
                 .arg(1)
                 .arg("STREAMS")
-                .arg(keys.stream())
+                .arg(keys.stream(shard))
                 .arg(">")
                 .query_async(&mut conn)
                 .await
@@ -372,8 +376,8 @@ async fn a_starting_worker_removes_consumers_left_idle_with_nothing_pending() {
         }
     }
     let config = worker_config();
-    let consumers = |conn: redis::aio::ConnectionManager| {
-        let stream = keys.stream();
+    let consumers = |conn: RedisConn| {
+        let stream = keys.stream(shard);
         async move {
             let mut conn = conn;
             let reply: redis::streams::StreamInfoConsumersReply =

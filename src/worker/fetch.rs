@@ -1,0 +1,149 @@
+//! Reading every shard: fetchers wait on the shards' streams and hand what they read to
+//! the consumers of their process through a bounded channel (the [`Inbox`]).
+//!
+//! A fetcher blocks in `XREADGROUP` on a connection of its own, so a shard with no
+//! traffic costs one waiting command, not polling. On one Redis, one fetcher waits on
+//! every shard's stream at once; a Redis Cluster allows one slot per command, so there
+//! each shard has a fetcher (and a connection) of its own. Consumers take entries from
+//! several shards into one batch, so persisting keeps its large transactions whatever
+//! the number of shards.
+//!
+//! What a fetcher has read is pending for the process's consumer name until a consumer
+//! acknowledges it. If the process dies first, other workers take it over after
+//! `WORKER_CLAIM_IDLE`; a consumer that fails keeps its batch and retries it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, mpsc, watch};
+
+use crate::store::Store;
+use crate::store::queue::stream::Delivered;
+use crate::store::queue::{RedisConn, Shard};
+
+/// Longest a fetcher's read blocks: bounds how long it takes to notice a shutdown.
+const FETCH_BLOCK: Duration = Duration::from_secs(1);
+const FETCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The receiving end of a process's fetchers, shared by its consumers of one group.
+#[derive(Clone)]
+pub struct Inbox {
+    rx: Arc<Mutex<mpsc::Receiver<Vec<Delivered>>>>,
+}
+
+impl Inbox {
+    /// Starts the fetchers of `group` for `consumer`, reading up to `batch` entries per
+    /// read, until `shutdown`.
+    pub async fn spawn(
+        store: &Store,
+        group: &'static str,
+        consumer: &str,
+        batch: usize,
+        shutdown: &watch::Receiver<bool>,
+    ) -> redis::RedisResult<Self> {
+        let queue = &store.queue;
+        let shards: Vec<Shard> = queue.keys.shards().collect();
+        let sets: Vec<Vec<Shard>> = if queue.conn().is_cluster() {
+            shards.into_iter().map(|s| vec![s]).collect()
+        } else {
+            vec![shards]
+        };
+        let (tx, rx) = mpsc::channel(4);
+        for shards in sets {
+            let conn = queue.reader(FETCH_BLOCK).await?;
+            let fetcher = Fetcher {
+                store: store.clone(),
+                conn,
+                group,
+                consumer: consumer.to_owned(),
+                shards,
+                batch,
+                tx: tx.clone(),
+            };
+            tokio::spawn(fetcher.run(shutdown.clone()));
+        }
+        Ok(Self {
+            rx: Arc::new(Mutex::new(rx)),
+        })
+    }
+
+    /// The next batch: waits up to `wait_first` for entries, then up to `linger` more for
+    /// others to join them, up to `max` entries. Empty when nothing came, or when the
+    /// fetchers have stopped.
+    pub async fn next(&self, max: usize, wait_first: Duration, linger: Duration) -> Vec<Delivered> {
+        let mut rx = self.rx.lock().await;
+        let mut batch = match tokio::time::timeout(wait_first, rx.recv()).await {
+            Ok(Some(first)) => first,
+            _ => return Vec::new(),
+        };
+        let until = Instant::now() + linger;
+        while batch.len() < max {
+            match tokio::time::timeout_at(until.into(), rx.recv()).await {
+                Ok(Some(more)) => batch.extend(more),
+                _ => break,
+            }
+        }
+        batch
+    }
+}
+
+struct Fetcher {
+    store: Store,
+    conn: RedisConn,
+    group: &'static str,
+    consumer: String,
+    shards: Vec<Shard>,
+    batch: usize,
+    tx: mpsc::Sender<Vec<Delivered>>,
+}
+
+impl Fetcher {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        // First what this consumer name left unacknowledged in an earlier life.
+        let mut from = "0";
+        let mut backoff = Duration::from_millis(100);
+        while !*shutdown.borrow() {
+            let block = (from == ">").then_some(FETCH_BLOCK);
+            let read = self
+                .store
+                .queue
+                .read_group(
+                    &mut self.conn,
+                    (self.group, &self.consumer),
+                    &self.shards,
+                    from,
+                    self.batch,
+                    block,
+                )
+                .await;
+            match read {
+                Ok(entries) if entries.is_empty() => {
+                    from = ">";
+                    backoff = Duration::from_millis(100);
+                }
+                Ok(entries) => {
+                    backoff = Duration::from_millis(100);
+                    for chunk in entries.chunks(self.batch.max(1)) {
+                        tokio::select! {
+                            sent = self.tx.send(chunk.to_vec()) => if sent.is_err() { return },
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                    // Own entries are read again from the start until none is left:
+                    // consumers acknowledge them meanwhile.
+                    if from == "0" {
+                        from = ">";
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, group = self.group, shards = ?self.shards, retry_in = ?backoff, "cannot read the queue");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(FETCH_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
