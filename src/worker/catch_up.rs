@@ -27,11 +27,14 @@ impl Worker {
     /// Index role: catches up from MySQL in every shard whose stream was trimmed past
     /// this group. Returns the number of messages indexed from MySQL.
     pub(super) async fn catch_up_index(&mut self, search: &Search) -> Result<u64, WorkerError> {
-        let mut indexed = 0;
+        let (mut indexed, mut outcome) = (0, Ok(()));
         for shard in self.store.queue.keys.shards() {
-            indexed += self.catch_up_shard(search, shard).await?;
+            match self.catch_up_shard(search, shard).await {
+                Ok(n) => indexed += n,
+                Err(e) => super::maintenance::first_error(&mut outcome, Err(e)),
+            }
         }
-        Ok(indexed)
+        outcome.map(|()| indexed)
     }
 
     async fn catch_up_shard(&mut self, search: &Search, shard: Shard) -> Result<u64, WorkerError> {

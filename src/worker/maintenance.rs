@@ -40,26 +40,32 @@ impl Worker {
     /// Takes over entries other consumers left idle too long, in every shard, and
     /// handles them.
     async fn claim_idle(&mut self) -> Result<(), WorkerError> {
-        let idle_ms = self.config.claim_idle.as_millis() as u64;
+        let mut outcome = Ok(());
         for shard in self.store.queue.keys.shards() {
-            let (cursor, claimed) = self
-                .store
-                .queue
-                .claim_idle(
-                    shard,
-                    self.group(),
-                    &self.consumer,
-                    idle_ms,
-                    &self.claim_cursors[shard],
-                    self.config.batch_size,
-                )
-                .await?;
-            self.claim_cursors[shard] = cursor;
-            if !claimed.is_empty() {
-                tracing::info!(count = claimed.len(), shard, "took over idle entries");
-                metrics::counter!("worker_claimed_total").increment(claimed.len() as u64);
-                self.process(claimed).await?;
-            }
+            first_error(&mut outcome, self.claim_idle_in(shard).await);
+        }
+        outcome
+    }
+
+    async fn claim_idle_in(&mut self, shard: Shard) -> Result<(), WorkerError> {
+        let idle_ms = self.config.claim_idle.as_millis() as u64;
+        let (cursor, claimed) = self
+            .store
+            .queue
+            .claim_idle(
+                shard,
+                self.group(),
+                &self.consumer,
+                idle_ms,
+                &self.claim_cursors[shard],
+                self.config.batch_size,
+            )
+            .await?;
+        self.claim_cursors[shard] = cursor;
+        if !claimed.is_empty() {
+            tracing::info!(count = claimed.len(), shard, "took over idle entries");
+            metrics::counter!("worker_claimed_total").increment(claimed.len() as u64);
+            self.process(claimed).await?;
         }
         Ok(())
     }
@@ -70,8 +76,16 @@ impl Worker {
         let queue = &self.store.queue;
         let (mut length, mut dead, mut used, mut full) = (0u64, 0u64, 0u64, false);
         let mut per_group: Vec<(&'static str, u64, u64)> = Vec::new();
+        let mut outcome = Ok(());
         for shard in queue.keys.shards() {
-            let groups = queue.groups(shard).await?;
+            // A shard whose Redis is down is skipped: the others are still trimmed.
+            let groups = match queue.groups(shard).await {
+                Ok(groups) => groups,
+                Err(e) => {
+                    first_error(&mut outcome, Err(e.into()));
+                    continue;
+                }
+            };
             for group in &groups {
                 let label = group_label(&group.name);
                 match per_group.iter_mut().find(|(l, ..)| *l == label) {
@@ -82,19 +96,28 @@ impl Worker {
                     None => per_group.push((label, group.pending, group.lag.unwrap_or(0))),
                 }
             }
-            // Measured first: memory pressure decides whether the indexer may hold the
-            // stream.
-            let pressure = queue.measure_pressure(shard).await?;
-            if let Some(floor) = self.trim_floor(shard, &groups, pressure.full).await? {
-                queue
-                    .trim_behind(shard, &floor, TRIM_LIMIT, TRIM_MAX_CALLS)
-                    .await?;
+            let measured = async {
+                // Measured first: memory pressure decides whether the indexer may hold
+                // the stream.
+                let pressure = queue.measure_pressure(shard).await?;
+                if let Some(floor) = self.trim_floor(shard, &groups, pressure.full).await? {
+                    queue
+                        .trim_behind(shard, &floor, TRIM_LIMIT, TRIM_MAX_CALLS)
+                        .await?;
+                }
+                let (len, dlq) = queue.lengths(shard).await?;
+                Ok::<_, WorkerError>((pressure, len, dlq))
             }
-            let (len, dlq) = queue.lengths(shard).await?;
-            length += len;
-            dead += dlq;
-            used = used.max(pressure.used_memory);
-            full |= pressure.full;
+            .await;
+            match measured {
+                Ok((pressure, len, dlq)) => {
+                    length += len;
+                    dead += dlq;
+                    used = used.max(pressure.used_memory);
+                    full |= pressure.full;
+                }
+                Err(e) => first_error(&mut outcome, Err(e)),
+            }
         }
         for (label, pending, lag) in per_group {
             metrics::gauge!("queue_pending", "group" => label).set(pending as f64);
@@ -104,7 +127,7 @@ impl Worker {
         metrics::gauge!("redis_used_memory_bytes").set(used as f64);
         metrics::gauge!("queue_full").set(if full { 1.0 } else { 0.0 });
         metrics::gauge!("dead_letter_length").set(dead as f64);
-        Ok(())
+        outcome
     }
 
     /// Where a shard's stream may be trimmed up to. Persistence holds it back always;
@@ -180,20 +203,25 @@ impl Worker {
     /// `SPOP` hands each parent to exactly one worker; a failed refresh puts the parent
     /// back.
     pub async fn sync_counts(&self) -> Result<(), WorkerError> {
+        let mut outcome = Ok(());
+        for shard in self.store.queue.keys.shards() {
+            first_error(&mut outcome, self.sync_counts_in(shard).await);
+        }
+        outcome
+    }
+
+    async fn sync_counts_in(&self, shard: Shard) -> Result<(), WorkerError> {
         let queue = &self.store.queue;
-        for shard in queue.keys.shards() {
-            loop {
-                let members = queue.pop_touched(shard, mysql::COUNT_SYNC_BATCH).await?;
-                if members.is_empty() {
-                    break;
-                }
-                if let Err(e) = self.refresh_counts(&members).await {
-                    queue.mark_touched(shard, &members).await?;
-                    return Err(e.into());
-                }
+        loop {
+            let members = queue.pop_touched(shard, mysql::COUNT_SYNC_BATCH).await?;
+            if members.is_empty() {
+                return Ok(());
+            }
+            if let Err(e) = self.refresh_counts(&members).await {
+                queue.mark_touched(shard, &members).await?;
+                return Err(e.into());
             }
         }
-        Ok(())
     }
 
     /// Refreshes the parents' counts: two statements per `COUNT_SYNC_BATCH` parents of each
@@ -211,6 +239,16 @@ impl Worker {
         mysql::sync_messages_counts(&self.store.mysql, &chats).await?;
         metrics::counter!("counts_synced_total").increment(members.len() as u64);
         Ok(())
+    }
+}
+
+/// Keeps the first error of a round over the shards: one shard whose Redis is down must
+/// not stop the work on the others.
+pub(super) fn first_error(outcome: &mut Result<(), WorkerError>, result: Result<(), WorkerError>) {
+    if let Err(e) = result
+        && outcome.is_ok()
+    {
+        *outcome = Err(e);
     }
 }
 

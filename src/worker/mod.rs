@@ -49,6 +49,10 @@ pub enum Role {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A batch that failed this many times in a row is let go: its entries stay pending in
+/// Redis and are taken over after `WORKER_CLAIM_IDLE` (by this or another worker), so one
+/// shard whose Redis is down cannot hold the entries of the others.
+const BATCH_ATTEMPTS: u32 = 3;
 /// Longest a consumer waits for entries before it does its periodic work.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// The indexer of a process whose persisting consumers read a full batch this recently
@@ -237,20 +241,27 @@ impl Worker {
         tracing::info!(consumer = %self.consumer, group = self.group(), "worker started");
         let mut backoff = Duration::from_millis(100);
         let mut in_hand: Vec<Delivered> = Vec::new();
+        let mut failures = 0;
         let (mut last_periodic, mut last_counts) = (Instant::now(), Instant::now());
         while !*shutdown.borrow() {
             self.yield_to_persistence(&mut shutdown).await;
             let result = async {
+                // Periodic work that fails (a shard's Redis down, say) is logged and
+                // tried again next round; it does not hold up the batches.
                 if last_periodic.elapsed() >= maintenance::EVERY {
                     last_periodic = Instant::now();
-                    self.periodic().await?;
+                    if let Err(e) = self.periodic().await {
+                        tracing::warn!(error = %e, "periodic queue work failed");
+                    }
                 }
                 if self.maintenance
                     && matches!(self.role, Role::Persist)
                     && last_counts.elapsed() >= self.config.counts_sync_interval
                 {
                     last_counts = Instant::now();
-                    self.sync_counts().await?;
+                    if let Err(e) = self.sync_counts().await {
+                        tracing::warn!(error = %e, "count sync failed");
+                    }
                 }
                 if in_hand.is_empty() {
                     in_hand = inbox
@@ -267,12 +278,22 @@ impl Worker {
             match result {
                 Ok(handled) => {
                     backoff = Duration::from_millis(100);
+                    failures = 0;
                     if handled >= self.config.batch_size && matches!(self.role, Role::Persist) {
                         self.backlog.mark();
                     }
                 }
                 Err(e) => {
-                    // The batch in hand is kept and tried again.
+                    // The batch in hand is tried again, a few times.
+                    failures += 1;
+                    if failures >= BATCH_ATTEMPTS && !in_hand.is_empty() {
+                        tracing::warn!(
+                            entries = in_hand.len(),
+                            "letting a failing batch go; its entries will be taken over"
+                        );
+                        in_hand.clear();
+                        failures = 0;
+                    }
                     tracing::warn!(error = %e, retry_in = ?backoff, "worker step failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

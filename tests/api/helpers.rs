@@ -89,6 +89,8 @@ pub struct Options {
     pub queue_max_entries: Option<u64>,
     /// A Redis URL other than the shared test server's.
     pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster of the test's own (`host:port,...`).
+    pub redis_cluster_nodes: Option<String>,
     pub request_timeout: Option<Duration>,
     pub header_read_timeout: Option<Duration>,
     pub keep_alive_timeout: Option<Duration>,
@@ -147,7 +149,7 @@ impl TestApp {
             None => format!("{server}/{database}"),
         };
         let cluster = match (&redis_proxy, &options.redis_url) {
-            (None, None) => redis_cluster_nodes(),
+            (None, None) => options.redis_cluster_nodes.or_else(redis_cluster_nodes),
             _ => None,
         };
         let redis = match (&redis_proxy, options.redis_url) {
@@ -318,7 +320,10 @@ impl TestApp {
 
     /// `REDIS_CLUSTER_NODES` for a process of this app, when it runs on the test cluster.
     pub fn cluster_env(&self) -> Vec<(&'static str, String)> {
-        match (&self.store_config.redis_cluster_nodes, redis_cluster_nodes()) {
+        match (
+            &self.store_config.redis_cluster_nodes,
+            redis_cluster_nodes(),
+        ) {
             (Some(_), Some(nodes)) => vec![("REDIS_CLUSTER_NODES", nodes)],
             _ => Vec::new(),
         }

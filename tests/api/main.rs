@@ -3,6 +3,7 @@
 mod applications;
 mod backpressure;
 mod chats;
+mod cluster;
 mod connections;
 mod errors;
 mod helpers;

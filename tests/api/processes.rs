@@ -511,12 +511,16 @@ async fn an_empty_admin_key_stops_the_process_at_start() {
 
 /// A free port on loopback, for a child process to bind right after.
 fn free_addr() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
+    free_addrs::<1>()[0].clone()
+}
+
+/// `N` distinct free ports on loopback: all held at once while they are picked, so that
+/// the system cannot hand out the same one twice.
+fn free_addrs<const N: usize>() -> [String; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| format!("127.0.0.1:{}", listeners[i].local_addr().unwrap().port()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,7 +553,7 @@ async fn the_process_holding_the_index_writer_says_so_in_its_metrics() {
         .await;
         value.into_inner().unwrap().unwrap()
     };
-    let (first_addr, second_addr) = (free_addr(), free_addr());
+    let [first_addr, second_addr] = free_addrs::<2>();
     let first = [
         ("WORKER_METRICS_BIND", first_addr.as_str()),
         ("SEARCH_INDEX_DIR", dir),
