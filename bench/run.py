@@ -316,6 +316,8 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "chat-system",
                     "--example", "probe"], cwd=ROOT, check=True)
     binary = str(target_dir / "release" / "chat-system")
+    global BINARY
+    BINARY = binary
     probe_bin = str(target_dir / "release" / "examples" / "probe")
     if not shutil.which("wrk"):
         log("installing wrk")
@@ -363,7 +365,8 @@ def main():
         finally:
             probe.terminate()
             probe.wait()
-            redis("DEL", "probe:q")
+            subprocess.run(f"redis-cli -p {REDIS_PORT} --scan --pattern 'probe:*' | xargs -r -n 1000 redis-cli -p {REDIS_PORT} DEL > /dev/null",
+                           shell=True, check=True)
 
         # Creates through the API alone, right after the probe and in the same state of
         # the machine: with no worker beside it, as the probe had none, this is the
@@ -596,24 +599,31 @@ class _Sampler:
         self._thread.join()
 
 
-def create_script():
-    src = (ROOT / "src" / "store" / "queue.rs").read_text()
-    return re.search(r'const CREATE_MESSAGE: &str = r"(.*?)";', src, re.S).group(1)
+BINARY = None  # the release build, set by main()
+
+
+def create_call(token, chat, body, prefix=PREFIX, max_entries=100_000_000):
+    """The product's create-message script with its KEYS and ARGV for one message, as
+    `chat-system create-script` spells them (key names never written here)."""
+    env = dict(os.environ, REDIS_PREFIX=prefix, QUEUE_MAX_ENTRIES=str(max_entries))
+    out = subprocess.run([BINARY, "create-script", "--token", token, "--chat", str(chat),
+                          "--body", body], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def evalsha_args(call, sha):
+    return ["EVALSHA", sha, str(len(call["keys"])), *call["keys"], *call["args"]]
 
 
 def redis_ceiling():
     """redis-benchmark running the product's own create script, 50 clients."""
-    sha = redis("SCRIPT", "LOAD", create_script())
-    redis("HSET", "rb:{t}:app", "id", "1")
-    redis("SET", "rb:{t}:chats", "10")
-    redis("SET", "rb:{t}:c:1:msgs", "0")
+    call = create_call("rbtoken", 1, "hello benchmark body", prefix="rb")
+    sha = redis("SCRIPT", "LOAD", call["script"])
+    for command in call["seed"]:
+        redis(*command)
     out = run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", "300000", "-q",
-               "EVALSHA", sha, "7", "rb:{t}:app", "rb:{t}:chats", "rb:{t}:c:1:msgs", "rb:q",
-               "rb:{t}:c:1:m:", "rb:{t}:app", "rb:full", "t", "1", "hello benchmark body",
-               "1700000000000000", "", "86400", "100000000"])
+               *evalsha_args(call, sha)])
     rps = float(re.search(r"([\d.]+) requests per second", out).group(1))
-    redis("DEL", "rb:q")
-    run(["redis-cli", "-p", str(REDIS_PORT), "--scan", "--pattern", "rb:*"])
     subprocess.run(f"redis-cli -p {REDIS_PORT} --scan --pattern 'rb:*' | xargs -r -n 1000 redis-cli -p {REDIS_PORT} DEL > /dev/null",
                    shell=True, check=True)
     log(f"ceiling: Redis (redis-benchmark, create script, 50 clients): {rps:,.0f}/s")
@@ -622,14 +632,10 @@ def redis_ceiling():
 
 def fill_backlog(token, count, body="backlog message w001 lorem ipsum"):
     """Queues `count` messages in chat 2 with the product's script (pipelined)."""
-    sha = redis("SCRIPT", "LOAD", create_script())
-    # KEYS and ARGV as the script's header in src/store/queue.rs lists them.
-    keys = [f"{PREFIX}:{{{token}}}:app", f"{PREFIX}:{{{token}}}:chats",
-            f"{PREFIX}:{{{token}}}:c:2:msgs", f"{PREFIX}:q", f"{PREFIX}:{{{token}}}:c:2:m:",
-            f"{PREFIX}:{{{token}}}:app", f"{PREFIX}:full"]
-    now = str(int(time.time() * 1e6))
+    call = create_call(token, 2, body)
+    sha = redis("SCRIPT", "LOAD", call["script"])
     run(["redis-benchmark", "-p", str(REDIS_PORT), "-c", "50", "-n", str(count), "-P", "16", "-q",
-         "EVALSHA", sha, "7", *keys, token, "2", body, now, "", "86400", "100000000"])
+         *evalsha_args(call, sha)])
 
 
 def used_memory():

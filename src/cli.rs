@@ -62,6 +62,18 @@ pub enum Command {
         #[arg(long = "counters-of", value_name = "TOKEN")]
         counters_of: Vec<String>,
     },
+    /// Print, as JSON, the create-message script with its `KEYS` and `ARGV` for one
+    /// message, then exit: for benchmarks that drive Redis directly. Connects to nothing.
+    CreateScript {
+        #[command(flatten)]
+        store: StoreConfig,
+        #[arg(long)]
+        token: String,
+        #[arg(long, default_value_t = 1)]
+        chat: u64,
+        #[arg(long, default_value = "hello benchmark body")]
+        body: String,
+    },
     /// Rebuild the search index from MySQL, in batches; safe to re-run. With the embedded
     /// index, stop the process holding its writer first.
     Reindex {

@@ -30,7 +30,11 @@ fn main() -> ExitCode {
 
 async fn start(open_files: OpenFiles) -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = telemetry::init(&cli.log) {
+    let report = matches!(
+        cli.command,
+        Some(Command::QueueStatus { .. } | Command::CreateScript { .. })
+    );
+    if let Err(e) = telemetry::init(&cli.log, report) {
         eprintln!("chat-system: {e}");
         return ExitCode::from(2);
     }
@@ -131,6 +135,28 @@ async fn run(command: Command) -> Result<(), StartError> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&status).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::CreateScript {
+            store,
+            token,
+            chat,
+            body,
+        } => {
+            let keys =
+                chat_system::store::queue::Keys::new(&store.redis_prefix, store.redis_shards);
+            let call = chat_system::store::queue::create_message_call(
+                &keys,
+                store.queue_max_entries,
+                &token,
+                (chat, &body),
+                chat_system::resources::to_micros(chat_system::resources::now()),
+                None,
+            );
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&call).unwrap_or_default()
             );
             Ok(())
         }

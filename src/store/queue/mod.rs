@@ -39,6 +39,8 @@ pub mod conn;
 pub mod keys;
 pub mod stream;
 
+use std::borrow::Cow;
+
 use redis::{AsyncCommands, Script, Value};
 
 pub use codec::{Allocation, CodecError, Kind, QueuedWrite, Record, accepted_ms, version_of};
@@ -113,6 +115,71 @@ pub struct Pressure {
     pub memory_limit: Option<u64>,
     /// Whether creates and updates are refused now.
     pub full: bool,
+}
+
+/// The create-message script's `KEYS` and `ARGV` for one message: what
+/// [`Queue::allocate_message`] sends, and what `chat-system create-script` prints for
+/// benchmarks that drive the script directly (as `redis-benchmark` does).
+pub fn create_message_call<'a>(
+    keys: &Keys,
+    max_entries: u64,
+    token: &'a str,
+    (chat, body): (u64, &'a str),
+    accepted_us: i64,
+    idempotency: Option<(&str, &'a str)>,
+) -> ScriptCall<'a> {
+    let app_key = keys.application(token);
+    let (idem_key, fingerprint) = idempotency.unwrap_or((&app_key, ""));
+    let shard = keys.shard_of(token);
+    ScriptCall {
+        script: include_str!("scripts/create_message.lua"),
+        shard,
+        slot: keys.slot_of(shard),
+        keys: vec![
+            app_key.clone(),
+            keys.chat_counter(token),
+            keys.message_counters(token),
+            keys.stream(shard),
+            keys.message_records(token, chat),
+            idem_key.to_owned(),
+            keys.memory_full(shard),
+        ],
+        args: vec![
+            Cow::Borrowed(token),
+            Cow::Owned(chat.to_string()),
+            Cow::Borrowed(body),
+            Cow::Owned(accepted_us.to_string()),
+            Cow::Borrowed(fingerprint),
+            Cow::Owned(idempotency::TTL_SECONDS.to_string()),
+            Cow::Owned(max_entries.to_string()),
+        ],
+        seed: vec![
+            vec!["HSET".into(), app_key, "id".into(), "1".into()],
+            vec!["SET".into(), keys.chat_counter(token), chat.to_string()],
+            vec![
+                "HSET".into(),
+                keys.message_counters(token),
+                chat.to_string(),
+                "0".into(),
+            ],
+        ],
+    }
+}
+
+/// One call of a script, spelled out: for tools that drive it themselves.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ScriptCall<'a> {
+    /// The Lua source.
+    pub script: &'static str,
+    /// The shard and cluster slot every key belongs to.
+    pub shard: Shard,
+    pub slot: u16,
+    pub keys: Vec<String>,
+    /// Borrowed where it can be: the body is not copied on the create path.
+    pub args: Vec<Cow<'a, str>>,
+    /// Commands that make the call succeed on an empty Redis: the application cached, its
+    /// chats up to this one created.
+    pub seed: Vec<Vec<String>>,
 }
 
 /// Answer of an update's enqueue.
@@ -294,29 +361,36 @@ impl Queue {
         at: DateTime<Utc>,
         idempotency: Option<(&str, &str)>,
     ) -> redis::RedisResult<Allocation> {
-        let app_key = self.keys.application(token);
-        let (idem_key, fingerprint) = idempotency.unwrap_or((&app_key, ""));
-        let shard = self.keys.shard_of(token);
-        let reply = self
-            .scripts
-            .create_message
-            .key(&app_key)
-            .key(self.keys.chat_counter(token))
-            .key(self.keys.message_counters(token))
-            .key(self.keys.stream(shard))
-            .key(self.keys.message_records(token, chat))
-            .key(idem_key)
-            .key(self.keys.memory_full(shard))
-            .arg(token)
-            .arg(chat)
-            .arg(body)
-            .arg(to_micros(at))
-            .arg(fingerprint)
-            .arg(idempotency::TTL_SECONDS)
-            .arg(self.max_entries)
-            .invoke_async(&mut self.conn())
-            .await?;
+        let call = self.create_message_call(token, chat, body, to_micros(at), idempotency);
+        let mut invocation = self.scripts.create_message.prepare_invoke();
+        for key in &call.keys {
+            invocation.key(key);
+        }
+        for arg in &call.args {
+            invocation.arg(arg.as_ref());
+        }
+        let reply = invocation.invoke_async(&mut self.conn()).await?;
         Ok(Allocation::from_reply(reply)?)
+    }
+
+    /// The create-message script's `KEYS` and `ARGV` for one message (see
+    /// [`create_message_call`]).
+    pub fn create_message_call<'a>(
+        &self,
+        token: &'a str,
+        chat: u64,
+        body: &'a str,
+        accepted_us: i64,
+        idempotency: Option<(&str, &'a str)>,
+    ) -> ScriptCall<'a> {
+        create_message_call(
+            &self.keys,
+            self.max_entries,
+            token,
+            (chat, body),
+            accepted_us,
+            idempotency,
+        )
     }
 
     /// Queues the whole new state of a chat and makes it the pending record.
