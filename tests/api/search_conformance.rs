@@ -335,9 +335,10 @@ async fn mount_index_creation(server: &MockServer) {
     // No alias and no index yet: the first version is made with the alias on it.
     Mock::given(method("GET"))
         .and(path("/_alias/messages"))
-        .respond_with(ResponseTemplate::new(404).set_body_json(
-            json!({"error": "alias [messages] missing", "status": 404}),
-        ))
+        .respond_with(
+            ResponseTemplate::new(404)
+                .set_body_json(json!({"error": "alias [messages] missing", "status": 404})),
+        )
         .expect(1)
         .mount(server)
         .await;

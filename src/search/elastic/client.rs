@@ -1,7 +1,7 @@
 //! The HTTP side of the Elasticsearch backend: TLS, authentication, timeouts, and the
 //! reading of ES's answers into what the adapter acts on.
 //!
-//! * TLS is rustls with the `ring` provider. With `ELASTICSEARCH_CA_CERT`, only that
+//! * TLS is rustls (its aws-lc-rs provider). With `ELASTICSEARCH_CA_CERT`, only that
 //!   bundle is trusted (ES 8 signs its HTTP certificate with a CA of its own); without
 //!   it, the system's CA store is.
 //! * Authentication: `Authorization: ApiKey <key>` (`ELASTICSEARCH_API_KEY`), or Basic
@@ -67,8 +67,6 @@ pub struct Client {
 
 impl Client {
     pub fn new(connection: &Connection) -> Result<Self, ConfigError> {
-        // reqwest is built without a provider of its own; installing one twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut url = reqwest::Url::parse(connection.url.expose())
             .map_err(|e| ConfigError(format!("ELASTICSEARCH_URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
