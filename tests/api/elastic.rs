@@ -772,3 +772,72 @@ async fn dead_letter_reasons(app: &TestApp) -> Vec<String> {
         .filter_map(|e| e.get::<String>("dlq_reason"))
         .collect()
 }
+
+/// `verify-elasticsearch` against a mock that finds nothing: it cannot show ES's matching
+/// (only a real cluster can), but shows that differences are reported and that the
+/// scratch index is deleted whatever the outcome.
+#[tokio::test]
+async fn verify_elasticsearch_reports_each_difference_and_deletes_its_scratch_index() {
+    let server = MockServer::start().await;
+    mount_alias(&server).await;
+    let scratch = || wiremock::matchers::path_regex(r"^/messages-verify-[0-9a-f]{8}$");
+    Mock::given(method("PUT"))
+        .and(scratch())
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"acknowledged": true})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("DELETE"))
+        .and(scratch())
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"acknowledged": true})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/_bulk"))
+        .respond_with(all_created)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path_regex(
+            r"^/messages-verify-[0-9a-f]{8}/_refresh$",
+        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"_shards": {"total": 1, "successful": 1, "failed": 0}})),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path_regex(
+            r"^/messages-verify-[0-9a-f]{8}/_search$",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "took": 1, "timed_out": false,
+            "_shards": {"total": 1, "successful": 1, "skipped": 0, "failed": 0},
+            "hits": {"max_score": null, "hits": []}
+        })))
+        .mount(&server)
+        .await;
+    let es = connect(&server).await;
+    let report = chat_system::search::elastic::verify::run(&es)
+        .await
+        .unwrap();
+    assert!(report.checks > 30, "{report:?}");
+    assert!(
+        report
+            .failures
+            .iter()
+            .any(|f| f.starts_with("q=\"STRASSE\"")),
+        "{:?}",
+        report.failures
+    );
+    assert!(
+        !report
+            .failures
+            .iter()
+            .any(|f| f.starts_with("q=\"nothing-matches-this\"")),
+        "{:?}",
+        report.failures
+    );
+}
