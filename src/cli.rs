@@ -84,6 +84,21 @@ pub enum Command {
         /// Messages read from MySQL per batch.
         #[arg(long, default_value_t = 5000)]
         batch: u32,
+        /// Elasticsearch: start a new index even if an earlier run left one unfinished
+        /// (by default, that run is resumed).
+        #[arg(long)]
+        fresh: bool,
+        /// Elasticsearch: wait this long after switching the alias before copying the
+        /// writes made during the run a last time.
+        #[arg(long, default_value = "30s", value_parser = crate::config::parse_duration)]
+        settle: std::time::Duration,
+    },
+    /// Check an Elasticsearch cluster (ELASTICSEARCH_URL, with the same settings as the
+    /// service): in a scratch index, every search of a built-in set must find exactly
+    /// what the definition of a match finds. Exits non-zero on any difference.
+    VerifyElasticsearch {
+        #[command(flatten)]
+        search: SearchConfig,
     },
 }
 

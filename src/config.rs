@@ -226,13 +226,126 @@ pub struct SearchConfig {
     #[arg(long, env = "ELASTICSEARCH_URL", hide_env_values = true)]
     pub elasticsearch_url: Option<SecretUrl>,
 
-    /// Name of the Elasticsearch index.
-    #[arg(long, env = "ELASTICSEARCH_INDEX", default_value = "messages")]
+    /// Name of the Elasticsearch alias the messages are read and written through. The
+    /// indices behind it are named after it (`<alias>-v1`, `<alias>-v2`, ...), one per
+    /// `reindex`.
+    #[arg(long, env = "ELASTICSEARCH_INDEX", default_value = "messages", value_parser = parse_index_name)]
     pub elasticsearch_index: String,
 
     /// Directory of the embedded Tantivy index.
     #[arg(long, env = "SEARCH_INDEX_DIR", default_value = ".data/search")]
     pub search_index_dir: PathBuf,
+
+    #[command(flatten)]
+    pub elastic: ElasticConfig,
+}
+
+/// How the Elasticsearch backend connects and writes (used when `ELASTICSEARCH_URL` is set).
+#[derive(Args, Clone, Debug)]
+pub struct ElasticConfig {
+    /// PEM file of the CA certificate(s) that signed Elasticsearch's HTTPS certificate
+    /// (ES 8 makes its own CA: `config/certs/http_ca.crt`). When set, only these are
+    /// trusted; unset, the system's CA store is.
+    #[arg(long, env = "ELASTICSEARCH_CA_CERT", value_parser = parse_ca_bundle)]
+    pub elasticsearch_ca_cert: Option<CaBundle>,
+
+    /// API key, sent as `Authorization: ApiKey <key>`: the `encoded` value ES returns
+    /// when the key is created. Without it, the user and password of
+    /// `ELASTICSEARCH_URL`, if any, are sent as Basic authentication.
+    #[arg(
+        long,
+        env = "ELASTICSEARCH_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "elasticsearch_api_key_file"
+    )]
+    pub elasticsearch_api_key: Option<Secret>,
+
+    /// A file holding the API key (as `ELASTICSEARCH_API_KEY`), for keys handed over on a
+    /// volume or as a container secret.
+    #[arg(long, env = "ELASTICSEARCH_API_KEY_FILE", value_parser = parse_secret_file)]
+    pub elasticsearch_api_key_file: Option<Secret>,
+
+    /// Longest time an Elasticsearch request may take (a bulk request included).
+    #[arg(long, env = "ELASTICSEARCH_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
+    pub elasticsearch_timeout: Duration,
+
+    /// Longest time to open a connection to Elasticsearch.
+    #[arg(long, env = "ELASTICSEARCH_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_timeout)]
+    pub elasticsearch_connect_timeout: Duration,
+
+    /// Largest `_bulk` request body (`10mb`, or bytes). Larger batches are split; one
+    /// document is always sent, whatever its size. ES refuses bodies over its
+    /// `http.max_content_length` (100mb by default) with a 413.
+    #[arg(long, env = "ELASTICSEARCH_BULK_MAX_BYTES", default_value = "10mb", value_parser = parse_bytes)]
+    pub elasticsearch_bulk_max_bytes: u64,
+}
+
+impl ElasticConfig {
+    /// The API key, from `ELASTICSEARCH_API_KEY` or `ELASTICSEARCH_API_KEY_FILE`.
+    pub fn api_key(&self) -> Option<&Secret> {
+        self.elasticsearch_api_key
+            .as_ref()
+            .or(self.elasticsearch_api_key_file.as_ref())
+    }
+}
+
+impl Default for ElasticConfig {
+    fn default() -> Self {
+        Self {
+            elasticsearch_ca_cert: None,
+            elasticsearch_api_key: None,
+            elasticsearch_api_key_file: None,
+            elasticsearch_timeout: Duration::from_secs(30),
+            elasticsearch_connect_timeout: Duration::from_secs(2),
+            elasticsearch_bulk_max_bytes: 10 << 20,
+        }
+    }
+}
+
+/// The PEM text of one or more CA certificates, checked to parse when read.
+#[derive(Clone)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
+}
+
+impl fmt::Debug for CaBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CaBundle({})", self.path.display())
+    }
+}
+
+fn parse_ca_bundle(s: &str) -> Result<CaBundle, String> {
+    let path = PathBuf::from(s);
+    let pem = std::fs::read(&path).map_err(|e| format!("cannot read `{s}`: {e}"))?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(CaBundle { path, pem }),
+        Ok(_) => Err(format!("`{s}` holds no PEM certificate")),
+        Err(e) => Err(format!("`{s}` is not a PEM certificate bundle: {e}")),
+    }
+}
+
+/// Reads a secret from a file; surrounding whitespace (a final newline) is not part of it.
+fn parse_secret_file(s: &str) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(s).map_err(|e| format!("cannot read `{s}`: {e}"))?;
+    text.trim()
+        .parse()
+        .map_err(|e| format!("`{s}`: the file {e}"))
+}
+
+/// Elasticsearch's rules for index and alias names that matter here: lower case, no
+/// characters with a meaning in URLs or index patterns, not starting with `-`, `_`, `+`.
+fn parse_index_name(s: &str) -> Result<String, String> {
+    let valid = !s.is_empty()
+        && s.len() <= 200
+        && !s.starts_with(['-', '_', '+', '.'])
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err("use lower-case letters, digits, `-`, `_` and `.` (not first), at most 200".into())
+    }
 }
 
 /// Settings of logging.
@@ -429,6 +542,33 @@ mod tests {
         assert!(!format!("{key} {key:?}").contains("hunter2"));
         assert!("".parse::<Secret>().is_err());
         assert!("  ".parse::<Secret>().is_err());
+    }
+
+    #[test]
+    fn elasticsearch_names_and_files_are_checked_when_read() {
+        assert!(parse_index_name("messages").is_ok());
+        assert!(parse_index_name("chat.messages-2").is_ok());
+        assert!(parse_index_name("Messages").is_err());
+        assert!(parse_index_name("_messages").is_err());
+        assert!(parse_index_name("a*b").is_err());
+        assert!(parse_index_name("").is_err());
+
+        let dir = std::env::temp_dir().join(format!("cs-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "c2VjcmV0OmtleQ==\n").unwrap();
+        assert_eq!(
+            parse_secret_file(key.to_str().unwrap()).unwrap().expose(),
+            "c2VjcmV0OmtleQ=="
+        );
+        std::fs::write(&key, "\n").unwrap();
+        assert!(parse_secret_file(key.to_str().unwrap()).is_err());
+        let missing = parse_ca_bundle("/nonexistent/ca.crt").unwrap_err();
+        assert!(missing.contains("/nonexistent/ca.crt"), "{missing}");
+        let not_pem = dir.join("ca.crt");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        assert!(parse_ca_bundle(not_pem.to_str().unwrap()).is_err());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use clap::Parser;
 
 use chat_system::cli::{Cli, Command};
 use chat_system::process::{OpenFiles, configure_allocator, raise_open_files_limit};
-use chat_system::search::Search;
+use chat_system::search::{Search, SearchError};
 use chat_system::startup::{self, ApiServer, StartError};
 use chat_system::store::{ConnectError, MIGRATOR, Store};
 use chat_system::{reindex, telemetry};
@@ -164,10 +164,41 @@ async fn run(command: Command) -> Result<(), StartError> {
             store,
             search,
             batch,
+            fresh,
+            settle,
         } => {
             let pool = chat_system::store::connect_mysql(&store).await?;
             let search = Search::open(&search, true).await?;
-            reindex::run(&pool, &search, batch).await
+            let options = reindex::Options {
+                fresh,
+                settle,
+                ..reindex::Options::default()
+            };
+            reindex::run_with(&pool, &search, batch, options).await
+        }
+        Command::VerifyElasticsearch { search } => {
+            let Search::Elastic(es) = Search::open(&search, true).await? else {
+                return Err(StartError::Search(SearchError::Failed(
+                    "set ELASTICSEARCH_URL to the cluster to verify".into(),
+                )));
+            };
+            let report = chat_system::search::elastic::verify::run(&es).await?;
+            for failure in &report.failures {
+                tracing::error!("verify-elasticsearch: {failure}");
+            }
+            if report.failures.is_empty() {
+                tracing::info!(
+                    checks = report.checks,
+                    "verify-elasticsearch: every check passed"
+                );
+                Ok(())
+            } else {
+                Err(StartError::Search(SearchError::Failed(format!(
+                    "{} of {} checks failed",
+                    report.failures.len(),
+                    report.checks
+                ))))
+            }
         }
     }
 }

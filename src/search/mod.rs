@@ -13,6 +13,7 @@
 
 pub mod elastic;
 pub mod embedded;
+pub mod fold;
 
 use std::sync::{Arc, OnceLock};
 
@@ -86,6 +87,30 @@ pub fn matches(body: &str, terms: &[String]) -> bool {
     terms.iter().all(|t| body.contains(t.as_str()))
 }
 
+/// A document the backend refused for good (sending it again would fail the same way):
+/// its position in the batch given, and the backend's reason. Transient failures are
+/// errors instead, and nothing of the batch counts as done then.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refused {
+    pub position: usize,
+    pub reason: String,
+}
+
+impl Refused {
+    /// Logs the refusal of a message that has no queue entry to keep it (read from
+    /// MySQL): it is found again by a `reindex` once the cause is fixed.
+    pub fn log(&self, token: &str, chat: u64, number: u64) {
+        let app = crate::domain::Token::parse(token).ok().map(|t| t.log_id());
+        tracing::error!(
+            app = app.as_deref().unwrap_or("?"),
+            chat,
+            number,
+            reason = %self.reason,
+            "message refused by the search backend"
+        );
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
     #[error("search backend unavailable: {0}")]
@@ -112,9 +137,16 @@ impl Search {
     /// embedded index only one process on a host can have it.
     pub async fn open(config: &SearchConfig, writer: bool) -> Result<Self, SearchError> {
         match &config.elasticsearch_url {
-            Some(url) => Ok(Self::Elastic(Arc::new(
-                elastic::ElasticIndex::connect(url.expose(), &config.elasticsearch_index).await?,
-            ))),
+            Some(url) => {
+                let connection = elastic::client::Connection {
+                    url: url.clone(),
+                    config: config.elastic.clone(),
+                };
+                Ok(Self::Elastic(Arc::new(
+                    elastic::ElasticIndex::connect(&connection, &config.elasticsearch_index)
+                        .await?,
+                )))
+            }
             None => {
                 let dir = config.search_index_dir.clone();
                 let index = blocking(move || embedded::EmbeddedIndex::open(&dir, writer)).await?;
@@ -147,25 +179,36 @@ impl Search {
     }
 
     /// Adds or replaces documents and makes them durable and visible; a document older
-    /// than the indexed one is skipped.
+    /// than the indexed one is skipped. For callers with no stream entry to hand a
+    /// refused document to (a catch-up from MySQL): those are logged, with the reason.
     pub async fn index(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
-        self.add(docs).await?;
+        let ids: Vec<(String, u64, u64)> = docs
+            .iter()
+            .map(|d| (d.token.clone(), d.chat, d.number))
+            .collect();
+        for refused in self.add(docs).await? {
+            if let Some((token, chat, number)) = ids.get(refused.position) {
+                refused.log(token, *chat, *number);
+            }
+        }
         self.commit().await
     }
 
-    /// Adds or replaces documents. Elasticsearch makes them durable at once; the
-    /// embedded index does so at the next [`Search::commit`], which is what makes
-    /// batching commits (far cheaper than one per batch) possible.
-    pub async fn add(&self, docs: Vec<MessageDoc>) -> Result<(), SearchError> {
+    /// Adds or replaces documents; returns those refused for good (see [`Refused`]).
+    /// Elasticsearch makes them durable at once; the embedded index does so at the next
+    /// [`Search::commit`], which is what makes batching commits (far cheaper than one
+    /// per batch) possible.
+    pub async fn add(&self, docs: Vec<MessageDoc>) -> Result<Vec<Refused>, SearchError> {
         if docs.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         match self {
             Self::Embedded(index) => {
                 let index = index.clone();
-                blocking(move || index.add(docs)).await
+                blocking(move || index.add(docs)).await?;
+                Ok(Vec::new())
             }
-            Self::Elastic(index) => index.index(&docs).await,
+            Self::Elastic(index) => index.add(&docs).await,
         }
     }
 

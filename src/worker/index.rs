@@ -52,24 +52,37 @@ impl Worker {
         search: &Search,
         raw: Vec<Delivered>,
     ) -> Result<usize, WorkerError> {
-        let docs: Vec<MessageDoc> = raw
+        let (items, docs): (Vec<&Delivered>, Vec<MessageDoc>) = raw
             .iter()
-            .filter_map(|item| Entry::parse(item).ok())
-            .filter_map(|entry| match entry.write {
-                Write::Message(m) => Some(MessageDoc {
-                    token: entry.token,
-                    chat: m.chat_number,
-                    number: m.number,
-                    body: m.body,
-                    version: m.version,
-                    created_at: m.created_at,
-                    updated_at: m.updated_at,
-                }),
+            .filter_map(|item| Entry::parse(item).ok().map(|entry| (item, entry)))
+            .filter_map(|(item, entry)| match entry.write {
+                Write::Message(m) => Some((
+                    item,
+                    MessageDoc {
+                        token: entry.token,
+                        chat: m.chat_number,
+                        number: m.number,
+                        body: m.body,
+                        version: m.version,
+                        created_at: m.created_at,
+                        updated_at: m.updated_at,
+                    },
+                )),
                 Write::Chat(_) => None,
             })
-            .collect();
+            .unzip();
         match search.add(docs).await {
-            Ok(()) => {}
+            // A document refused for good goes to the dead-letter stream with the reason
+            // (acknowledged for this group only); a transient failure is an error, and
+            // the whole batch is tried again.
+            Ok(refused) => {
+                for r in refused {
+                    if let Some(item) = items.get(r.position) {
+                        self.dead_letter(item, &format!("search: {}", r.reason))
+                            .await?;
+                    }
+                }
+            }
             Err(e @ SearchError::Unavailable(_)) => return Err(e.into()),
             Err(e) => {
                 // The index can be rebuilt from MySQL (`reindex`); holding the queue

@@ -1,63 +1,30 @@
-//! `chat-system reindex`: rebuilds the search index from MySQL, the system of record.
-//!
-//! Messages are read in primary-key order, a batch at a time, and indexed with the
-//! version of their row, so a re-run (or a run alongside live indexing) never replaces a
-//! newer document with an older one.
-//!
-//! Progress: a bar on stderr when it is a terminal; otherwise (a pipe, a log file, a
-//! container's log) a log line every [`PROGRESS_EVERY`], with the count done, the total
-//! and the rate, since a redrawn bar would only fill the log with control codes.
+//! Progress of a reindex: a bar on stderr when it is a terminal; otherwise (a pipe, a
+//! log file, a container's log) a log line every [`PROGRESS_EVERY`], with the count
+//! done, the total and the rate, since a redrawn bar would only fill the log with
+//! control codes.
 
 use std::fmt;
-use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
-use sqlx::MySqlPool;
-
-use crate::search::Search;
-use crate::startup::StartError;
-use crate::store::mysql::{self, MessageCursor};
 
 /// How often progress is logged when stderr is not a terminal.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-pub async fn run(db: &MySqlPool, search: &Search, batch: u32) -> Result<(), StartError> {
-    if !search.can_index() {
-        return Err(StartError::Search(crate::search::SearchError::Failed(
-            "another process holds the index writer; stop it and re-run".into(),
-        )));
-    }
-    let total = mysql::count_messages(db).await.map_err(connect_error)?;
-    let mut progress = Progress::new(total, std::io::stderr().is_terminal());
-    let mut cursor = MessageCursor::default();
-    loop {
-        let (docs, next) = mysql::messages_for_index(db, cursor, 0, batch)
-            .await
-            .map_err(connect_error)?;
-        if docs.is_empty() {
-            break;
-        }
-        let n = docs.len() as u64;
-        search.index(docs).await?;
-        cursor = next;
-        progress.advance(n);
-    }
-    progress.finish(search.name());
-    Ok(())
-}
-
 /// The bar on a terminal, periodic log lines elsewhere.
-struct Progress {
+pub struct Progress {
     bar: Option<ProgressBar>,
     total: u64,
     done: u64,
+    /// Of `done`, what earlier runs copied (not part of this run's rate).
+    resumed: u64,
     started: Instant,
     logged: Instant,
 }
 
 impl Progress {
-    fn new(total: u64, terminal: bool) -> Self {
+    /// `done`: messages already copied by an earlier run that this one resumes.
+    pub fn new(total: u64, done: u64, terminal: bool) -> Self {
         let bar = terminal.then(|| {
             ProgressBar::new(total).with_style(
                 ProgressStyle::with_template(
@@ -71,30 +38,34 @@ impl Progress {
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             )
         });
-        if bar.is_none() {
-            tracing::info!(
+        match &bar {
+            Some(bar) => bar.set_position(done),
+            None => tracing::info!(
                 messages_total = total,
-                "reindex: {} messages to index",
-                group_thousands(total)
-            );
+                messages_done = done,
+                "reindex: {} messages to index, {} done before",
+                group_thousands(total),
+                group_thousands(done)
+            ),
         }
         let now = Instant::now();
         Self {
             bar,
             total,
-            done: 0,
+            done,
+            resumed: done,
             started: now,
             logged: now,
         }
     }
 
-    fn advance(&mut self, n: u64) {
+    pub fn advance(&mut self, n: u64) {
         self.done += n;
         match &self.bar {
             Some(bar) => bar.set_position(self.done),
             None if self.logged.elapsed() >= PROGRESS_EVERY => {
                 self.logged = Instant::now();
-                let rate = per_second(self.done, self.started.elapsed());
+                let rate = per_second(self.done - self.resumed, self.started.elapsed());
                 tracing::info!(
                     messages_done = self.done,
                     messages_total = self.total,
@@ -109,7 +80,7 @@ impl Progress {
         }
     }
 
-    fn finish(self, backend: &str) {
+    pub fn finish(self, backend: &str) {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
@@ -120,7 +91,7 @@ impl Progress {
             "reindex complete: {} messages in {:.1} s, {}",
             group_thousands(self.done),
             elapsed.as_secs_f64(),
-            format_rate(per_second(self.done, elapsed)),
+            format_rate(per_second(self.done - self.resumed, elapsed)),
         );
     }
 }
@@ -166,13 +137,6 @@ fn group_thousands(n: u64) -> String {
         out.push(c);
     }
     out
-}
-
-fn connect_error(source: sqlx::Error) -> StartError {
-    StartError::Connect(crate::store::ConnectError::Mysql {
-        url: "DATABASE_URL".into(),
-        source,
-    })
 }
 
 #[cfg(test)]
