@@ -240,7 +240,7 @@ class Stack:
     def __init__(self, bin_path):
         self.bin = bin_path
         self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("ELASTICSEARCH_URL", "WORKER_NAME", "ADMIN_API_KEY", "BIND",
+                    if k not in ("ELASTICSEARCH_URL", "REDIS_CLUSTER_NODES", "WORKER_NAME", "ADMIN_API_KEY", "BIND",
                                  "WORKER_METRICS_BIND", "RUST_LOG")}
         self.env.update(
             DATABASE_URL=f"mysql://root@127.0.0.1:{MYSQL_PORT}/chat_system",

@@ -255,7 +255,7 @@ class Stack:
     def __init__(self, binary):
         self.binary = binary
         self.procs = {}
-        self.env = dict(os.environ,
+        self.env = dict({k: v for k, v in os.environ.items() if k != "REDIS_CLUSTER_NODES"},
                         DATABASE_URL=f"mysql://root@127.0.0.1:{MYSQL_PORT}/chat_bench",
                         REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}",
                         REDIS_PREFIX=PREFIX, LOG_LEVEL="warn",
