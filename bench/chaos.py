@@ -68,6 +68,11 @@ APIS = [f"127.0.0.1:{_API_PORT}", f"127.0.0.1:{_API_PORT + 1}"]
 FIRST_WORKER_METRICS_PORT = int(os.environ.get("CHAOS_WORKER_METRICS_PORT", 23941))
 PREFIX = "chaos"
 PIDFILE = DATA / "pids"
+# --cluster: a 3-master Redis Cluster on CHAOS_REDIS_CLUSTER_PORT and the next two, in
+# place of the single Redis (which still runs, unused).
+CLUSTER_PORT = int(os.environ.get("CHAOS_REDIS_CLUSTER_PORT", 23400))
+MASTERS = [CLUSTER_PORT, CLUSTER_PORT + 1, CLUSTER_PORT + 2]
+CLUSTER = False  # set by --cluster
 
 CLIENT_TIMEOUT = 5.0  # a request with no answer by then is a hang
 FAST = 3.0  # a 503 slower than this is not "fast"
@@ -112,9 +117,15 @@ DEPS_ENV = dict(
 
 def deps(action):
     # A session of its own: a Ctrl-C on the terminal must not kill mysqld behind our back.
+    env = DEPS_ENV
+    if CLUSTER:
+        # Every write fsynced: a master killed with -9 then loses nothing accepted, which
+        # is what the checks below hold it to (with `everysec`, up to a second can go).
+        env = dict(DEPS_ENV, DEPS_REDIS_CLUSTER_PORT=str(CLUSTER_PORT),
+                   DEPS_REDIS_APPENDFSYNC="always")
     subprocess.run(
         [str(ROOT / "scripts" / "deps"), action],
-        env=DEPS_ENV, check=True, start_new_session=True, timeout=90,
+        env=env, check=True, start_new_session=True, timeout=90,
         stdout=subprocess.DEVNULL,
     )
 
@@ -131,9 +142,9 @@ def sql(query, timeout=60):
     return [line.split("\t") for line in out.stdout.splitlines()]
 
 
-def redis(*args, timeout=30):
+def redis(*args, timeout=30, port=None):
     out = subprocess.run(
-        ["redis-cli", "-p", str(REDIS_PORT), "--raw", *map(str, args)],
+        ["redis-cli", "-p", str(port or REDIS_PORT), "--raw", *map(str, args)],
         capture_output=True, text=True, timeout=timeout,
     )
     if out.returncode != 0:
@@ -548,6 +559,70 @@ def restart_redis(faults):
     faults.append(fault)
 
 
+def master_of(token):
+    """The port of the cluster master serving the application's shard."""
+    out = subprocess.run([QUEUE_STATUS[0], "create-script", "--token", token],
+                         env=QUEUE_STATUS[1], capture_output=True, text=True, timeout=60)
+    slot = json.loads(out.stdout)["slot"]
+    for line in redis("CLUSTER", "NODES", port=MASTERS[0]).splitlines():
+        fields = line.split()
+        if len(fields) < 9 or "master" not in fields[2]:
+            continue
+        port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        for r in fields[8:]:
+            lo, _, hi = r.partition("-")
+            if r[0] != "[" and int(lo) <= slot <= int(hi or lo):
+                return port
+    raise SystemExit(f"chaos: no master serves slot {slot}")
+
+
+def kill_master(faults, port, seconds):
+    """kill -9 one master of the cluster, down `seconds`, then started again (its AOF,
+    fsynced at every write here, brings its data back)."""
+    fault = Fault("Redis master killed", f"kill -9 the master on :{port}, {seconds:.0f} s, "
+                  "start again", now())
+    fault.dependency = "redis-master"
+    fault.master = port
+    pid = read_pid(DEPS_DIR / "cluster" / str(port) / "redis.pid")
+    if not pid:
+        raise SystemExit(f"chaos: no pid file for the master on :{port}")
+    log(f"fault: kill -9 the Redis master on :{port} (pid {pid}) for {seconds:.0f} s")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    fault.down_from = now()
+    time.sleep(max(0.0, fault.t_begin + seconds - now()))
+    fault.down_to = now()
+    deps("start")
+    fault.t_end = now()
+    fault.detail += f"; down {fault.t_end - fault.t_begin:.1f} s in all"
+    log(f"  master :{port} back after {fault.t_end - fault.t_begin:.1f} s")
+    faults.append(fault)
+
+
+def check_master(v, load, fault, masters):
+    """(9) while a master was down, the applications of the other masters got 201s only,
+    and those of the dead one 503s with Retry-After (never another answer)."""
+    a, b = fault.down_from + 0.5, fault.down_to
+    during = [r for r in load.records if r.kind in ("chat", "message") and a <= r.t0
+              and r.t1 <= b]
+    others = [r for r in during if masters[r.token] != fault.master]
+    mine = [r for r in during if masters[r.token] == fault.master]
+    bad_others = [r for r in others if r.status != 201]
+    bad_mine = [r for r in mine if r.status != 503 or not r.retry_after]
+    if not others:
+        v.fail(9, "no create for the other masters' applications while the master was down")
+    if bad_others:
+        v.fail(9, f"{len(bad_others)} of {len(others)} creates of the other masters' "
+                  "applications failed while one master was down", grouped(bad_others, [fault]))
+    if bad_mine:
+        v.fail(9, f"{len(bad_mine)} of {len(mine)} creates of the dead master's "
+                  "applications were not a 503 with Retry-After", grouped(bad_mine, [fault]))
+    fault.split = (sum(1 for r in others if r.status == 201), len(others),
+                   sum(1 for r in mine if r.status == 503), len(mine))
+
+
 def stop_mysql(faults, seconds):
     fault = Fault("MariaDB stopped", f"SIGTERM, {seconds:.0f} s, start again", now())
     fault.dependency = "mysql"
@@ -607,9 +682,13 @@ def queue_status(tokens=()):
 
 
 def redis_memory():
-    """Redis's used_memory and the write queue's length."""
-    info = redis("INFO", "memory")
-    used = int(re.search(r"^used_memory:(\d+)", info, re.M).group(1))
+    """Redis's used_memory (summed over the masters of a cluster) and the write queue's
+    length."""
+    ports = MASTERS if CLUSTER else [REDIS_PORT]
+    used = 0
+    for port in ports:
+        info = redis("INFO", "memory", port=port)
+        used += int(re.search(r"^used_memory:(\d+)", info, re.M).group(1))
     return used, queue_status()["length"]
 
 
@@ -1501,10 +1580,19 @@ def queue_state():
 
 # ---- the run ------------------------------------------------------------------------------
 
-def schedule(short):
+def schedule(short, cluster=False):
     """(start at, fault) pairs, in seconds after the load began (a fault starts when the
     one before it is over, if that is later), the load's shortest length, and the sizes of
-    the last three faults."""
+    the last three faults. On a cluster, a master killed and restarted takes the place of
+    the single Redis's restart and of its maxmemory window."""
+    if cluster:
+        if short:
+            return ([(2, "kill-holder"), (10, "kill-other"), (13, "master"), (22, "mysql"),
+                     (34, "flood"), (44, "search-outage")], 30.0,
+                    dict(flood=1000, flood_s=8.0, master_s=6.0, outage_s=20.0))
+        return ([(8, "kill-holder"), (22, "kill-other"), (32, "master"), (52, "mysql"),
+                 (66, "flood"), (86, "search-outage")], 90.0,
+                dict(flood=5000, flood_s=15.0, master_s=15.0, outage_s=600.0))
     if short:
         return ([(2, "kill-holder"), (10, "kill-other"), (13, "kill-holder-again"),
                  (16, "redis"), (19, "mysql"), (31, "flood"), (41, "maxmemory"),
@@ -1527,11 +1615,15 @@ def main():
     p.add_argument("--flood", type=int, help="connections of the flood (full 5000, short 1000)")
     p.add_argument("--outage", type=float,
                    help="seconds the index writer's holder stays frozen (full 600, short 20)")
+    p.add_argument("--cluster", action="store_true",
+                   help="run on a 3-master Redis Cluster, and kill one master under load")
     args = p.parse_args()
+    global CLUSTER
+    CLUSTER = args.cluster
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
 
-    faults_plan, duration, sizes = schedule(args.short)
+    faults_plan, duration, sizes = schedule(args.short, args.cluster)
     if args.flood is not None:
         sizes["flood"] = args.flood
     if args.outage is not None:
@@ -1553,6 +1645,8 @@ def main():
     PIDFILE.write_text("")
 
     stack = Stack(args.bin)
+    if CLUSTER:
+        stack.env["REDIS_CLUSTER_NODES"] = ",".join(f"127.0.0.1:{p}" for p in MASTERS)
     global QUEUE_STATUS
     QUEUE_STATUS = (args.bin, stack.env)
     load = None
@@ -1565,14 +1659,15 @@ def main():
         deps("start")
         # A clean slate on these private instances.
         sql("DROP DATABASE IF EXISTS chat_system")
-        redis("FLUSHALL")
-        # FLUSHALL only appends to the AOF: rewrite it, so a restart loads this run's data
-        # and not every earlier run's history too.
-        redis("BGREWRITEAOF")
-        deadline = time.monotonic() + 30
-        while ("aof_rewrite_in_progress:1" in redis("INFO", "persistence")
-               and time.monotonic() < deadline):
-            time.sleep(0.1)
+        for port in [REDIS_PORT] + (MASTERS if CLUSTER else []):
+            redis("FLUSHALL", port=port)
+            # FLUSHALL only appends to the AOF: rewrite it, so a restart loads this run's
+            # data and not every earlier run's history too.
+            redis("BGREWRITEAOF", port=port)
+            deadline = time.monotonic() + 30
+            while ("aof_rewrite_in_progress:1" in redis("INFO", "persistence", port=port)
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
         stack.migrate()
         w1 = stack.start_worker()  # first: takes the index writer
         w2 = stack.start_worker()
@@ -1585,12 +1680,23 @@ def main():
 
         setup = Client(APIS[0])
         tokens = []
-        for i in range(3):
+        masters = {}
+        # On a cluster: applications until two masters serve at least one each (the
+        # first application's master is the one killed).
+        while len(tokens) < 3 or (CLUSTER and len(set(masters.values())) < 2):
+            i = len(tokens)
             status, raw = setup.request("POST", "/applications", {"name": f"chaos-{run}-app{i}"})
             if status != 201:
                 raise SystemExit(f"chaos: creating an application answered {status}: {raw[:200]!r}")
             tokens.append(json.loads(raw)["token"])
+            if CLUSTER:
+                masters[tokens[-1]] = master_of(tokens[-1])
+            if len(tokens) > 30:
+                raise SystemExit("chaos: 30 applications, all on one master")
         setup.close()
+        if CLUSTER:
+            log(f"applications per master: "
+                f"{ {p: sum(1 for m in masters.values() if m == p) for p in MASTERS} }")
 
         T0 = time.monotonic()
         load = Load(run, tokens, args.rate, args.threads, chat_share=0.05)
@@ -1610,6 +1716,8 @@ def main():
                 kill_worker(stack, faults, "holder", down=1)
             elif what == "redis":
                 restart_redis(faults)
+            elif what == "master":
+                kill_master(faults, masters[tokens[0]], sizes["master_s"])
             elif what == "mysql":
                 stop_mysql(faults, args.mysql_down)
             elif what == "flood":
@@ -1643,6 +1751,8 @@ def main():
                 check_flood(v, f)
             elif f.name == "Redis at maxmemory":
                 check_maxmemory(v, load, f)
+            elif f.name == "Redis master killed":
+                check_master(v, load, f, masters)
             elif f.name == "search outage":
                 check_search_outage(v, load, f)
         check_processes(v, stack)
@@ -1702,6 +1812,10 @@ def main():
             out(f"  {'':14}creates {n}: {ok} × 201, {n503} × 503; reads {nr}: {r503} × 503")
             for line in getattr(f, "figures", []):
                 out(f"  {'':14}{line}")
+            if hasattr(f, "split"):
+                o_ok, o_n, m503, m_n = f.split
+                out(f"  {'':14}while down: other masters' creates {o_ok}/{o_n} × 201, "
+                    f"its own {m503}/{m_n} × 503")
             if f.dependency == "mysql":
                 c_ok, c_n = f.creates_while_down
                 a503, an = f.app_reads_while_down
@@ -1720,8 +1834,11 @@ def main():
         else:
             out("  PASSED: no violation (1 persisted exactly once, 2 numbers gap-free, "
                 "3 counts converge, 4 search catches up, 5 fast 503s only, 6 served "
-                "through the connection flood, 7 overloaded not broken at maxmemory, "
-                "8 search outage bounded and recovered)")
+                "through the connection flood, "
+                + ("8 search outage bounded and recovered, 9 a dead master refused only "
+                   "its own applications)" if CLUSTER else
+                   "7 overloaded not broken at maxmemory, 8 search outage bounded and "
+                   "recovered)"))
         with open(DATA / "requests.csv", "w") as f:
             f.write("kind,api,start_s,end_s,latency_ms,status,token,chat,number,text,detail\n")
             for r in sorted(load.records, key=lambda r: r.t0):
