@@ -9,7 +9,7 @@ use crate::domain::{Body, Title, Token};
 use crate::error::{ApiError, Overload};
 use crate::idempotency::{IdempotencyKey, NextAction, fingerprint};
 use crate::resources::{Chat, Message, from_micros, now};
-use crate::store::queue::{Allocation, Enqueued};
+use crate::store::queue::{Allocation, Direction, Enqueued};
 use crate::store::{Store, mysql};
 
 /// A create retries after repairing a cold cache: a message create can need three
@@ -280,9 +280,283 @@ impl Store {
     }
 }
 
+/// A page request on numbered items: which way, from where (`after` ascending, `before`
+/// descending; `None` from the start or the end), how many.
+#[derive(Clone, Copy, Debug)]
+pub struct PageRequest {
+    pub direction: Direction,
+    pub cursor: Option<u64>,
+    pub limit: u32,
+}
+
+/// A page of items and, when more may follow, the cursor of the next page.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<u64>,
+}
+
+impl PageRequest {
+    /// The numbers `lo..=hi` this page covers when `last` is the last number handed out
+    /// (numbers are gap-free, so every one of them was accepted), or `None` when the page
+    /// is past the end.
+    fn window(&self, last: u64) -> Option<(u64, u64)> {
+        let limit = u64::from(self.limit.max(1));
+        match self.direction {
+            Direction::Asc => {
+                let lo = self.cursor.unwrap_or(0).saturating_add(1);
+                let hi = self.cursor.unwrap_or(0).saturating_add(limit).min(last);
+                (lo <= hi).then_some((lo, hi))
+            }
+            Direction::Desc => {
+                let hi = self.cursor.map_or(last, |b| b.saturating_sub(1)).min(last);
+                let lo = hi.saturating_sub(limit - 1).max(1);
+                (hi >= 1).then_some((lo, hi))
+            }
+        }
+    }
+
+    /// The first number the page looks at, for the Redis side.
+    fn first(&self) -> u64 {
+        match self.direction {
+            Direction::Asc => self.cursor.unwrap_or(0).saturating_add(1),
+            Direction::Desc => self.cursor.map_or(MAX_NUMBER, |b| b.saturating_sub(1)),
+        }
+    }
+}
+
+/// Above any number ever handed out (and exact as a Lua number).
+const MAX_NUMBER: u64 = 1 << 53;
+
+/// Merges the pending items of a window with its persisted rows: a pending item (not
+/// persisted yet, or updated since) wins over its row. A number found in neither was
+/// accepted and dead-lettered, and is skipped.
+fn merge<T>(
+    request: &PageRequest,
+    (lo, hi): (u64, u64),
+    last: u64,
+    mut pending: std::collections::BTreeMap<u64, T>,
+    rows: Vec<T>,
+    number: impl Fn(&T) -> u64,
+) -> Page<T> {
+    let mut rows: std::collections::BTreeMap<u64, T> =
+        rows.into_iter().map(|r| (number(&r), r)).collect();
+    let mut take = |n: u64| pending.remove(&n).or_else(|| rows.remove(&n));
+    let (items, next) = match request.direction {
+        Direction::Asc => (
+            (lo..=hi).filter_map(&mut take).collect(),
+            (hi < last).then_some(hi),
+        ),
+        Direction::Desc => (
+            (lo..=hi).rev().filter_map(&mut take).collect(),
+            (lo > 1).then_some(lo),
+        ),
+    };
+    Page { items, next }
+}
+
+/// A page from MySQL alone (the counter is missing, so pending items cannot be placed):
+/// one more row than asked tells whether more follow.
+fn page_from_rows<T>(
+    request: &PageRequest,
+    mut rows: Vec<T>,
+    number: impl Fn(&T) -> u64,
+) -> Page<T> {
+    let more = rows.len() > request.limit as usize;
+    rows.truncate(request.limit as usize);
+    let next = more.then(|| rows.last().map(&number)).flatten();
+    Page { items: rows, next }
+}
+
+impl Store {
+    /// A page of an application's chats, pending ones included: one Redis round trip and
+    /// one MySQL range scan.
+    pub async fn list_chats(
+        &self,
+        token: &Token,
+        request: PageRequest,
+    ) -> Result<Page<Chat>, ApiError> {
+        let found = self
+            .queue
+            .page_of_chats(
+                token.as_str(),
+                request.first(),
+                request.direction,
+                request.limit,
+            )
+            .await?;
+        let app_id = match found.app_id {
+            Some(id) => id,
+            None => self.load_application_id(token).await?,
+        };
+        let number = |c: &Chat| c.number;
+        let Some(last) = found.last else {
+            let rows = match request.direction {
+                Direction::Asc => {
+                    mysql::chats_after(
+                        &self.mysql,
+                        app_id,
+                        request.cursor.unwrap_or(0),
+                        request.limit + 1,
+                    )
+                    .await?
+                }
+                Direction::Desc => {
+                    mysql::chats_before(
+                        &self.mysql,
+                        app_id,
+                        request.cursor.unwrap_or(MAX_NUMBER),
+                        request.limit + 1,
+                    )
+                    .await?
+                }
+            };
+            return Ok(page_from_rows(&request, rows, number));
+        };
+        let Some(window) = request.window(last) else {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        };
+        let rows = mysql::chats_between(&self.mysql, app_id, window.0, window.1).await?;
+        Ok(merge(&request, window, last, found.pending, rows, number))
+    }
+
+    /// A page of a chat's messages, pending ones included: one Redis round trip and one
+    /// MySQL range scan. 404 when the chat does not exist.
+    pub async fn list_messages(
+        &self,
+        token: &Token,
+        chat: u64,
+        request: PageRequest,
+    ) -> Result<Page<Message>, ApiError> {
+        let found = self
+            .queue
+            .page_of_messages(
+                token.as_str(),
+                chat,
+                request.first(),
+                request.direction,
+                request.limit,
+            )
+            .await?;
+        let app_id = match found.app_id {
+            Some(id) => id,
+            None => self.load_application_id(token).await?,
+        };
+        match found.chat_exists {
+            Some(true) => {}
+            Some(false) => return Err(ApiError::not_found("chat")),
+            // The chat counter is missing: ask the chat itself.
+            None => {
+                self.chat(token, chat).await?;
+            }
+        }
+        let number = |m: &Message| m.number;
+        let Some(last) = found.last else {
+            let rows = match request.direction {
+                Direction::Asc => {
+                    mysql::messages_after(
+                        &self.mysql,
+                        app_id,
+                        chat,
+                        request.cursor.unwrap_or(0),
+                        request.limit + 1,
+                    )
+                    .await?
+                }
+                Direction::Desc => {
+                    mysql::messages_before(
+                        &self.mysql,
+                        app_id,
+                        chat,
+                        request.cursor.unwrap_or(MAX_NUMBER),
+                        request.limit + 1,
+                    )
+                    .await?
+                }
+            };
+            return Ok(page_from_rows(&request, rows, number));
+        };
+        let Some(window) = request.window(last) else {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        };
+        let rows = mysql::messages_between(&self.mysql, app_id, chat, window.0, window.1).await?;
+        Ok(merge(&request, window, last, found.pending, rows, number))
+    }
+}
+
 fn admitted(queued: Enqueued) -> Result<(), ApiError> {
     match queued {
         Enqueued::Entry(_) => Ok(()),
         Enqueued::Full => Err(ApiError::Overloaded(Overload::Backlog)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(direction: Direction, cursor: Option<u64>, limit: u32) -> PageRequest {
+        PageRequest {
+            direction,
+            cursor,
+            limit,
+        }
+    }
+
+    #[test]
+    fn windows_cover_the_accepted_numbers_both_ways() {
+        let asc = |c, l| request(Direction::Asc, c, l);
+        let desc = |c, l| request(Direction::Desc, c, l);
+        assert_eq!(asc(None, 3).window(10), Some((1, 3)));
+        assert_eq!(asc(Some(8), 3).window(10), Some((9, 10)));
+        assert_eq!(asc(Some(10), 3).window(10), None);
+        assert_eq!(asc(None, 3).window(0), None);
+        assert_eq!(desc(None, 3).window(10), Some((8, 10)));
+        assert_eq!(desc(Some(3), 3).window(10), Some((1, 2)));
+        assert_eq!(desc(Some(1), 3).window(10), None);
+        assert_eq!(
+            desc(Some(50), 3).window(10),
+            Some((8, 10)),
+            "a cursor past the end"
+        );
+    }
+
+    #[test]
+    fn pending_items_win_and_dead_letters_leave_a_hole() {
+        let pending = [(2, "2 pending"), (4, "4 updated")].into_iter().collect();
+        let rows = vec!["1 row", "4 row"];
+        let number = |s: &&str| s[..1].parse::<u64>().unwrap();
+        let page = merge(
+            &request(Direction::Desc, None, 4),
+            (1, 4),
+            4,
+            pending,
+            rows,
+            number,
+        );
+        assert_eq!(
+            page.items,
+            ["4 updated", "2 pending", "1 row"],
+            "3 was dead-lettered"
+        );
+        assert_eq!(page.next, None);
+        let page = merge(
+            &request(Direction::Asc, None, 2),
+            (1, 2),
+            4,
+            [(2, "2 pending")].into_iter().collect(),
+            vec!["1 row"],
+            number,
+        );
+        assert_eq!(
+            (page.items, page.next),
+            (vec!["1 row", "2 pending"], Some(2))
+        );
     }
 }

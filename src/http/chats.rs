@@ -9,18 +9,16 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::{
-    JsonBody, MaybeIdempotencyKey, NumberPage, OptionalJsonBody, QueryParams, nullable, page_after,
-    page_limit,
+    JsonBody, MaybeIdempotencyKey, NumberPage, OptionalJsonBody, QueryParams, nullable,
 };
 use super::openapi::{
     BadRequest, IdempotencyKeyHeader, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType,
     ValidationFailed,
 };
-use super::{AppState, created, page_of};
+use super::{AppState, created, numbered_page};
 use crate::domain::{Title, Token, parse_number};
 use crate::error::ApiError;
 use crate::resources::Chat;
-use crate::store::mysql;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -78,12 +76,14 @@ pub async fn create(
     Ok(created(location, chat))
 }
 
-/// Lists persisted chats in ascending `number`.
+/// Lists an application's chats, oldest first (`order=asc`, the default, paged with
+/// `after`) or newest first (`order=desc`, paged with `before`). Chats accepted but not
+/// yet persisted are included: a chat is listed as soon as its create is answered.
 #[utoipa::path(
     get, path = "/applications/{token}/chats", tag = "chats", operation_id = "listChats",
     params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), NumberPage),
     responses(
-        (status = 200, description = "A page of chats, ascending `number`", body = [Chat],
+        (status = 200, description = "A page of chats, in the order asked for", body = [Chat],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
         (status = 400, response = BadRequest), (status = 404, response = NotFound),
         (status = 503, response = Unavailable),
@@ -95,17 +95,10 @@ pub async fn list(
     QueryParams(page): QueryParams<NumberPage>,
 ) -> Result<Response, ApiError> {
     let token = Token::parse(&token)?;
-    let limit = page_limit(page.limit)?;
-    let app_id = state.store.application_id(&token).await?;
-    let chats = mysql::chats_after(
-        &state.store.mysql,
-        app_id,
-        page_after(page.after)?,
-        limit + 1,
-    )
-    .await?;
+    let request = page.request()?;
+    let chats = state.store.list_chats(&token, request).await?;
     let path = format!("/applications/{}/chats", token.as_str());
-    Ok(page_of(&path, limit, chats, |c| c.number))
+    Ok(numbered_page(&path, &request, chats))
 }
 
 /// Shows one chat, including one accepted but not yet persisted.

@@ -7,11 +7,13 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::domain::parse_canonical;
 use crate::error::ApiError;
 use crate::idempotency::IdempotencyKey;
+use crate::service::PageRequest;
+use crate::store::queue::Direction;
 
 /// A JSON request body: 415 without a JSON content type, 400 when it does not parse,
 /// 413 over the body limit.
@@ -128,18 +130,67 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for QueryPa
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 1000;
 
-/// `limit` and `after` of chat and message lists.
+/// Order of a chat or message list.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Oldest first (ascending `number`), paged with `after`.
+    #[default]
+    Asc,
+    /// Newest first (descending `number`), paged with `before`.
+    Desc,
+}
+
+/// `order`, `limit` and `after` or `before` of chat and message lists.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct NumberPage {
+    /// `asc` (default): oldest first, from `after`; `desc`: newest first, from `before`.
+    pub order: Option<Order>,
     /// Page size, 1 to 1000 (default 50).
     #[param(minimum = 1, maximum = 1000)]
     #[serde(default, deserialize_with = "canonical")]
     pub limit: Option<u32>,
-    /// The last `number` of the previous page (default 0: from the start).
+    /// `order=asc` only: the last `number` of the previous page (default 0: from the
+    /// start).
     #[param(minimum = 0, maximum = 9223372036854775807_u64)]
     #[serde(default, deserialize_with = "canonical")]
     pub after: Option<u64>,
+    /// `order=desc` only: the last `number` of the previous page (default: from the
+    /// newest).
+    #[param(minimum = 1, maximum = 9223372036854775807_u64)]
+    #[serde(default, deserialize_with = "canonical")]
+    pub before: Option<u64>,
+}
+
+impl NumberPage {
+    /// The validated request: `after` goes with ascending order, `before` with
+    /// descending.
+    pub fn request(&self) -> Result<PageRequest, ApiError> {
+        let limit = page_limit(self.limit)?;
+        let (direction, cursor) = match (self.order.unwrap_or_default(), self.after, self.before) {
+            (Order::Asc, after, None) => (Direction::Asc, Some(page_after(after)?)),
+            (Order::Desc, None, before) => (
+                Direction::Desc,
+                before.map(|b| page_after(Some(b))).transpose()?,
+            ),
+            (Order::Asc, _, Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "`before` goes with `order=desc`; ascending pages use `after`".into(),
+                ));
+            }
+            (Order::Desc, Some(_), _) => {
+                return Err(ApiError::BadRequest(
+                    "`after` goes with `order=asc`; descending pages use `before`".into(),
+                ));
+            }
+        };
+        Ok(PageRequest {
+            direction,
+            cursor,
+            limit,
+        })
+    }
 }
 
 /// `limit` and `after` of the application list.

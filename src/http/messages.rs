@@ -15,12 +15,11 @@ use super::openapi::{
     BadRequest, IdempotencyKeyHeader, NotFound, PayloadTooLarge, Unavailable, UnsupportedMediaType,
     ValidationFailed,
 };
-use super::{AppState, created, page_of};
+use super::{AppState, created, numbered_page, page_of};
 use crate::domain::{Body, Token, parse_number};
 use crate::error::ApiError;
 use crate::resources::Message;
 use crate::search::{SearchQuery, parse_terms};
-use crate::store::mysql;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -84,12 +83,15 @@ pub async fn create(
     Ok(created(location, message))
 }
 
-/// Lists a chat's persisted messages in ascending `number`.
+/// Lists a chat's messages, oldest first (`order=asc`, the default, paged with `after`)
+/// or newest first (`order=desc`, paged with `before`: a chat screen opens on the latest
+/// page and scrolls back). Messages accepted but not yet persisted are included: a
+/// message is listed as soon as its create is answered, on any API process.
 #[utoipa::path(
     get, path = "/applications/{token}/chats/{chat}/messages", tag = "messages", operation_id = "listMessages",
     params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), ("chat" = u64, Path, description = "The chat's number", minimum = 1), NumberPage),
     responses(
-        (status = 200, description = "A page of messages, ascending `number`", body = [Message],
+        (status = 200, description = "A page of messages, in the order asked for", body = [Message],
             headers(("Link" = String, description = "`<next page>; rel=\"next\"` when more exist"))),
         (status = 400, response = BadRequest), (status = 404, response = NotFound),
         (status = 503, response = Unavailable),
@@ -102,20 +104,10 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let token = Token::parse(&token)?;
     let chat = parse_number(&chat, "chat")?;
-    let limit = page_limit(page.limit)?;
-    // The chat itself must exist (pending or persisted) for its list to be found.
-    state.store.chat(&token, chat).await?;
-    let app_id = state.store.application_id(&token).await?;
-    let messages = mysql::messages_after(
-        &state.store.mysql,
-        app_id,
-        chat,
-        page_after(page.after)?,
-        limit + 1,
-    )
-    .await?;
+    let request = page.request()?;
+    let messages = state.store.list_messages(&token, chat, request).await?;
     let path = format!("/applications/{}/chats/{chat}/messages", token.as_str());
-    Ok(page_of(&path, limit, messages, |m| m.number))
+    Ok(numbered_page(&path, &request, messages))
 }
 
 /// Shows one message, including one accepted but not yet persisted.

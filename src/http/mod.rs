@@ -308,4 +308,29 @@ fn page_of<T: Serialize, C: std::fmt::Display>(
     response
 }
 
+/// A page of a numbered list as JSON, with `Link: <next page>; rel="next"` when more may
+/// follow (same order and size, the cursor moved on).
+fn numbered_page<T: Serialize>(
+    path: &str,
+    request: &crate::service::PageRequest,
+    page: crate::service::Page<T>,
+) -> Response {
+    let mut response = Json(page.items).into_response();
+    if let Some(cursor) = page.next {
+        let limit = request.limit;
+        let link = match request.direction {
+            crate::store::queue::Direction::Asc => {
+                format!("<{path}?limit={limit}&after={cursor}>; rel=\"next\"")
+            }
+            crate::store::queue::Direction::Desc => {
+                format!("<{path}?order=desc&limit={limit}&before={cursor}>; rel=\"next\"")
+            }
+        };
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    response
+}
+
 pub use ops::{install_metrics_recorder, worker_router};

@@ -217,6 +217,88 @@ pub async fn messages_after(
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
+/// The chats numbered `lo..=hi`, ascending: one range scan of the primary key.
+pub async fn chats_between(
+    db: &MySqlPool,
+    app_id: u64,
+    lo: u64,
+    hi: u64,
+) -> sqlx::Result<Vec<Chat>> {
+    let rows: Vec<ChatRow> = sqlx::query_as(
+        "SELECT number, title, messages_count, created_at, updated_at \
+         FROM chats WHERE application_id = ? AND number BETWEEN ? AND ? ORDER BY number",
+    )
+    .bind(app_id)
+    .bind(lo)
+    .bind(hi)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Up to `limit` chats numbered below `before`, descending.
+pub async fn chats_before(
+    db: &MySqlPool,
+    app_id: u64,
+    before: u64,
+    limit: u32,
+) -> sqlx::Result<Vec<Chat>> {
+    let rows: Vec<ChatRow> = sqlx::query_as(
+        "SELECT number, title, messages_count, created_at, updated_at \
+         FROM chats WHERE application_id = ? AND number < ? ORDER BY number DESC LIMIT ?",
+    )
+    .bind(app_id)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// The messages of a chat numbered `lo..=hi`, ascending: one range scan of the primary
+/// key.
+pub async fn messages_between(
+    db: &MySqlPool,
+    app_id: u64,
+    chat: u64,
+    lo: u64,
+    hi: u64,
+) -> sqlx::Result<Vec<Message>> {
+    let rows: Vec<MessageRow> = sqlx::query_as(
+        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
+         WHERE application_id = ? AND chat_number = ? AND number BETWEEN ? AND ? ORDER BY number",
+    )
+    .bind(app_id)
+    .bind(chat)
+    .bind(lo)
+    .bind(hi)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Up to `limit` messages of a chat numbered below `before`, descending.
+pub async fn messages_before(
+    db: &MySqlPool,
+    app_id: u64,
+    chat: u64,
+    before: u64,
+    limit: u32,
+) -> sqlx::Result<Vec<Message>> {
+    let rows: Vec<MessageRow> = sqlx::query_as(
+        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
+         WHERE application_id = ? AND chat_number = ? AND number < ? \
+         ORDER BY number DESC LIMIT ?",
+    )
+    .bind(app_id)
+    .bind(chat)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
 /// Highest persisted chat number of an application (0 when it has none).
 pub async fn max_chat_number(db: &MySqlPool, app_id: u64) -> sqlx::Result<u64> {
     let max: Option<u64> =

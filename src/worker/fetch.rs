@@ -13,7 +13,7 @@
 //! `WORKER_CLAIM_IDLE`; a consumer that fails keeps its batch and retries it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc, watch};
 
@@ -67,20 +67,19 @@ impl Inbox {
         })
     }
 
-    /// The next batch: waits up to `wait_first` for entries, then up to `linger` more for
-    /// others to join them, up to `max` entries. Empty when nothing came, or when the
-    /// fetchers have stopped.
-    pub async fn next(&self, max: usize, wait_first: Duration, linger: Duration) -> Vec<Delivered> {
+    /// The next batch: waits up to `wait_first` for entries, then takes what else the
+    /// fetchers have already handed over, up to `max` entries. Empty when nothing came,
+    /// or when the fetchers have stopped.
+    pub async fn next(&self, max: usize, wait_first: Duration) -> Vec<Delivered> {
         let mut rx = self.rx.lock().await;
         let mut batch = match tokio::time::timeout(wait_first, rx.recv()).await {
             Ok(Some(first)) => first,
             _ => return Vec::new(),
         };
-        let until = Instant::now() + linger;
         while batch.len() < max {
-            match tokio::time::timeout_at(until.into(), rx.recv()).await {
-                Ok(Some(more)) => batch.extend(more),
-                _ => break,
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
             }
         }
         batch

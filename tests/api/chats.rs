@@ -217,3 +217,33 @@ async fn an_update_right_after_the_create_is_kept() {
         .unwrap();
     assert_eq!(title.as_deref(), Some("renamed"));
 }
+
+#[tokio::test]
+async fn chats_are_listed_newest_first_as_soon_as_accepted() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    for _ in 0..5 {
+        app.chat(&token).await;
+    }
+    // Nothing persisted yet.
+    let reply = app
+        .get(&format!("/applications/{token}/chats?order=desc&limit=2"))
+        .await;
+    assert_eq!(reply.status, 200);
+    let numbers: Vec<u64> = reply
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [5, 4]);
+    assert_eq!(
+        reply.header("link"),
+        Some(
+            format!("</applications/{token}/chats?order=desc&limit=2&before=4>; rel=\"next\"")
+                .as_str()
+        )
+    );
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM chats").await, 0);
+}

@@ -180,3 +180,110 @@ async fn sequential_updates_end_with_the_last_one() {
     app.drain().await;
     assert_eq!(app.get(&path).await.body["body"], "v50");
 }
+
+/// The numbers and bodies of a page, and its `Link` header.
+async fn page(app: &TestApp, path: &str) -> (Vec<(u64, String)>, Option<String>) {
+    let reply = app.get(path).await;
+    assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    let items = reply
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["number"].as_u64().unwrap(),
+                m["body"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (items, reply.header("link").map(str::to_owned))
+}
+
+/// The URL of a `Link: <...>; rel="next"` header.
+fn next_of(link: &str) -> String {
+    link.trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn lists_show_accepted_messages_at_once_in_both_orders() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    for i in 1..=3 {
+        app.message(&token, chat, &format!("m{i}")).await;
+    }
+    app.drain().await;
+    // Persisted 1-3; then 4-6 accepted but not persisted, and 2 updated (pending).
+    for i in 4..=6 {
+        app.message(&token, chat, &format!("m{i}")).await;
+    }
+    let base = format!("/applications/{token}/chats/{chat}/messages");
+    app.patch(&format!("{base}/2"), json!({"body": "m2 edited"}))
+        .await;
+
+    let (items, link) = page(&app, &format!("{base}?order=desc&limit=4")).await;
+    assert_eq!(
+        items,
+        [
+            (6, "m6".into()),
+            (5, "m5".into()),
+            (4, "m4".into()),
+            (3, "m3".into())
+        ]
+    );
+    let next = next_of(&link.expect("a next page"));
+    assert_eq!(next, format!("{base}?order=desc&limit=4&before=3"));
+    let (items, link) = page(&app, &next).await;
+    assert_eq!(items, [(2, "m2 edited".into()), (1, "m1".into())]);
+    assert_eq!(link, None, "the oldest page has no next");
+
+    let (items, link) = page(&app, &format!("{base}?limit=4")).await;
+    let numbers: Vec<u64> = items.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, [1, 2, 3, 4]);
+    assert_eq!(
+        items[1].1, "m2 edited",
+        "a pending update wins over its row"
+    );
+    let (items, link) = page(&app, &next_of(&link.unwrap())).await;
+    assert_eq!(items, [(5, "m5".into()), (6, "m6".into())]);
+    assert_eq!(link, None);
+
+    // The same pages once everything is persisted.
+    app.drain().await;
+    let (items, _) = page(&app, &format!("{base}?order=desc&limit=10")).await;
+    let numbers: Vec<u64> = items.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, [6, 5, 4, 3, 2, 1]);
+    assert_eq!(items[4].1, "m2 edited");
+}
+
+#[tokio::test]
+async fn a_cursor_of_the_other_order_is_a_400() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let base = format!("/applications/{token}/chats/{chat}/messages");
+    for query in [
+        "order=desc&after=1",
+        "before=3",
+        "order=asc&before=3",
+        "order=sideways",
+    ] {
+        app.get(&format!("{base}?{query}"))
+            .await
+            .assert_problem(400);
+    }
+    app.get(&format!("/applications/{token}/chats?before=2"))
+        .await
+        .assert_problem(400);
+    app.get(&format!(
+        "/applications/{token}/chats/{}/messages?order=desc",
+        chat + 1
+    ))
+    .await
+    .assert_problem(404);
+}

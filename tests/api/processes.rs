@@ -570,3 +570,50 @@ async fn the_process_holding_the_index_writer_says_so_in_its_metrics() {
     assert_eq!(held(second_addr).await, "0");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_accepted_by_one_api_is_listed_at_once_by_the_other() {
+    let app = TestApp::spawn().await;
+    let apis = [
+        Process::start(&app, "api", &[]).await,
+        Process::start(&app, "api", &[]).await,
+    ];
+    let token = app.application("a").await;
+    let client = reqwest::Client::new();
+    let chats = apis[0].url(&format!("/applications/{token}/chats"));
+    let chat: serde_json::Value = client
+        .post(&chats)
+        .json(&json!({"title": "t"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat = chat["number"].as_u64().unwrap();
+    let path = format!("/applications/{token}/chats/{chat}/messages");
+    for i in 1..=3 {
+        // Created on one process, listed on the other right after the 201 (no worker
+        // runs: nothing is persisted).
+        let created = client
+            .post(apis[i % 2].url(&path))
+            .json(&json!({"body": format!("m{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        for (order, first) in [("asc", 1), ("desc", i as u64)] {
+            let listed: Vec<serde_json::Value> = client
+                .get(apis[(i + 1) % 2].url(&format!("{path}?order={order}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(listed.len(), i, "{order}: {listed:?}");
+            assert_eq!(listed[0]["number"], first, "{order}");
+        }
+    }
+    assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 0);
+}

@@ -59,10 +59,48 @@ pub struct Lookup<T> {
     pub app_id: Option<u64>,
 }
 
+/// Which way a list goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Direction {
+    #[default]
+    Asc,
+    Desc,
+}
+
+/// What a list page finds in Redis, in one round trip (`read_page.lua`).
+#[derive(Debug)]
+pub struct PageLookup<T> {
+    pub app_id: Option<u64>,
+    /// The last number handed out in the parent: every number up to it was accepted.
+    /// `None` when the counter is missing (it is rebuilt at the next create).
+    pub last: Option<u64>,
+    /// Messages only: whether the chat exists (`None`: unknown, its counter is missing).
+    pub chat_exists: Option<bool>,
+    /// The page's items that are not persisted yet (or whose update is not), by number.
+    pub pending: std::collections::BTreeMap<u64, T>,
+}
+
 /// A record read with its entry by `read_pending.lua`.
 struct Pending {
     record: Record,
     entry: QueuedWrite,
+}
+
+impl PageLookup<Pending> {
+    /// The pending items as resources; an entry whose timestamps do not convert is left
+    /// out, like a single read does.
+    fn map<T>(self, f: impl Fn(u64, Record, QueuedWrite) -> Option<T>) -> PageLookup<T> {
+        PageLookup {
+            app_id: self.app_id,
+            last: self.last,
+            chat_exists: self.chat_exists,
+            pending: self
+                .pending
+                .into_iter()
+                .filter_map(|(n, Pending { record, entry })| Some((n, f(n, record, entry)?)))
+                .collect(),
+        }
+    }
 }
 
 /// The Lua scripts, loaded once per process.
@@ -74,6 +112,7 @@ struct Scripts {
     release_pending: Script,
     start_catch_up: Script,
     measure: Script,
+    read_page: Script,
 }
 
 impl Scripts {
@@ -86,6 +125,7 @@ impl Scripts {
             release_pending: Script::new(include_str!("scripts/release_pending.lua")),
             start_catch_up: Script::new(include_str!("scripts/start_catch_up.lua")),
             measure: Script::new(include_str!("scripts/measure.lua")),
+            read_page: Script::new(include_str!("scripts/read_page.lua")),
         }
     }
 }
@@ -538,6 +578,123 @@ impl Queue {
                 })
             }),
             app_id: found.app_id,
+        })
+    }
+
+    /// The pending chats among up to `limit` numbers from `first` (in `direction`), the
+    /// application's chat counter and its cached id.
+    pub async fn page_of_chats(
+        &self,
+        token: &str,
+        first: u64,
+        direction: Direction,
+        limit: u32,
+    ) -> redis::RedisResult<PageLookup<Chat>> {
+        let keys = [
+            self.keys.application(token),
+            self.keys.chat_counter(token),
+            self.keys.chat_records(token),
+        ];
+        let found = self
+            .read_page(token, keys, None, first, direction, limit)
+            .await?;
+        Ok(found.map(|number, record, entry| {
+            Some(Chat {
+                number,
+                title: entry.text,
+                messages_count: record.messages_count,
+                created_at: from_micros(entry.created_us)?,
+                updated_at: from_micros(entry.updated_us)?,
+            })
+        }))
+    }
+
+    /// The pending messages among up to `limit` numbers from `first` (in `direction`),
+    /// the chat's message counter, whether the chat exists, and the application's id.
+    pub async fn page_of_messages(
+        &self,
+        token: &str,
+        chat: u64,
+        first: u64,
+        direction: Direction,
+        limit: u32,
+    ) -> redis::RedisResult<PageLookup<Message>> {
+        let keys = [
+            self.keys.application(token),
+            self.keys.message_counters(token),
+            self.keys.message_records(token, chat),
+        ];
+        let found = self
+            .read_page(token, keys, Some(chat), first, direction, limit)
+            .await?;
+        Ok(found.map(|number, _, entry| {
+            Some(Message {
+                number,
+                chat_number: chat,
+                body: entry.text?,
+                created_at: from_micros(entry.created_us)?,
+                updated_at: from_micros(entry.updated_us)?,
+            })
+        }))
+    }
+
+    async fn read_page(
+        &self,
+        token: &str,
+        [app, counter, records]: [String; 3],
+        chat: Option<u64>,
+        first: u64,
+        direction: Direction,
+        limit: u32,
+    ) -> redis::RedisResult<PageLookup<Pending>> {
+        let field = chat.map(|c| c.to_string()).unwrap_or_default();
+        let (app_id, last, chat_exists, found): (
+            Option<u64>,
+            Option<u64>,
+            u8,
+            Vec<Option<String>>,
+        ) = self
+            .scripts
+            .read_page
+            .key(app)
+            .key(counter)
+            .key(records)
+            .key(self.keys.stream(self.keys.shard_of(token)))
+            .key(self.keys.chat_counter(token))
+            .arg(&field)
+            .arg(first)
+            .arg(match direction {
+                Direction::Asc => "asc",
+                Direction::Desc => "desc",
+            })
+            .arg(limit)
+            .arg(&field)
+            .invoke_async(&mut self.conn())
+            .await?;
+        let mut pending = std::collections::BTreeMap::new();
+        for item in found.chunks(3) {
+            let [Some(number), Some(record), entry] = item else {
+                return Err(CodecError::Answer("a page's pending record".into()).into());
+            };
+            let number: u64 = number
+                .parse()
+                .map_err(|_| CodecError::Answer(format!("page number `{number}`")))?;
+            let record = Record::decode(record)?;
+            let entry = entry.as_deref().ok_or_else(|| {
+                CodecError::Record(format!("{}: its entry is missing", record.version))
+            })?;
+            let entry = QueuedWrite::decode(entry)?;
+            pending.insert(number, Pending { record, entry });
+        }
+        Ok(PageLookup {
+            app_id,
+            last,
+            chat_exists: match chat_exists {
+                0 => Some(false),
+                1 => Some(true),
+                _ => None,
+            },
+            pending,
         })
     }
 
