@@ -13,6 +13,7 @@
 
 pub mod elastic;
 pub mod embedded;
+pub mod fold;
 
 use std::sync::{Arc, OnceLock};
 
