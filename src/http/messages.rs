@@ -238,13 +238,20 @@ pub async fn search(
     let query = SearchQuery {
         token: token.as_str().to_owned(),
         chat,
-        terms: terms.clone(),
+        terms,
         after: page_after(params.after)?,
         limit,
     };
     let found = state.search.search(query).await?;
-    // The terms joined by a space, form-encoded (a space is `+`, a `+` is `%2B`).
-    let q = serde_urlencoded::to_string([("q", terms.join(" "))])
+    // The terms as sent (folding may put a space inside a term), joined by a space and
+    // form-encoded (a space is `+`, a `+` is `%2B`).
+    let sent: Vec<&str> = params
+        .q
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let q = serde_urlencoded::to_string([("q", sent.join(" "))])
         .map_err(|e| ApiError::internal(format!("encoding the next link: {e}")))?;
     let path = format!(
         "/applications/{}/chats/{chat}/messages/search?{q}",

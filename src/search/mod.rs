@@ -14,6 +14,7 @@
 pub mod elastic;
 pub mod embedded;
 pub mod fold;
+pub mod grams;
 
 use std::sync::{Arc, OnceLock};
 
@@ -53,37 +54,43 @@ impl MessageDoc {
     }
 }
 
-/// A validated search: lowercased terms, one chat, one page.
+/// A validated search: folded terms, one chat, one page.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SearchQuery {
     pub token: String,
     pub chat: u64,
+    /// Each term under [`fold::fold`], none empty.
     pub terms: Vec<String>,
     pub after: u64,
     pub limit: u32,
 }
 
-/// Splits `q` into lowercased terms; 400 when nothing is left after trimming.
+/// Splits `q` on whitespace and folds each term ([`fold::fold`]); 400 when no term is
+/// left, or when there are more than 32 terms or a term over 256 bytes (as sent). A term
+/// that folds to nothing (only default-ignorable code points, such as a soft hyphen)
+/// would match every body, so it is left out.
 pub fn parse_terms(q: Option<&str>) -> Result<Vec<String>, Malformed> {
-    let terms: Vec<String> = q
-        .unwrap_or("")
-        .split_whitespace()
-        .map(str::to_lowercase)
-        .collect();
-    if terms.is_empty() {
-        return Err(Malformed("`q` is required and must not be blank".into()));
-    }
-    if terms.len() > 32 || terms.iter().any(|t| t.len() > 256) {
+    let raw: Vec<&str> = q.unwrap_or("").split_whitespace().collect();
+    if raw.len() > 32 || raw.iter().any(|t| t.len() > 256) {
         return Err(Malformed(
             "`q` may hold at most 32 terms of at most 256 bytes".into(),
         ));
     }
+    let terms: Vec<String> = raw
+        .into_iter()
+        .map(|t| fold::fold(t).into_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if terms.is_empty() {
+        return Err(Malformed("`q` is required and must not be blank".into()));
+    }
     Ok(terms)
 }
 
-/// True when `body` contains every term, ignoring case: the definition of a match.
+/// True when the folded body contains every folded term: the definition of a match,
+/// which every backend answers exactly.
 pub fn matches(body: &str, terms: &[String]) -> bool {
-    let body = body.to_lowercase();
+    let body = fold::fold(body);
     terms.iter().all(|t| body.contains(t.as_str()))
 }
 
@@ -93,6 +100,13 @@ pub enum SearchError {
     Unavailable(String),
     #[error("search backend failed: {0}")]
     Failed(String),
+    /// The search ran past its time budget and was stopped.
+    #[error("the search ran past its budget of {0:?}")]
+    TimedOut(std::time::Duration),
+    /// This process's embedded index is not the one the index writer publishes: it
+    /// would answer from another host's index, or a partial one.
+    #[error("{0}")]
+    ForeignIndex(String),
 }
 
 /// The configured backend; cheap to clone.
@@ -118,7 +132,11 @@ impl Search {
             ))),
             None => {
                 let dir = config.search_index_dir.clone();
-                let index = blocking(move || embedded::EmbeddedIndex::open(&dir, writer)).await?;
+                let budget = config.search_time_budget;
+                let index = blocking(move || {
+                    Ok(embedded::EmbeddedIndex::open(&dir, writer)?.with_budget(budget))
+                })
+                .await?;
                 record_writer(index.has_writer());
                 Ok(Self::Embedded(Arc::new(index)))
             }
@@ -239,10 +257,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn terms_are_split_and_lowercased() {
+    fn terms_are_split_and_folded() {
         assert_eq!(parse_terms(Some("  Hel  WOR ")).unwrap(), ["hel", "wor"]);
+        assert_eq!(
+            parse_terms(Some("STRASSE İstanbul ﬁ")).unwrap(),
+            ["strasse", "i\u{307}stanbul", "fi"]
+        );
         assert!(parse_terms(Some("   ")).is_err());
         assert!(parse_terms(None).is_err());
+    }
+
+    #[test]
+    fn terms_that_fold_to_nothing_are_left_out() {
+        assert_eq!(parse_terms(Some("\u{ad} hel")).unwrap(), ["hel"]);
+        assert!(parse_terms(Some("\u{ad} \u{200b}")).is_err());
+    }
+
+    #[test]
+    fn term_limits_apply_to_the_terms_as_sent() {
+        assert!(parse_terms(Some(&["a"; 32].join(" "))).is_ok());
+        assert!(parse_terms(Some(&["a"; 33].join(" "))).is_err());
+        assert!(parse_terms(Some(&"a".repeat(256))).is_ok());
+        assert!(parse_terms(Some(&"a".repeat(257))).is_err());
+        // Folding may lengthen a term (`ﬃ` is three letters): the limit is on what is sent.
+        assert_eq!(parse_terms(Some(&"ﬃ".repeat(85))).unwrap()[0].len(), 255);
     }
 
     #[test]
@@ -252,5 +290,16 @@ mod tests {
         assert!(matches("hello world", &terms("hel wor")));
         assert!(!matches("hello world", &terms("hel xyz")));
         assert!(matches("100% *sure*", &terms("% *s")));
+    }
+
+    #[test]
+    fn matching_compares_folded_text() {
+        let terms = |q| parse_terms(Some(q)).unwrap();
+        assert!(matches("Straße", &terms("STRASSE")));
+        assert!(matches("ΟΔΟΣ", &terms("οδος")));
+        assert!(matches("ﬁnance", &terms("finance")));
+        assert!(matches("E\u{301}cole", &terms("\u{c9}COLE")));
+        assert!(matches("İstanbul", &terms("stanbul İSTANBUL")));
+        assert!(!matches("Istanbul", &terms("İstanbul")));
     }
 }

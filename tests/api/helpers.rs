@@ -167,6 +167,7 @@ impl TestApp {
             elasticsearch_url: None,
             elasticsearch_index: "messages".into(),
             search_index_dir: std::env::temp_dir().join(format!("chat-system-test-{prefix}")),
+            search_time_budget: Duration::from_secs(5),
         };
         let search = Search::open(&search_config, true)
             .await
