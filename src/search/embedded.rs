@@ -283,7 +283,8 @@ impl EmbeddedIndex {
         }
         writer.inner.commit().map_err(failed)?;
         writer.uncommitted.clear();
-        drop(guard);
+        // Under the lock: a concurrent commit that found nothing left to commit (this one
+        // took its documents) returns only once they are visible.
         self.reader.reload().map_err(failed)
     }
 
