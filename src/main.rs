@@ -3,8 +3,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use chat_system::cli::{Cli, Command};
+use chat_system::config::StoreConfig;
 use chat_system::process::{OpenFiles, configure_allocator, raise_open_files_limit};
 use chat_system::search::Search;
+use chat_system::search::identity::IndexGroup;
 use chat_system::startup::{self, ApiServer, StartError};
 use chat_system::store::{ConnectError, MIGRATOR, Store};
 use chat_system::{reindex, telemetry};
@@ -74,9 +76,14 @@ async fn run(command: Command) -> Result<(), StartError> {
             tracing::info!("migrations applied; queue consumer groups in place");
             Ok(())
         }
-        Command::Api { store, search, api } => {
-            let store = Store::connect(&store).await?;
+        Command::Api {
+            store: config,
+            search,
+            api,
+        } => {
+            let store = Store::connect(&config).await?;
             let search = Search::open(&search, false).await?;
+            search.join(index_group(&store, &config)).await?;
             let server = ApiServer::build(store, search, &api).await?;
             server.run(startup::wait_for(shutdown)).await
         }
@@ -87,6 +94,7 @@ async fn run(command: Command) -> Result<(), StartError> {
         } => {
             let store = Store::connect(&config).await?;
             let search = Search::open(&search, true).await?;
+            search.join(index_group(&store, &config)).await?;
             let tasks =
                 startup::spawn_workers(&store, &search, &config, &worker, &shutdown).await?;
             if let Some(addr) = worker.metrics_bind {
@@ -109,6 +117,7 @@ async fn run(command: Command) -> Result<(), StartError> {
                 .await
                 .map_err(ConnectError::from)?;
             let search = Search::open(&search, true).await?;
+            search.join(index_group(&store, &config)).await?;
             let tasks =
                 startup::spawn_workers(&store, &search, &config, &worker, &shutdown).await?;
             let server = ApiServer::build(store, search, &api).await?;
@@ -124,8 +133,19 @@ async fn run(command: Command) -> Result<(), StartError> {
             batch,
         } => {
             let pool = chat_system::store::connect_mysql(&store).await?;
+            let redis = chat_system::store::connect_redis(&store).await?;
             let search = Search::open(&search, true).await?;
-            reindex::run(&pool, &search, batch).await
+            reindex::run(&pool, &search, batch).await?;
+            // Rebuilt from MySQL, this index holds every message: the group feeds it now.
+            search
+                .adopt(IndexGroup::new(redis, &store.redis_prefix))
+                .await?;
+            Ok(())
         }
     }
+}
+
+/// The index group of this deployment's write queue (see `search::identity`).
+fn index_group(store: &Store, config: &StoreConfig) -> IndexGroup {
+    IndexGroup::new(store.queue.conn.clone(), &config.redis_prefix)
 }

@@ -14,10 +14,10 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tantivy::directory::{Directory, MmapDirectory, WatchCallback, WatchHandle};
@@ -33,6 +33,7 @@ use tantivy::{
 };
 
 use super::grams::{FoldedGrams, TermPlan};
+use super::identity::Membership;
 use super::{MessageDoc, SearchError, SearchQuery};
 use crate::resources::{from_micros, to_micros};
 
@@ -71,6 +72,10 @@ struct Fields {
 }
 
 pub struct EmbeddedIndex {
+    dir: PathBuf,
+    /// Set when the index serves a deployment through its index group (see
+    /// [`super::identity`]); tests and tools use an index on its own.
+    membership: OnceLock<Membership>,
     index: Index,
     reader: IndexReader,
     /// `None` while another process holds the writer (or none was asked for).
@@ -168,6 +173,8 @@ impl EmbeddedIndex {
             .try_into()
             .map_err(failed)?;
         let this = Self {
+            dir: dir.to_owned(),
+            membership: OnceLock::new(),
             index,
             reader,
             writer: Mutex::new(None),
@@ -186,6 +193,31 @@ impl EmbeddedIndex {
     pub fn with_budget(mut self, budget: Duration) -> Self {
         self.budget = budget;
         self
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes this index a member of its index group; once only.
+    pub fn join(&self, membership: Membership) {
+        let _ = self.membership.set(membership);
+    }
+
+    pub fn membership(&self) -> Option<&Membership> {
+        self.membership.get()
+    }
+
+    /// Gives the writer back (its lock with it), dropping what was not committed.
+    pub fn release_writer(&self) -> Result<(), SearchError> {
+        let mut writer = self
+            .writer
+            .lock()
+            .map_err(|_| failed("index writer poisoned"))?;
+        if let Some(mut held) = writer.take() {
+            held.inner.rollback().map_err(failed)?;
+        }
+        Ok(())
     }
 
     pub fn has_writer(&self) -> bool {

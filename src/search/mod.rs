@@ -15,6 +15,7 @@ pub mod elastic;
 pub mod embedded;
 pub mod fold;
 pub mod grams;
+pub mod identity;
 
 use std::sync::{Arc, OnceLock};
 
@@ -24,6 +25,7 @@ use tokio::sync::Semaphore;
 use crate::config::SearchConfig;
 use crate::domain::Malformed;
 use crate::resources::Message;
+use identity::{IndexGroup, Membership, Verdict};
 
 /// A message as the index holds it.
 #[derive(Clone, Debug, PartialEq)]
@@ -152,16 +154,96 @@ impl Search {
     }
 
     /// Takes the right to index if it is free (the embedded index's writer, released
-    /// when the process holding it stops or dies); true when this handle may index.
+    /// when the process holding it stops or dies) and, in an index group, if the group
+    /// feeds this index; true when this handle may index.
     pub async fn try_take_writer(&self) -> Result<bool, SearchError> {
         match self {
             Self::Embedded(index) => {
-                let index = index.clone();
-                let taken = blocking(move || index.try_take_writer()).await?;
-                record_writer(taken);
-                Ok(taken)
+                let taken = {
+                    let index = index.clone();
+                    blocking(move || index.try_take_writer()).await?
+                };
+                let kept = taken && self.claim_or_release(index).await?;
+                record_writer(kept);
+                Ok(kept)
             }
             Self::Elastic(_) => Ok(true),
+        }
+    }
+
+    /// Puts the embedded index in `group` ([`identity`]): from now on it serves searches
+    /// only while its directory holds the index the group feeds, and if this handle holds
+    /// the writer it claims the group, or gives the writer back when the group feeds
+    /// another index. Elasticsearch, shared by every host, needs none of this.
+    pub async fn join(&self, group: IndexGroup) -> Result<(), SearchError> {
+        let Self::Embedded(index) = self else {
+            return Ok(());
+        };
+        index.join(Membership::new(index.dir().to_owned(), group));
+        if index.has_writer() {
+            // Without an answer from Redis, the writer is given back: the standby that
+            // every worker runs claims again later.
+            let kept = self.claim_or_release(index).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not claim the search index group");
+                false
+            });
+            record_writer(kept);
+        } else if let Some(membership) = index.membership() {
+            // Logs and reports a foreign index at once, rather than at the first search.
+            let _ = membership.verdict().await;
+        }
+        Ok(())
+    }
+
+    /// Publishes this embedded index as the one `group` feeds, whatever it fed before:
+    /// for `chat-system reindex`, once the index holds every message.
+    pub async fn adopt(&self, group: IndexGroup) -> Result<(), SearchError> {
+        let Self::Embedded(index) = self else {
+            return Ok(());
+        };
+        let id = Membership::new(index.dir().to_owned(), group)
+            .adopt()
+            .await?;
+        tracing::info!(dir = %index.dir().display(), index = %id, "this search index is now the one the index group feeds");
+        Ok(())
+    }
+
+    /// In an index group, claims it for the writer just taken; gives the writer back
+    /// when the group feeds another index. True when the writer is kept.
+    async fn claim_or_release(
+        &self,
+        index: &Arc<embedded::EmbeddedIndex>,
+    ) -> Result<bool, SearchError> {
+        let Some(membership) = index.membership() else {
+            return Ok(true);
+        };
+        match membership.claim().await {
+            Ok(Verdict::Ours) => Ok(true),
+            Ok(Verdict::Foreign(_)) => {
+                let index = index.clone();
+                blocking(move || index.release_writer()).await?;
+                Ok(false)
+            }
+            Err(e) => {
+                let index = index.clone();
+                blocking(move || index.release_writer()).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether this embedded index may serve and index now: [`SearchError::ForeignIndex`]
+    /// when its group feeds another index.
+    async fn check_membership(&self) -> Result<(), SearchError> {
+        let Self::Embedded(index) = self else {
+            return Ok(());
+        };
+        let Some(membership) = index.membership() else {
+            return Ok(());
+        };
+        match membership.verdict().await? {
+            Verdict::Ours => Ok(()),
+            Verdict::Foreign(why) => Err(SearchError::ForeignIndex(why)),
         }
     }
 
@@ -179,6 +261,12 @@ impl Search {
         if docs.is_empty() {
             return Ok(());
         }
+        // Documents of a writer whose index the group no longer feeds wait in the queue
+        // (unavailable, not refused), for the group's own writer to take over.
+        self.check_membership().await.map_err(|e| match e {
+            SearchError::ForeignIndex(why) => SearchError::Unavailable(why),
+            e => e,
+        })?;
         match self {
             Self::Embedded(index) => {
                 let index = index.clone();
@@ -206,6 +294,7 @@ impl Search {
 
     /// One page of matches, in ascending message number.
     pub async fn search(&self, query: SearchQuery) -> Result<Vec<Message>, SearchError> {
+        self.check_membership().await?;
         let docs = match self {
             Self::Embedded(index) => {
                 let index = index.clone();
@@ -218,7 +307,7 @@ impl Search {
 
     pub async fn ping(&self) -> Result<(), SearchError> {
         match self {
-            Self::Embedded(_) => Ok(()),
+            Self::Embedded(_) => self.check_membership().await,
             Self::Elastic(index) => index.ping().await,
         }
     }
