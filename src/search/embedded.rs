@@ -42,6 +42,10 @@ use crate::resources::{from_micros, to_micros};
 const TOKENIZER: &str = "folded_grams";
 /// A search's time budget unless configured.
 pub const DEFAULT_BUDGET: Duration = Duration::from_millis(500);
+/// How long a chat counts as heavy after one of its searches took longer than a slice.
+const HEAVY_FOR: Duration = Duration::from_secs(60);
+/// Heavy chats remembered at most.
+const HEAVY_CHATS: usize = 1024;
 /// Candidates examined between two looks at the clock.
 const CLOCK_EVERY: u32 = 64;
 /// The writer's indexing buffer. It fills only between two commits (a fraction of a
@@ -86,6 +90,8 @@ pub struct EmbeddedIndex {
     _sweeper: WatchHandle,
     /// How long one search may run.
     budget: Duration,
+    /// Chats whose searches took longer than a slice lately, and when.
+    heavy: Mutex<HashMap<(String, u64), Instant>>,
 }
 
 /// The index writer and the versions of the documents added since its last commit
@@ -182,6 +188,7 @@ impl EmbeddedIndex {
             sweeps,
             _sweeper: sweeper,
             budget: DEFAULT_BUDGET,
+            heavy: Mutex::new(HashMap::new()),
         };
         if writer && !this.try_take_writer()? {
             tracing::warn!(dir = %dir.display(), "another process holds the search index writer; this one only reads");
@@ -358,7 +365,50 @@ impl EmbeddedIndex {
     /// One page of matches, ascending `number`: at most `limit + 1` documents, found from
     /// the index alone (see the module documentation), within the search budget.
     pub fn search(&self, query: &SearchQuery) -> Result<Vec<MessageDoc>, SearchError> {
-        let clock = Clock::start(self.budget);
+        self.run(query, &Clock::start(self.budget))
+    }
+
+    /// As [`Self::search`], but gives up after `slice` (`None`), unless the budget ends
+    /// first: a search that takes longer is then known to be a heavy one.
+    pub fn search_within(
+        &self,
+        query: &SearchQuery,
+        slice: Duration,
+    ) -> Result<Option<Vec<MessageDoc>>, SearchError> {
+        if slice >= self.budget {
+            return self.search(query).map(Some);
+        }
+        let clock = Clock::start(slice);
+        match self.run(query, &clock) {
+            Err(SearchError::TimedOut(_)) => Ok(None),
+            found => found.map(Some),
+        }
+    }
+
+    /// Whether searches of this chat took longer than a slice lately.
+    pub fn is_heavy(&self, query: &SearchQuery) -> bool {
+        let Ok(heavy) = self.heavy.lock() else {
+            return false;
+        };
+        heavy
+            .get(&(query.token.clone(), query.chat))
+            .is_some_and(|at| at.elapsed() < HEAVY_FOR)
+    }
+
+    /// Remembers that a search of this chat took longer than a slice.
+    pub fn mark_heavy(&self, query: &SearchQuery) {
+        if let Ok(mut heavy) = self.heavy.lock() {
+            if heavy.len() >= HEAVY_CHATS {
+                heavy.retain(|_, at| at.elapsed() < HEAVY_FOR);
+                if heavy.len() >= HEAVY_CHATS {
+                    heavy.clear();
+                }
+            }
+            heavy.insert((query.token.clone(), query.chat), Instant::now());
+        }
+    }
+
+    fn run(&self, query: &SearchQuery, clock: &Clock) -> Result<Vec<MessageDoc>, SearchError> {
         let plans: Vec<TermPlan> = query.terms.iter().map(|t| TermPlan::of(t)).collect();
         let wanted = query.limit as usize + 1;
         let searcher = self.reader.searcher();
@@ -368,7 +418,7 @@ impl EmbeddedIndex {
             wanted,
         };
         for (ordinal, segment) in searcher.segment_readers().iter().enumerate() {
-            self.search_segment(segment, ordinal as u32, query, &plans, &clock, &mut best)?;
+            self.search_segment(segment, ordinal as u32, query, &plans, clock, &mut best)?;
         }
         let mut hits = best.heap.into_vec();
         hits.sort_unstable();
@@ -824,6 +874,35 @@ mod tests {
             index.search(&query(1, &["abcdabcd"], 0, 50)),
             Err(SearchError::TimedOut(Duration::ZERO))
         ));
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_search_longer_than_its_slice_gives_up_and_its_chat_counts_as_heavy() {
+        let (dir, index) = scratch_index("slice");
+        let docs = (1..=500)
+            .map(|n| message(1, n, "abcd cdab abcd cdab"))
+            .collect();
+        index.index(docs).unwrap();
+        index.index(vec![message(2, 1, "abcdabcd")]).unwrap();
+        let adversarial = query(1, &["abcdabcd"], 0, 50);
+        assert_eq!(
+            index.search_within(&adversarial, Duration::ZERO).unwrap(),
+            None
+        );
+        // Within the budget, the same search answers.
+        assert_eq!(
+            numbers(index.search(&adversarial).unwrap()),
+            Vec::<u64>::new()
+        );
+        let other = query(2, &["abcdabcd"], 0, 50);
+        let found = index.search_within(&other, Duration::from_secs(5)).unwrap();
+        assert_eq!(numbers(found.unwrap()), [1]);
+        assert!(!index.is_heavy(&adversarial));
+        index.mark_heavy(&adversarial);
+        assert!(index.is_heavy(&adversarial));
+        assert!(!index.is_heavy(&other));
         drop(index);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -18,6 +18,7 @@ pub mod grams;
 pub mod identity;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Semaphore;
@@ -296,10 +297,7 @@ impl Search {
     pub async fn search(&self, query: SearchQuery) -> Result<Vec<Message>, SearchError> {
         self.check_membership().await?;
         let docs = match self {
-            Self::Embedded(index) => {
-                let index = index.clone();
-                blocking(move || index.search(&query)).await?
-            }
+            Self::Embedded(index) => embedded_search(index, query).await?,
             Self::Elastic(index) => index.search(&query).await?,
         };
         Ok(docs.into_iter().map(MessageDoc::into_message).collect())
@@ -318,6 +316,50 @@ impl Search {
             Self::Elastic(_) => "elasticsearch",
         }
     }
+}
+
+/// How long a search may hold one of the shared slots: a search that needs longer is
+/// heavy, and finishes in the heavy lane.
+const SLICE: Duration = Duration::from_millis(5);
+
+/// Searches the embedded index in one of two lanes. Every search starts with one slice
+/// of time in the shared slots ([`blocking`]); one that needs more, and every search of
+/// a chat that needed more lately, runs in the heavy lane ([`blocking_heavy`]), which
+/// has fewer slots. However many heavy searches loop, the others never wait behind
+/// them for more than a slice.
+async fn embedded_search(
+    index: &Arc<embedded::EmbeddedIndex>,
+    query: SearchQuery,
+) -> Result<Vec<MessageDoc>, SearchError> {
+    let query = Arc::new(query);
+    if !index.is_heavy(&query) {
+        let (index, query) = (index.clone(), query.clone());
+        if let Some(found) = blocking(move || index.search_within(&query, SLICE)).await? {
+            return Ok(found);
+        }
+    }
+    index.mark_heavy(&query);
+    metrics::counter!("search_heavy_total").increment(1);
+    let index = index.clone();
+    blocking_heavy(move || index.search(&query)).await
+}
+
+/// Runs a heavy search off the async threads, at most one per two cores at a time
+/// (at least one).
+async fn blocking_heavy<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SearchError> + Send + 'static,
+) -> Result<T, SearchError> {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    let slots = SLOTS.get_or_init(|| {
+        Semaphore::new(std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)))
+    });
+    let _slot = slots
+        .acquire()
+        .await
+        .map_err(|e| SearchError::Failed(e.to_string()))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SearchError::Failed(e.to_string()))?
 }
 
 /// Runs a call of the embedded index (file I/O, CPU-heavy) off the async threads, at
