@@ -1,8 +1,11 @@
 //! Message search: every whitespace-separated term of the query must occur in the body
-//! as a case-insensitive substring, within one chat. Two backends, one behaviour:
+//! as a case-insensitive substring, within one chat. "Case-insensitive" is Unicode NFKC
+//! case folding ([`fold`]): body and terms are compared folded, the body is stored as
+//! written ([`matches`] is the definition). Two backends, one behaviour:
 //!
-//! * [`embedded`]: a Tantivy index on local disk (the default). One process holds its
-//!   writer; any process on the same host can read it.
+//! * [`embedded`]: a Tantivy index on local disk (the default), of positioned n-grams
+//!   ([`grams`]). One process holds its writer; any process on the same host can read
+//!   it, and no other host can ([`identity`]).
 //! * [`elastic`]: Elasticsearch 8 over its REST API (set `ELASTICSEARCH_URL`), for more
 //!   than one host.
 //!
