@@ -657,44 +657,67 @@ fn intersect(
 /// Position buffers reused from one candidate to the next.
 #[derive(Default)]
 struct PhraseBuffers {
-    starts: Vec<u32>,
-    other: Vec<u32>,
+    positions: Vec<u32>,
+    /// The starts still possible, as a bitset over the document's positions.
+    starts: Vec<u64>,
+    next: Vec<u64>,
 }
 
 impl PhraseBuffers {
     /// True when every gram of `phrase` (offset, list) occurs at one start plus its
     /// offset in the current document: the term is a substring of the folded body.
+    ///
+    /// This is most of what a search costs when a chat's bodies hold every gram of a term
+    /// but not the term: each gram's positions are read once and tested against a bitset
+    /// of the starts still possible (merging sorted lists branched at every step).
     fn phrase_at(&mut self, lists: &mut [SegmentPostings], phrase: &[(u32, usize)]) -> bool {
-        // The rarest gram in this document gives the fewest starts to check.
+        // The rarest gram in this document gives the fewest starts.
         let Some(&(first_offset, first)) = phrase.iter().min_by_key(|(_, l)| lists[*l].term_freq())
         else {
             return true;
         };
-        lists[first].positions(&mut self.starts);
-        self.starts.retain(|p| *p >= first_offset);
-        for p in &mut self.starts {
-            *p -= first_offset;
+        lists[first].positions(&mut self.positions);
+        let Some(&last) = self.positions.last() else {
+            return false;
+        };
+        let words = last as usize / 64 + 1;
+        self.starts.clear();
+        self.starts.resize(words, 0);
+        let mut any = false;
+        for &p in &self.positions {
+            if let Some(start) = p.checked_sub(first_offset) {
+                let start = start as usize;
+                self.starts[start / 64] |= 1 << (start % 64);
+                any = true;
+            }
         }
         for &(offset, list) in phrase {
+            if !any {
+                return false;
+            }
             if list == first && offset == first_offset {
                 continue;
             }
-            lists[list].positions(&mut self.other);
-            // Both sorted: keep the starts whose gram is where the phrase needs it.
-            let mut j = 0;
-            let other = &self.other;
-            self.starts.retain(|start| {
-                let want = start + offset;
-                while j < other.len() && other[j] < want {
-                    j += 1;
+            lists[list].positions(&mut self.positions);
+            self.next.clear();
+            self.next.resize(words, 0);
+            any = false;
+            for &p in &self.positions {
+                let Some(start) = p.checked_sub(offset) else {
+                    continue;
+                };
+                let (word, bit) = (start as usize / 64, start % 64);
+                let Some(starts) = self.starts.get(word) else {
+                    break; // sorted: past the last possible start
+                };
+                if (starts >> bit) & 1 == 1 {
+                    self.next[word] |= 1 << bit;
+                    any = true;
                 }
-                j < other.len() && other[j] == want
-            });
-            if self.starts.is_empty() {
-                return false;
             }
+            std::mem::swap(&mut self.starts, &mut self.next);
         }
-        !self.starts.is_empty()
+        any
     }
 }
 
