@@ -217,13 +217,13 @@ impl EmbeddedIndex {
 
     /// Gives the writer back (its lock with it), dropping what was not committed.
     pub fn release_writer(&self) -> Result<(), SearchError> {
-        let mut writer = self
+        let held = self
             .writer
             .lock()
-            .map_err(|_| failed("index writer poisoned"))?;
-        if let Some(mut held) = writer.take() {
-            held.inner.rollback().map_err(failed)?;
-        }
+            .map_err(|_| failed("index writer poisoned"))?
+            .take();
+        // Dropping the writer waits for its threads and frees the lock.
+        drop(held);
         Ok(())
     }
 
