@@ -10,6 +10,11 @@ The worker runs in the kernel's idle scheduling class (`chrt --idle 0`): on one 
 the API's latency comes first and persistence takes the spare CPU. Set
 BENCH_WORKER_PRIORITY=normal to measure without it, or nice10 for `nice -n 10`.
 
+`--search` runs only the search section (also part of the full run): the adversarial
+chat (20,000 messages of `"abcd cdab "` × 200, searched for `abcdabcd`, alone and while a
+search of another application is measured beside 8 looping ones), and the drain of a
+backlog with the CPU each part of the system spends per message.
+
 Ports (all on 127.0.0.1), each overridable when taken: BENCH_MYSQL_PORT (default 24306)
 and BENCH_REDIS_PORT (24379) for the private MariaDB and Redis, BENCH_API_PORT (3100),
 BENCH_WORKER_METRICS_PORT (3101) and BENCH_PROBE_PORT (3102).
@@ -27,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -249,6 +255,198 @@ class PeakMemory:
         self._sampler.stop()
 
 
+# ---- CPU per part of the system ------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The search index's own threads in the worker (Tantivy names them; a name is cut at 15
+# characters): indexing, segment merges, the stored-body compressor. The rest of the
+# worker is persisting, reading the queue and preparing documents.
+INDEX_THREADS = ("thrd-tantivy", "merge_thread", "segment_update", "docstore-compr")
+
+
+def _ticks(stat_path):
+    try:
+        fields = pathlib.Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _index_threads(pid):
+    """CPU ticks of each of a process's search index threads, by thread id."""
+    found = {}
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith(INDEX_THREADS):
+            found[task.name] = _ticks(task / "stat")
+    return found
+
+
+def _pidfile(path):
+    try:
+        return int(pathlib.Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class CpuMeter:
+    """CPU spent by each part of the system between `start` and `per_message`.
+
+    Tantivy ends its indexing threads at each commit and starts new ones, and a thread's
+    time leaves `/proc` with it: the index's threads are sampled every 0.1 s, and each
+    counts with the last figure seen (a thread that ends loses at most its last 0.1 s).
+    The rest of the worker is its process total less those threads."""
+
+    def __init__(self, stack):
+        self._stack = stack
+        self._index = {}  # (pid, tid) -> [ticks when first seen, ticks when last seen]
+        self._sampler = None
+
+    def _sample_index(self):
+        for name, proc in list(self._stack.procs.items()):
+            if name == "api":
+                continue
+            for tid, ticks in _index_threads(proc.pid).items():
+                seen = self._index.setdefault((proc.pid, tid), [ticks if self._started else 0, ticks])
+                seen[1] = ticks
+
+    def _snapshot(self):
+        snap = {}
+        for name, proc in self._stack.procs.items():
+            part = "api" if name == "api" else "worker"
+            snap[part] = snap.get(part, 0) + _ticks(f"/proc/{proc.pid}/stat")
+        for name, pidfile in (("redis", DATA / "deps" / "redis" / "redis.pid"),
+                              ("mysql", DATA / "deps" / "mysql" / "mysqld.pid")):
+            pid = _pidfile(pidfile)
+            if pid:
+                snap[name] = _ticks(f"/proc/{pid}/stat")
+        return snap
+
+    def start(self):
+        self._started = False
+        self._sample_index()  # threads alive now count from their current figure
+        self._started = True
+        self._before = self._snapshot()
+        self._sampler = _Sampler(self._sample_index, every=0.1)
+        return self
+
+    def per_message(self, messages):
+        """Microseconds of CPU per message, by part."""
+        self._sampler.stop()
+        self._sample_index()
+        after = self._snapshot()
+        ticks = {name: after[name] - self._before.get(name, 0) for name in after}
+        index = sum(last - first for first, last in self._index.values())
+        if "worker" in ticks:
+            ticks["worker: search index threads"] = index
+            ticks["worker: other threads (persist, queue, documents)"] = ticks.pop("worker") - index
+        return {name: t / CLOCK_TICKS * 1e6 / max(messages, 1) for name, t in ticks.items()}
+
+
+def log_cpu(what, cpu):
+    log(f"CPU per message, {what}: " + ", ".join(f"{k} {v:,.0f} µs" for k, v in cpu.items()))
+
+
+ADVERSARIAL_BODY = "abcd cdab " * 200
+ADVERSARIAL_MESSAGES = 20_000
+
+
+def search_section(stack, d):
+    """The adversarial search chat, and the search of another application beside it."""
+    results, figures = [], {}
+    adversarial = http("POST", "/applications", {"name": "adversarial search"})["token"]
+    for _ in range(2):
+        http("POST", f"/applications/{adversarial}/chats", {"title": "adversarial"})
+    log(f"queueing the adversarial chat: {ADVERSARIAL_MESSAGES:,} messages of {len(ADVERSARIAL_BODY):,} characters")
+    fill_backlog(adversarial, ADVERSARIAL_MESSAGES, ADVERSARIAL_BODY)  # chat 2
+    other = http("POST", "/applications", {"name": "normal search"})["token"]
+    http("POST", f"/applications/{other}/chats", {"title": "normal"})
+    http("POST", f"/applications/{other}/chats/1/messages", {"body": "one normal message"})
+    wait_until("the adversarial chat to be indexed",
+               lambda: group_lag("persist") == 0 and group_lag("index") == 0, 600, 0.2)
+    adversarial_path = f'"/applications/{adversarial}/chats/2/messages/search?q=abcdabcd"'
+    normal_path = f'"/applications/{other}/chats/1/messages/search?q=normal"'
+    alone = wrk("search: adversarial chat, q=abcdabcd, one client", lua_get(adversarial_path), d,
+                connections=1, threads=1)
+    results.append(alone)
+    figures["adversarial_p99_ms"] = alone["p99_ms"]
+    # 8 adversarial searches loop (for longer than the measure) while one client
+    # searches its one message in another application.
+    looping = {}
+    loop = threading.Thread(target=lambda: looping.update(
+        wrk("(8 adversarial searches looping)", lua_get(adversarial_path), d + 2, connections=8, threads=1)))
+    loop.start()
+    time.sleep(1)  # the loop's connections are open and busy before the measure starts
+    beside = wrk("search: one message in another application, 8 adversarial searches looping",
+                 lua_get(normal_path), d, connections=1, threads=1)
+    loop.join()
+    results.append(beside)
+    if looping:
+        results.append(looping)
+    figures["normal_beside_adversarial_p99_ms"] = beside["p99_ms"]
+    return results, figures
+
+
+def drain_with_cpu(stack, token, count, name):
+    """Stops the worker, queues `count` messages, starts a worker and times the drain,
+    with the CPU each part spends per message. Returns (persist/s, index/s, cpu, backlog)."""
+    stack.stop("worker")
+    log(f"queueing a backlog of {count:,} messages")
+    fill_backlog(token, count)
+    backlog = group_lag("persist")
+    wait_until("Redis's append-only file rewrite", lambda: "aof_rewrite_in_progress:0" in redis("INFO", "persistence"), 300, 0.2)
+    stack.start(name, "worker", WORKER_METRICS_BIND=WORKER_METRICS)
+    wait_until("the draining worker", lambda: _ok(f"http://{WORKER_METRICS}/healthz"), 60, 0.02)
+    cpu = CpuMeter(stack).start()
+    start = time.time()
+    wait_until("the backlog to persist", lambda: group_lag("persist") == 0, 600, 0.1)
+    persisted_s = time.time() - start
+    wait_until("the backlog to be indexed", lambda: group_lag("index") == 0, 900, 0.2)
+    indexed_s = time.time() - start
+    per_message = cpu.per_message(backlog)
+    log(f"backlog: persisted at {backlog / persisted_s:,.0f}/s, indexed at {backlog / indexed_s:,.0f}/s")
+    log_cpu("backlog drain", per_message)
+    return backlog / persisted_s, backlog / indexed_s, per_message, backlog
+
+
+def search_only(stack, token, quick):
+    """`--search`: the search section and a backlog drain, written to bench/results/search.md."""
+    d = 4 if quick else 10
+    results, figures = search_section(stack, d)
+    persist_rps, index_rps, cpu, backlog = drain_with_cpu(stack, token, 200_000, "worker")
+    figures.update(drain_persist_rps=persist_rps, drain_index_rps=index_rps, cpu_drain=cpu, backlog=backlog)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Search benchmark — {stamp}", "",
+             "| scenario | req/s | p50 ms | p99 ms | p99.9 ms | errors | non-2xx |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['scenario']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | "
+              f"{r['errors']} | {r['non2xx']} |" for r in results]
+    lines += ["", "| measure | figure | target |", "|---|---:|---|"] + search_figure_rows(figures)
+    lines += ["", "Reproduce: `scripts/bench --search`."]
+    text = "\n".join(lines) + "\n"
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.md").write_text(text)
+    (out / "search.json").write_text(json.dumps({"results": results, "figures": figures}, indent=1))
+    print(text)
+
+
+def search_figure_rows(f):
+    rows = [f"| search, adversarial chat alone: p99 | {fmt(f.get('adversarial_p99_ms'), ' ms', 2)} | ≤ 10 ms |",
+            f"| search in another application, 8 adversarial searches looping: p99 | "
+            f"{fmt(f.get('normal_beside_adversarial_p99_ms'), ' ms', 2)} | ≤ 10 ms |"]
+    if f.get("drain_index_rps"):
+        rows.append(f"| backlog of {f.get('backlog', 0):,}: persisted / indexed | {fmt(f.get('drain_persist_rps'), '/s')} / "
+                    f"{fmt(f.get('drain_index_rps'), '/s')} | indexed ≥ 60,000/s |")
+    for what in ("cpu_create", "cpu_drain"):
+        for part, us in (f.get(what) or {}).items():
+            label = "creates with the worker beside the API" if what == "cpu_create" else "backlog drain"
+            rows.append(f"| CPU per message, {label}: {part} | {us:,.0f} µs | |")
+    return rows
+
+
 # ---- the stack ----------------------------------------------------------------------
 
 class Stack:
@@ -296,6 +494,9 @@ def main():
     parser.add_argument("--soak", type=float, metavar="MINUTES",
                         help="instead: creates at 60%% of the maximum rate for MINUTES (e.g. 10), "
                              "sampling RSS and the queue")
+    parser.add_argument("--search", action="store_true",
+                        help="instead: only the search section (adversarial chat, backlog drain "
+                             "with CPU per message); bench/results/search.md")
     args = parser.parse_args()
     quick = args.quick
     d = 4 if quick else 12               # seconds per throughput scenario
@@ -349,6 +550,8 @@ def main():
         base = f"/applications/{token}/chats"
         if args.soak:
             return soak(stack, base, args.soak)
+        if args.search:
+            return search_only(stack, token, quick)
 
         # Ceilings, same machine, same run.
         results.append(wrk("ceiling: HTTP (GET /healthz)", lua_get('"/healthz"'), d))
@@ -381,9 +584,15 @@ def main():
 
         # Throughput scenarios, the worker persisting and indexing beside the API.
         results.append(wrk("create chat", lua_post(f'"{base}"', "'{\"title\":\"t\"}'"), d))
+        cpu = CpuMeter(stack).start()
         results.append(wrk("create message, 1,000 chats",
                            lua_post(f'"{base}/" .. math.random(1000) .. "/messages"', body_expr()), d))
         figures["create_rps"] = results[-1]["rps"]
+        # What the worker does for these creates, it may finish after the measure: the
+        # CPU is taken once the queue is drained.
+        wait_until("the queue to drain", lambda: group_lag("persist") == 0 and group_lag("index") == 0, 300, 0.2)
+        figures["cpu_create"] = cpu.per_message(results[-1]["requests"])
+        log_cpu("creates with the worker beside the API", figures["cpu_create"])
         hot = wrk("create message, one hot chat", lua_post(f'"{base}/1/messages"', body_expr()), d)
         results.append(hot)
         # Top the hot chat up to the search corpus size, then wait for persistence and indexing.
@@ -454,31 +663,21 @@ delay = function() return {delay} end
         figures["redis_bytes_64k"] = queued_bytes(token, 200, "b" * 65_535)
         log(f"Redis per queued message: {figures['redis_bytes_100']:,.0f} B (100-byte body), "
             f"{figures['redis_bytes_64k']:,.0f} B (65,535-byte body)")
-        log(f"queueing a backlog of {backlog:,} messages")
-        fill_backlog(token, backlog)
-        backlog = group_lag("persist")
-        # Queueing a million entries grows Redis's append-only file past its rewrite
-        # threshold: the rewrite it starts belongs to the fill, not to the drain.
-        wait_until("Redis's append-only file rewrite", lambda: "aof_rewrite_in_progress:0" in redis("INFO", "persistence"), 300, 0.2)
-        stack.start("worker2", "worker", WORKER_METRICS_BIND=WORKER_METRICS)
-        # Timed from the worker answering, i.e. without its start-up (connections, groups).
-        wait_until("the draining worker", lambda: _ok(f"http://{WORKER_METRICS}/healthz"), 60, 0.02)
-        start = time.time()
-        wait_until("the backlog to persist", lambda: group_lag("persist") == 0, 600, 0.1)
-        persisted_s = time.time() - start
-        wait_until("the backlog to be indexed", lambda: group_lag("index") == 0, 900, 0.2)
-        indexed_s = time.time() - start
-        figures["drain_persist_rps"] = backlog / persisted_s
-        figures["drain_index_rps"] = backlog / indexed_s
+        persist_rps, index_rps, cpu_drain, backlog = drain_with_cpu(stack, token, backlog, "worker2")
+        figures["drain_persist_rps"] = persist_rps
+        figures["drain_index_rps"] = index_rps
+        figures["cpu_drain"] = cpu_drain
         figures["backlog"] = backlog
         figures["rss_worker_drain"] = rss_kib(stack.procs["worker2"].pid)
-        log(f"backlog: persisted at {figures['drain_persist_rps']:,.0f}/s, indexed at {figures['drain_index_rps']:,.0f}/s")
         memory.stop()
         figures["anon_peak_kib"] = memory.peaks
+        search_results, search_figures = search_section(stack, d)
+        results += search_results
+        figures.update(search_figures)
     finally:
         stack.stop_all()
         subprocess.run([ROOT / "scripts" / "deps", "stop"], env=deps_env)
-    if not args.soak:
+    if not (args.soak or args.search):
         write_results(results, figures, quick)
 
 
@@ -695,6 +894,7 @@ def write_results(results, f, quick):
               f"| peak RSS, api: private / with mapped index pages | {peak('api')} / {fmt(f['rss_api'][0] / 1024, ' MiB', 1)} | ≤ 64 MiB |" if f.get("rss_api") else "",
               f"| peak RSS, worker under load: private / with mapped index pages | {peak('worker_load')} / {fmt(f['rss_worker_load'][0] / 1024, ' MiB', 1)} | ≤ 128 MiB |" if f.get("rss_worker_load") else "",
               f"| peak RSS, worker draining the backlog: private / with mapped index pages | {peak('worker_drain')} / {fmt(f['rss_worker_drain'][0] / 1024, ' MiB', 1)} | ≤ 128 MiB |" if f.get("rss_worker_drain") else "",
+              *search_figure_rows(f),
               "", "Reproduce: `scripts/bench" + (" --quick" if quick else "") + "`."]
     text = "\n".join(l for l in lines if l is not None) + "\n"
     out = ROOT / "bench" / "results"

@@ -236,6 +236,11 @@ pub struct SearchConfig {
     #[arg(long, env = "SEARCH_INDEX_DIR", default_value = ".data/search")]
     pub search_index_dir: PathBuf,
 
+    /// How long one search of the embedded index may run; past it the search stops and
+    /// answers 503 rather than hold one of the search slots (one per core).
+    #[arg(long, env = "SEARCH_TIME_BUDGET", default_value = "500ms", value_parser = parse_duration)]
+    pub search_time_budget: Duration,
+
     #[command(flatten)]
     pub elastic: ElasticConfig,
 }

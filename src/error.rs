@@ -76,6 +76,12 @@ pub enum ApiError {
     Unavailable(Dependency, #[source] Cause),
     #[error("overloaded: {0:?}")]
     Overloaded(Overload),
+    /// A search stopped at its time budget.
+    #[error("search ran past its budget of {0:?}")]
+    SearchTimedOut(std::time::Duration),
+    /// This host's embedded search index is not the one being written.
+    #[error("search index not on this host")]
+    SearchNotHere(#[source] Cause),
     /// `/readyz` with a failing check: each check and its state.
     #[error("not ready")]
     NotReady(BTreeMap<&'static str, &'static str>),
@@ -103,9 +109,12 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(..) | Self::Timeout | Self::Overloaded(_) | Self::NotReady(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Unavailable(..)
+            | Self::Timeout
+            | Self::Overloaded(_)
+            | Self::NotReady(_)
+            | Self::SearchTimedOut(_)
+            | Self::SearchNotHere(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -169,6 +178,21 @@ impl ApiError {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
+            ),
+            Self::SearchTimedOut(budget) => (
+                "search-timed-out",
+                format!(
+                    "the search ran past its time budget of {} ms and was stopped; longer, \
+                     more specific terms search faster",
+                    budget.as_millis()
+                ),
+            ),
+            Self::SearchNotHere(_) => (
+                "search-index-elsewhere",
+                "search is not served here: this host's embedded search index is not the one \
+                 the indexing worker writes (an embedded index serves one host); deployments \
+                 of several hosts use Elasticsearch (ELASTICSEARCH_URL)"
+                    .into(),
             ),
             Self::Timeout => (
                 "timeout",
@@ -236,7 +260,7 @@ impl IntoResponse for ApiError {
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         let retry_after = match self {
-            Self::Unavailable(..) | Self::Timeout => Some("1"),
+            Self::Unavailable(..) | Self::Timeout | Self::SearchTimedOut(_) => Some("1"),
             Self::Overloaded(_) => Some(OVERLOAD_RETRY_AFTER),
             _ => None,
         };
@@ -305,6 +329,8 @@ impl From<crate::search::SearchError> for ApiError {
                 Self::Unavailable(Dependency::Search, err.into())
             }
             crate::search::SearchError::Failed(_) => Self::Internal(err.into()),
+            crate::search::SearchError::TimedOut(budget) => Self::SearchTimedOut(budget),
+            crate::search::SearchError::ForeignIndex(_) => Self::SearchNotHere(err.into()),
         }
     }
 }
@@ -368,6 +394,31 @@ mod tests {
             response.headers()[header::RETRY_AFTER],
             OVERLOAD_RETRY_AFTER
         );
+    }
+
+    #[test]
+    fn a_search_past_its_budget_is_a_503_that_says_so() {
+        use crate::search::SearchError;
+        let err = ApiError::from(SearchError::TimedOut(std::time::Duration::from_millis(500)));
+        let problem = err.problem();
+        assert_eq!(problem.status, 503);
+        assert_eq!(problem.problem_type, "/problems/search-timed-out");
+        assert!(problem.detail.contains("500 ms"), "{}", problem.detail);
+    }
+
+    #[test]
+    fn a_foreign_search_index_is_a_503_that_points_to_elasticsearch() {
+        use crate::search::SearchError;
+        let err = ApiError::from(SearchError::ForeignIndex("index 1234 is not 5678".into()));
+        let problem = err.problem();
+        assert_eq!(problem.status, 503);
+        assert_eq!(problem.problem_type, "/problems/search-index-elsewhere");
+        assert!(
+            problem.detail.contains("Elasticsearch"),
+            "{}",
+            problem.detail
+        );
+        assert!(!problem.detail.contains("1234"), "details stay in the log");
     }
 
     #[test]

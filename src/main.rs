@@ -4,6 +4,7 @@ use clap::Parser;
 
 use chat_system::cli::{Cli, Command};
 use chat_system::process::{OpenFiles, configure_allocator, raise_open_files_limit};
+use chat_system::search::identity::IndexGroup;
 use chat_system::search::{Search, SearchError};
 use chat_system::startup::{self, ApiServer, StartError};
 use chat_system::store::{ConnectError, MIGRATOR, Store};
@@ -78,9 +79,14 @@ async fn run(command: Command) -> Result<(), StartError> {
             tracing::info!("migrations applied; queue consumer groups in place");
             Ok(())
         }
-        Command::Api { store, search, api } => {
-            let store = Store::connect(&store).await?;
+        Command::Api {
+            store: config,
+            search,
+            api,
+        } => {
+            let store = Store::connect(&config).await?;
             let search = Search::open(&search, false).await?;
+            search.join(index_group(&store)).await?;
             let server = ApiServer::build(store, search, &api).await?;
             server.run(startup::wait_for(shutdown)).await
         }
@@ -91,6 +97,7 @@ async fn run(command: Command) -> Result<(), StartError> {
         } => {
             let store = Store::connect(&config).await?;
             let search = Search::open(&search, true).await?;
+            search.join(index_group(&store)).await?;
             let tasks =
                 startup::spawn_workers(&store, &search, &config, &worker, &shutdown).await?;
             if let Some(addr) = worker.metrics_bind {
@@ -113,6 +120,7 @@ async fn run(command: Command) -> Result<(), StartError> {
                 .await
                 .map_err(ConnectError::from)?;
             let search = Search::open(&search, true).await?;
+            search.join(index_group(&store)).await?;
             let tasks =
                 startup::spawn_workers(&store, &search, &config, &worker, &shutdown).await?;
             let server = ApiServer::build(store, search, &api).await?;
@@ -168,13 +176,23 @@ async fn run(command: Command) -> Result<(), StartError> {
             settle,
         } => {
             let pool = chat_system::store::connect_mysql(&store).await?;
+            let redis = chat_system::store::connect_redis(&store).await?;
             let search = Search::open(&search, true).await?;
             let options = reindex::Options {
                 fresh,
                 settle,
                 ..reindex::Options::default()
             };
-            reindex::run_with(&pool, &search, batch, options).await
+            reindex::run_with(&pool, &search, batch, options).await?;
+            // Rebuilt from MySQL, this index holds every message: the group feeds it now.
+            search
+                .adopt(IndexGroup::new(
+                    redis,
+                    chat_system::store::queue::Keys::new(&store.redis_prefix, store.redis_shards)
+                        .search_index_id(),
+                ))
+                .await?;
+            Ok(())
         }
         Command::VerifyElasticsearch { search } => {
             let Search::Elastic(es) = Search::open(&search, true).await? else {
@@ -201,4 +219,9 @@ async fn run(command: Command) -> Result<(), StartError> {
             }
         }
     }
+}
+
+/// The index group of this deployment's write queue (see `search::identity`).
+fn index_group(store: &Store) -> IndexGroup {
+    IndexGroup::new(store.queue.conn(), store.queue.keys.search_index_id())
 }

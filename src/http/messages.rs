@@ -192,7 +192,9 @@ async fn apply_update(
 #[into_params(parameter_in = Query)]
 pub struct SearchParams {
     /// Every whitespace-separated term must occur in the body, as a case-insensitive
-    /// substring; special characters are literal. Not empty after trimming.
+    /// substring: both compared after Unicode NFKC case folding (`NFKC_Casefold`, ICU's
+    /// `nfkc_cf`). Special characters are literal. Not empty after trimming; at most 32
+    /// terms of at most 256 bytes each.
     #[param(required = true, value_type = String, min_length = 1, example = "hello wor")]
     pub q: Option<String>,
     /// Page size, 1 to 1000 (default 50).
@@ -206,7 +208,24 @@ pub struct SearchParams {
 }
 
 /// Searches the messages of one chat by partial, case-insensitive match of every term.
-/// A message is findable within seconds of its creation.
+///
+/// "Case-insensitive substring" has one definition, the same in every search backend: a
+/// message matches when, after Unicode NFKC case folding (`NFKC_Casefold`, which ICU
+/// calls `nfkc_cf`) of its body and of the term, the folded term occurs in the folded
+/// body. The folding removes differences of case, including those that change length
+/// (`STRASSE` finds "Straße", `οδος` finds "ΟΔΟΣ"), of compatibility forms (`finance`
+/// finds "ﬁnance", `abc` finds "ＡＢＣ"), of composition (a precomposed `é` finds a
+/// decomposed one) and default-ignorable characters (soft hyphens, zero-width joiners,
+/// emoji variation selectors). It is Unicode's default folding, not a language's:
+/// `İ` folds to `i` with a combining dot above, so `stanbul` and `İSTANBUL` find
+/// "İstanbul" but `istanbul` does not, and the dotless `ı` stays apart from `i`. A term
+/// that folds to nothing (only default-ignorable characters) is left out. The stored body
+/// is never altered; responses carry it as written.
+///
+/// A message is findable within seconds of its creation. A search that runs past its
+/// time budget (`SEARCH_TIME_BUDGET`) stops with a 503 `search-timed-out`; one sent to a
+/// host whose embedded index is not the one being written answers 503
+/// `search-index-elsewhere` (several hosts use Elasticsearch).
 #[utoipa::path(
     get, path = "/applications/{token}/chats/{chat}/messages/search", tag = "messages", operation_id = "searchMessages",
     params(("token" = String, Path, description = "The application's token", example = "b3JkZXJzLWFyZS1yYW5kb20tYnl0ZXMx"), ("chat" = u64, Path, description = "The chat's number", minimum = 1), SearchParams),
@@ -230,13 +249,20 @@ pub async fn search(
     let query = SearchQuery {
         token: token.as_str().to_owned(),
         chat,
-        terms: terms.clone(),
+        terms,
         after: page_after(params.after)?,
         limit,
     };
     let found = state.search.search(query).await?;
-    // The terms joined by a space, form-encoded (a space is `+`, a `+` is `%2B`).
-    let q = serde_urlencoded::to_string([("q", terms.join(" "))])
+    // The terms as sent (folding may put a space inside a term), joined by a space and
+    // form-encoded (a space is `+`, a `+` is `%2B`).
+    let sent: Vec<&str> = params
+        .q
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let q = serde_urlencoded::to_string([("q", sent.join(" "))])
         .map_err(|e| ApiError::internal(format!("encoding the next link: {e}")))?;
     let path = format!(
         "/applications/{}/chats/{chat}/messages/search?{q}",

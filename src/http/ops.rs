@@ -19,6 +19,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use crate::error::{ApiError, Problem};
+use crate::search::SearchError;
 use crate::store::mysql;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -132,7 +133,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
         (status = 200, description = "Ready: every check is `ok`", body = Readiness),
         (status = 503, description = "Not ready: a problem document whose `checks` names each \
             failing check (`mysql`, `redis`, `search`: `unavailable`; `queue`: `full` while \
-            writes are refused for backpressure)", body = Problem, content_type = "application/problem+json"),
+            writes are refused for backpressure; `search`: `foreign_index` when this host's \
+            embedded search index is not the one the indexing worker writes: an embedded \
+            index serves one host, several hosts use Elasticsearch)", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn readyz(State(state): State<AppState>) -> Response {
@@ -153,7 +156,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let checks = BTreeMap::from([
         ("mysql", state_of(matches!(mysql_ok, Ok(Ok(()))))),
         ("redis", state_of(redis_ok)),
-        ("search", state_of(matches!(search_ok, Ok(Ok(()))))),
+        (
+            "search",
+            match search_ok {
+                Ok(Ok(())) => "ok",
+                // This host's embedded index is not the one being written.
+                Ok(Err(SearchError::ForeignIndex(_))) => "foreign_index",
+                _ => "unavailable",
+            },
+        ),
         ("queue", if redis_ok { queue } else { "unavailable" }),
     ]);
     if checks.values().all(|state| *state == "ok") {

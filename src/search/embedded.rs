@@ -1,42 +1,53 @@
 //! The embedded backend: a Tantivy index on local disk.
 //!
-//! Bodies are indexed as lowercased 1- to 3-character n-grams. A query term of at most
-//! three characters is itself one gram, so its posting list is the exact answer. A longer
-//! term becomes the conjunction of its trigrams, which finds every body containing it
-//! plus a few that hold the trigrams apart; those candidates are checked against the
-//! stored body, so results are exactly the substring matches.
+//! Bodies are indexed as positioned n-grams of their folded text ([`super::grams`]), and
+//! every term is answered from the index alone: a term of three characters or more as a
+//! phrase of trigrams (exactly substring containment), a shorter one as a prefix of the
+//! grams. No stored body is read to decide a match; only the page's hits are loaded.
+//! Each search has a time budget: past it, it stops with [`SearchError::TimedOut`]
+//! rather than hold a search slot.
 //!
 //! Tantivy allows one writer per index: the process that gets it indexes, the others on
 //! the same host only read (their reader reloads when the writer commits). The writer's
 //! lock is a file lock, which the system releases when its process dies, so a standby
 //! process can take the writer over ([`EmbeddedIndex::try_take_writer`]).
 
-use std::collections::{HashMap, HashSet};
-use std::ops::Bound;
-use std::path::Path;
-use std::sync::Arc;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use tantivy::collector::TopDocs;
 use tantivy::directory::{Directory, MmapDirectory, WatchCallback, WatchHandle};
 use tantivy::indexer::{IndexWriterOptions, LogMergePolicy};
-use tantivy::query::{BooleanQuery, Occur, Query, RangeQuery, TermQuery};
+use tantivy::postings::{Postings, SegmentPostings};
 use tantivy::schema::{
     FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
     TextOptions, Value,
 };
-use tantivy::tokenizer::{LowerCaser, NgramTokenizer, TextAnalyzer};
 use tantivy::{
-    DocAddress, DocSet, Index, IndexReader, IndexWriter, Order, ReloadPolicy, Searcher, TERMINATED,
-    TantivyDocument, Term,
+    DocAddress, DocId, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher,
+    SegmentReader, TERMINATED, TantivyDocument, Term,
 };
 
-use super::{MessageDoc, SearchError, SearchQuery, matches};
+use super::grams::{FoldedGrams, TermPlan};
+use super::identity::Membership;
+use super::{MessageDoc, SearchError, SearchQuery};
 use crate::resources::{from_micros, to_micros};
 
-const TOKENIZER: &str = "ngram1_3";
-const GRAM: usize = 3;
+/// The body's analyzer: folded, positioned grams. Its name is part of the schema, so an
+/// index written with another analyzer is recognised and refused at open.
+const TOKENIZER: &str = "folded_grams";
+/// A search's time budget unless configured.
+pub const DEFAULT_BUDGET: Duration = Duration::from_millis(500);
+/// How long a chat counts as heavy after one of its searches took longer than a slice.
+const HEAVY_FOR: Duration = Duration::from_secs(60);
+/// Heavy chats remembered at most.
+const HEAVY_CHATS: usize = 1024;
+/// Candidates examined between two looks at the clock.
+const CLOCK_EVERY: u32 = 64;
 /// The writer's indexing buffer. It fills only between two commits (a fraction of a
 /// second of writes), then becomes a segment.
 const WRITER_HEAP: usize = 32 * 1024 * 1024;
@@ -65,6 +76,10 @@ struct Fields {
 }
 
 pub struct EmbeddedIndex {
+    dir: PathBuf,
+    /// Set when the index serves a deployment through its index group (see
+    /// [`super::identity`]); tests and tools use an index on its own.
+    membership: OnceLock<Membership>,
     index: Index,
     reader: IndexReader,
     /// `None` while another process holds the writer (or none was asked for).
@@ -73,6 +88,10 @@ pub struct EmbeddedIndex {
     /// Sweeps of the directory's file cache so far (see [`sweep_file_cache`]).
     sweeps: Arc<AtomicU64>,
     _sweeper: WatchHandle,
+    /// How long one search may run.
+    budget: Duration,
+    /// Chats whose searches took longer than a slice lately, and when.
+    heavy: Mutex<HashMap<(String, u64), Instant>>,
 }
 
 /// The index writer and the versions of the documents added since its last commit
@@ -87,7 +106,7 @@ fn schema() -> (Schema, Fields) {
     let body_options = TextOptions::default().set_stored().set_indexing_options(
         TextFieldIndexing::default()
             .set_tokenizer(TOKENIZER)
-            .set_index_option(IndexRecordOption::Basic),
+            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
     );
     let fields = Fields {
         id: builder.add_text_field("id", STRING),
@@ -144,29 +163,68 @@ impl EmbeddedIndex {
             .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
         let (schema, fields) = schema();
         let directory = MmapDirectory::open(dir).map_err(failed)?;
-        let index = Index::open_or_create(directory.clone(), schema).map_err(failed)?;
+        let index = Index::open_or_create(directory.clone(), schema).map_err(|e| match e {
+            tantivy::TantivyError::SchemaError(_) => failed(format!(
+                "{} holds a search index of another format: remove the directory and \
+                 rebuild it with `chat-system reindex`",
+                dir.display()
+            )),
+            e => failed(e),
+        })?;
         let (sweeps, sweeper) = sweep_file_cache(directory)?;
-        let analyzer = TextAnalyzer::builder(NgramTokenizer::new(1, GRAM, false).map_err(failed)?)
-            .filter(LowerCaser)
-            .build();
-        index.tokenizers().register(TOKENIZER, analyzer);
+        index.tokenizers().register(TOKENIZER, FoldedGrams);
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::OnCommitWithDelay)
             .try_into()
             .map_err(failed)?;
         let this = Self {
+            dir: dir.to_owned(),
+            membership: OnceLock::new(),
             index,
             reader,
             writer: Mutex::new(None),
             fields,
             sweeps,
             _sweeper: sweeper,
+            budget: DEFAULT_BUDGET,
+            heavy: Mutex::new(HashMap::new()),
         };
         if writer && !this.try_take_writer()? {
             tracing::warn!(dir = %dir.display(), "another process holds the search index writer; this one only reads");
         }
         Ok(this)
+    }
+
+    /// Sets how long one search may run before it stops with [`SearchError::TimedOut`].
+    pub fn with_budget(mut self, budget: Duration) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes this index a member of its index group; once only.
+    pub fn join(&self, membership: Membership) {
+        let _ = self.membership.set(membership);
+    }
+
+    pub fn membership(&self) -> Option<&Membership> {
+        self.membership.get()
+    }
+
+    /// Gives the writer back (its lock with it), dropping what was not committed.
+    pub fn release_writer(&self) -> Result<(), SearchError> {
+        let held = self
+            .writer
+            .lock()
+            .map_err(|_| failed("index writer poisoned"))?
+            .take();
+        // Dropping the writer waits for its threads and frees the lock.
+        drop(held);
+        Ok(())
     }
 
     pub fn has_writer(&self) -> bool {
@@ -264,7 +322,8 @@ impl EmbeddedIndex {
         }
         writer.inner.commit().map_err(failed)?;
         writer.uncommitted.clear();
-        drop(guard);
+        // Under the lock: a concurrent commit that found nothing left to commit (this one
+        // took its documents) returns only once they are visible.
         self.reader.reload().map_err(failed)
     }
 
@@ -303,60 +362,181 @@ impl EmbeddedIndex {
         Ok(found)
     }
 
+    /// One page of matches, ascending `number`: at most `limit + 1` documents, found from
+    /// the index alone (see the module documentation), within the search budget.
     pub fn search(&self, query: &SearchQuery) -> Result<Vec<MessageDoc>, SearchError> {
-        let f = &self.fields;
-        let mut clauses: Vec<(Occur, Box<dyn Query>)> = vec![
-            term(Term::from_field_text(f.token, &query.token)),
-            term(Term::from_field_u64(f.chat, query.chat)),
-            (
-                Occur::Must,
-                Box::new(RangeQuery::new(
-                    Bound::Excluded(Term::from_field_u64(f.number, query.after)),
-                    Bound::Unbounded,
-                )),
-            ),
-        ];
-        let mut grams = HashSet::new();
-        for t in &query.terms {
-            let chars: Vec<char> = t.chars().collect();
-            if chars.len() <= GRAM {
-                grams.insert(t.clone());
-            } else {
-                grams.extend(chars.windows(GRAM).map(|w| w.iter().collect::<String>()));
-            }
+        self.run(query, &Clock::start(self.budget))
+    }
+
+    /// As [`Self::search`], but gives up after `slice` (`None`), unless the budget ends
+    /// first: a search that takes longer is then known to be a heavy one.
+    pub fn search_within(
+        &self,
+        query: &SearchQuery,
+        slice: Duration,
+    ) -> Result<Option<Vec<MessageDoc>>, SearchError> {
+        if slice >= self.budget {
+            return self.search(query).map(Some);
         }
-        clauses.extend(grams.iter().map(|g| term(Term::from_field_text(f.body, g))));
-        let boolean = BooleanQuery::new(clauses);
-        // Short terms are answered exactly by their gram; longer ones need a check.
-        let verify = query.terms.iter().any(|t| t.chars().count() > GRAM);
-        let wanted = query.limit as usize + 1;
-        let searcher = self.reader.searcher();
-        let mut cap = if verify { wanted * 2 + 64 } else { wanted };
-        loop {
-            let candidates: Vec<(Option<u64>, DocAddress)> = searcher
-                .search(
-                    &boolean,
-                    &TopDocs::with_limit(cap).order_by_fast_field("number", Order::Asc),
-                )
-                .map_err(failed)?;
-            let exhausted = candidates.len() < cap;
-            let mut found = Vec::with_capacity(wanted);
-            for (_, address) in candidates {
-                let stored: TantivyDocument = searcher.doc(address).map_err(failed)?;
-                let Some(doc) = self.to_doc(&stored, query) else {
-                    continue;
-                };
-                if !verify || matches(&doc.body, &query.terms) {
-                    found.push(doc);
-                    if found.len() == wanted {
-                        return Ok(found);
-                    }
+        let clock = Clock::start(slice);
+        match self.run(query, &clock) {
+            Err(SearchError::TimedOut(_)) => Ok(None),
+            found => found.map(Some),
+        }
+    }
+
+    /// Whether searches of this chat took longer than a slice lately.
+    pub fn is_heavy(&self, query: &SearchQuery) -> bool {
+        let Ok(heavy) = self.heavy.lock() else {
+            return false;
+        };
+        heavy
+            .get(&(query.token.clone(), query.chat))
+            .is_some_and(|at| at.elapsed() < HEAVY_FOR)
+    }
+
+    /// Remembers that a search of this chat took longer than a slice.
+    pub fn mark_heavy(&self, query: &SearchQuery) {
+        if let Ok(mut heavy) = self.heavy.lock() {
+            if heavy.len() >= HEAVY_CHATS {
+                heavy.retain(|_, at| at.elapsed() < HEAVY_FOR);
+                if heavy.len() >= HEAVY_CHATS {
+                    heavy.clear();
                 }
             }
-            if exhausted {
-                return Ok(found);
+            heavy.insert((query.token.clone(), query.chat), Instant::now());
+        }
+    }
+
+    fn run(&self, query: &SearchQuery, clock: &Clock) -> Result<Vec<MessageDoc>, SearchError> {
+        let plans: Vec<TermPlan> = query.terms.iter().map(|t| TermPlan::of(t)).collect();
+        let wanted = query.limit as usize + 1;
+        let searcher = self.reader.searcher();
+        // The `wanted` smallest numbers found so far, largest on top.
+        let mut best = Best {
+            heap: BinaryHeap::with_capacity(wanted + 1),
+            wanted,
+        };
+        for (ordinal, segment) in searcher.segment_readers().iter().enumerate() {
+            self.search_segment(segment, ordinal as u32, query, &plans, clock, &mut best)?;
+        }
+        let mut hits = best.heap.into_vec();
+        hits.sort_unstable();
+        let mut found = Vec::with_capacity(hits.len());
+        for (_, ordinal, doc) in hits {
+            let stored: TantivyDocument = searcher
+                .doc(DocAddress::new(ordinal, doc))
+                .map_err(failed)?;
+            if let Some(doc) = self.to_doc(&stored, query) {
+                found.push(doc);
             }
-            cap *= 4;
+        }
+        Ok(found)
+    }
+
+    /// Adds the matches of one segment to `best`.
+    fn search_segment(
+        &self,
+        segment: &SegmentReader,
+        ordinal: u32,
+        query: &SearchQuery,
+        plans: &[TermPlan],
+        clock: &Clock,
+        best: &mut Best,
+    ) -> Result<(), SearchError> {
+        let f = &self.fields;
+        let basic = IndexRecordOption::Basic;
+        let body = segment.inverted_index(f.body).map_err(failed)?;
+        // The documents of the chat: every candidate is in each of these lists.
+        let mut lists = Vec::new();
+        for (field, term) in [
+            (f.token, Term::from_field_text(f.token, &query.token)),
+            (f.chat, Term::from_field_u64(f.chat, query.chat)),
+        ] {
+            let inverted = segment.inverted_index(field).map_err(failed)?;
+            match inverted.read_postings(&term, basic).map_err(failed)? {
+                Some(postings) => lists.push(postings),
+                None => return Ok(()),
+            }
+        }
+        // Each distinct gram of the phrases once, with positions.
+        let mut grams: Vec<String> = Vec::new();
+        let mut phrases: Vec<Vec<(u32, usize)>> = Vec::new();
+        let mut prefixes = Vec::new();
+        for plan in plans {
+            match plan {
+                TermPlan::Phrase(parts) => {
+                    let mut phrase = Vec::with_capacity(parts.len());
+                    for (offset, gram) in parts {
+                        let at = match grams.iter().position(|g| g == gram) {
+                            Some(at) => at,
+                            None => {
+                                grams.push(gram.clone());
+                                grams.len() - 1
+                            }
+                        };
+                        phrase.push((*offset, lists.len() + at));
+                    }
+                    phrases.push(phrase);
+                }
+                TermPlan::Prefix(prefix) => {
+                    prefixes.push(PrefixUnion::open(&body, prefix, clock)?);
+                }
+            }
+        }
+        for gram in &grams {
+            let term = Term::from_field_text(f.body, gram);
+            match body
+                .read_postings(&term, IndexRecordOption::WithFreqsAndPositions)
+                .map_err(failed)?
+            {
+                Some(postings) => lists.push(postings),
+                None => return Ok(()),
+            }
+        }
+        if prefixes.iter().any(PrefixUnion::is_empty) {
+            return Ok(());
+        }
+        // The shortest list leads the intersection.
+        let lead = (0..lists.len())
+            .min_by_key(|&i| lists[i].doc_freq())
+            .unwrap_or(0);
+        lists.swap(0, lead);
+        for phrase in &mut phrases {
+            for (_, list) in phrase.iter_mut() {
+                if *list == lead {
+                    *list = 0;
+                } else if *list == 0 {
+                    *list = lead;
+                }
+            }
+        }
+        let numbers = segment.fast_fields().u64("number").map_err(failed)?;
+        let mut below = best.below();
+        let mut positions = PhraseBuffers::default();
+        let mut examined = 0u32;
+        let mut doc = lists[0].doc();
+        loop {
+            doc = intersect(&mut lists, doc, clock)?;
+            if doc == TERMINATED {
+                return Ok(());
+            }
+            examined += 1;
+            if examined.is_multiple_of(CLOCK_EVERY) {
+                clock.check()?;
+            }
+            if !segment.is_deleted(doc)
+                && let Some(number) = numbers.first(doc)
+                && number > query.after
+                && number < below
+                && phrases
+                    .iter()
+                    .all(|phrase| positions.phrase_at(&mut lists, phrase))
+                && prefixes.iter_mut().all(|prefix| prefix.contains(doc))
+            {
+                below = best.offer(number, ordinal, doc);
+            }
+            doc = lists[0].advance();
         }
     }
 
@@ -395,11 +575,209 @@ impl EmbeddedIndex {
     }
 }
 
-fn term(t: Term) -> (Occur, Box<dyn Query>) {
-    (
-        Occur::Must,
-        Box::new(TermQuery::new(t, IndexRecordOption::Basic)),
-    )
+/// The matches with the smallest numbers found so far (the page and one more).
+struct Best {
+    /// Largest number on top.
+    heap: BinaryHeap<(u64, u32, DocId)>,
+    wanted: usize,
+}
+
+impl Best {
+    /// The number below which a match is still wanted.
+    fn below(&self) -> u64 {
+        match self.heap.peek() {
+            Some((number, _, _)) if self.heap.len() >= self.wanted => *number,
+            _ => u64::MAX,
+        }
+    }
+
+    fn offer(&mut self, number: u64, segment: u32, doc: DocId) -> u64 {
+        self.heap.push((number, segment, doc));
+        if self.heap.len() > self.wanted {
+            self.heap.pop();
+        }
+        self.below()
+    }
+}
+
+/// The deadline of one search.
+struct Clock {
+    deadline: Instant,
+    budget: Duration,
+}
+
+impl Clock {
+    fn start(budget: Duration) -> Self {
+        Self {
+            deadline: Instant::now() + budget,
+            budget,
+        }
+    }
+
+    fn check(&self) -> Result<(), SearchError> {
+        if Instant::now() >= self.deadline {
+            return Err(SearchError::TimedOut(self.budget));
+        }
+        Ok(())
+    }
+}
+
+/// Moves every list to the first document at or after `from` that all of them hold
+/// (`lists[0]` leads); `TERMINATED` when there is none.
+fn intersect(
+    lists: &mut [SegmentPostings],
+    from: DocId,
+    clock: &Clock,
+) -> Result<DocId, SearchError> {
+    let mut target = from;
+    let mut rounds = 0u32;
+    'next: loop {
+        if target == TERMINATED {
+            return Ok(TERMINATED);
+        }
+        rounds += 1;
+        if rounds.is_multiple_of(1024) {
+            clock.check()?;
+        }
+        for list in lists.iter_mut() {
+            let doc = if list.doc() < target {
+                list.seek(target)
+            } else {
+                list.doc()
+            };
+            if doc > target {
+                target = doc;
+                continue 'next;
+            }
+        }
+        return Ok(target);
+    }
+}
+
+/// Position buffers reused from one candidate to the next.
+#[derive(Default)]
+struct PhraseBuffers {
+    positions: Vec<u32>,
+    /// The starts still possible, as a bitset over the document's positions.
+    starts: Vec<u64>,
+    next: Vec<u64>,
+}
+
+impl PhraseBuffers {
+    /// True when every gram of `phrase` (offset, list) occurs at one start plus its
+    /// offset in the current document: the term is a substring of the folded body.
+    ///
+    /// This is most of what a search costs when a chat's bodies hold every gram of a term
+    /// but not the term: each gram's positions are read once and tested against a bitset
+    /// of the starts still possible (merging sorted lists branched at every step).
+    fn phrase_at(&mut self, lists: &mut [SegmentPostings], phrase: &[(u32, usize)]) -> bool {
+        // The rarest gram in this document gives the fewest starts.
+        let Some(&(first_offset, first)) = phrase.iter().min_by_key(|(_, l)| lists[*l].term_freq())
+        else {
+            return true;
+        };
+        lists[first].positions(&mut self.positions);
+        let Some(&last) = self.positions.last() else {
+            return false;
+        };
+        let words = last as usize / 64 + 1;
+        self.starts.clear();
+        self.starts.resize(words, 0);
+        let mut any = false;
+        for &p in &self.positions {
+            if let Some(start) = p.checked_sub(first_offset) {
+                let start = start as usize;
+                self.starts[start / 64] |= 1 << (start % 64);
+                any = true;
+            }
+        }
+        for &(offset, list) in phrase {
+            if !any {
+                return false;
+            }
+            if list == first && offset == first_offset {
+                continue;
+            }
+            lists[list].positions(&mut self.positions);
+            self.next.clear();
+            self.next.resize(words, 0);
+            any = false;
+            for &p in &self.positions {
+                let Some(start) = p.checked_sub(offset) else {
+                    continue;
+                };
+                let (word, bit) = (start as usize / 64, start % 64);
+                let Some(starts) = self.starts.get(word) else {
+                    break; // sorted: past the last possible start
+                };
+                if (starts >> bit) & 1 == 1 {
+                    self.next[word] |= 1 << bit;
+                    any = true;
+                }
+            }
+            std::mem::swap(&mut self.starts, &mut self.next);
+        }
+        any
+    }
+}
+
+/// The documents holding some gram that starts with a prefix: a union of the posting
+/// lists of those grams, asked in increasing document order.
+struct PrefixUnion {
+    lists: Vec<SegmentPostings>,
+    /// Each list's current document, smallest on top.
+    heads: BinaryHeap<Reverse<(DocId, usize)>>,
+}
+
+impl PrefixUnion {
+    fn open(
+        body: &tantivy::InvertedIndexReader,
+        prefix: &str,
+        clock: &Clock,
+    ) -> Result<Self, SearchError> {
+        let mut upper = prefix.as_bytes().to_vec();
+        // No UTF-8 byte is 0xFF: every key that starts with the prefix sorts below this.
+        upper.push(0xFF);
+        let mut stream = body
+            .terms()
+            .range()
+            .ge(prefix.as_bytes())
+            .lt(&upper)
+            .into_stream()
+            .map_err(failed)?;
+        let mut lists = Vec::new();
+        let mut heads = BinaryHeap::new();
+        while stream.advance() {
+            let postings = body
+                .read_postings_from_terminfo(stream.value(), IndexRecordOption::Basic)
+                .map_err(failed)?;
+            heads.push(Reverse((postings.doc(), lists.len())));
+            lists.push(postings);
+            if lists.len().is_multiple_of(CLOCK_EVERY as usize) {
+                clock.check()?;
+            }
+        }
+        Ok(Self { lists, heads })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lists.is_empty()
+    }
+
+    /// True when some list holds `doc`; calls come in increasing `doc` order.
+    fn contains(&mut self, doc: DocId) -> bool {
+        while let Some(&Reverse((head, i))) = self.heads.peek() {
+            if head >= doc {
+                return head == doc;
+            }
+            self.heads.pop();
+            let next = self.lists[i].seek(doc);
+            if next != TERMINATED {
+                self.heads.push(Reverse((next, i)));
+            }
+        }
+        false
+    }
 }
 
 #[cfg(test)]
@@ -470,6 +848,143 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         drop((writer, reader));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn message(chat: u64, number: u64, body: &str) -> MessageDoc {
+        let at = chrono::Utc::now();
+        MessageDoc {
+            token: "t".into(),
+            chat,
+            number,
+            body: body.into(),
+            version: number,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    fn query(chat: u64, terms: &[&str], after: u64, limit: u32) -> SearchQuery {
+        SearchQuery {
+            token: "t".into(),
+            chat,
+            terms: terms.iter().map(|t| (*t).to_owned()).collect(),
+            after,
+            limit,
+        }
+    }
+
+    fn numbers(found: Vec<MessageDoc>) -> Vec<u64> {
+        found.into_iter().map(|d| d.number).collect()
+    }
+
+    fn scratch_index(name: &str) -> (std::path::PathBuf, EmbeddedIndex) {
+        let dir = std::env::temp_dir().join(format!("embedded-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let index = EmbeddedIndex::open(&dir, true).unwrap();
+        (dir, index)
+    }
+
+    #[test]
+    fn a_search_past_its_budget_stops_with_timed_out() {
+        let (dir, index) = scratch_index("budget");
+        let index = index.with_budget(Duration::ZERO);
+        let docs = (1..=500)
+            .map(|n| message(1, n, "abcd cdab abcd cdab"))
+            .collect();
+        index.index(docs).unwrap();
+        assert!(matches!(
+            index.search(&query(1, &["abcdabcd"], 0, 50)),
+            Err(SearchError::TimedOut(Duration::ZERO))
+        ));
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_search_longer_than_its_slice_gives_up_and_its_chat_counts_as_heavy() {
+        let (dir, index) = scratch_index("slice");
+        let docs = (1..=500)
+            .map(|n| message(1, n, "abcd cdab abcd cdab"))
+            .collect();
+        index.index(docs).unwrap();
+        index.index(vec![message(2, 1, "abcdabcd")]).unwrap();
+        let adversarial = query(1, &["abcdabcd"], 0, 50);
+        assert_eq!(
+            index.search_within(&adversarial, Duration::ZERO).unwrap(),
+            None
+        );
+        // Within the budget, the same search answers.
+        assert_eq!(
+            numbers(index.search(&adversarial).unwrap()),
+            Vec::<u64>::new()
+        );
+        let other = query(2, &["abcdabcd"], 0, 50);
+        let found = index.search_within(&other, Duration::from_secs(5)).unwrap();
+        assert_eq!(numbers(found.unwrap()), [1]);
+        assert!(!index.is_heavy(&adversarial));
+        index.mark_heavy(&adversarial);
+        assert!(index.is_heavy(&adversarial));
+        assert!(!index.is_heavy(&other));
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pages_hold_the_smallest_numbers_across_segments_and_skip_replaced_versions() {
+        let (dir, index) = scratch_index("pages");
+        // Three commits: three segments, numbers out of order across them.
+        index
+            .index(vec![message(1, 5, "xyz five"), message(1, 2, "xyz two")])
+            .unwrap();
+        index
+            .index(vec![
+                message(1, 4, "xyz four"),
+                message(2, 1, "xyz other chat"),
+            ])
+            .unwrap();
+        index
+            .index(vec![message(1, 1, "xyz one"), message(1, 3, "xyz three")])
+            .unwrap();
+        let mut replaced = message(1, 3, "no longer");
+        replaced.version = 99;
+        index.index(vec![replaced]).unwrap();
+        assert_eq!(
+            numbers(index.search(&query(1, &["xyz"], 0, 2)).unwrap()),
+            [1, 2, 4]
+        );
+        assert_eq!(
+            numbers(index.search(&query(1, &["xy"], 2, 50)).unwrap()),
+            [4, 5]
+        );
+        assert_eq!(
+            numbers(index.search(&query(1, &["e", "xyz"], 0, 50)).unwrap()),
+            [1, 5]
+        );
+        assert_eq!(
+            numbers(index.search(&query(1, &["longer"], 0, 50)).unwrap()),
+            [3]
+        );
+        assert_eq!(
+            numbers(index.search(&query(2, &["x"], 0, 50)).unwrap()),
+            [1]
+        );
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_index_of_another_format_is_refused_with_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("embedded-format-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut builder = Schema::builder();
+        builder.add_text_field("body", tantivy::schema::TEXT);
+        Index::create_in_dir(&dir, builder.build()).unwrap();
+        let Err(SearchError::Failed(message)) = EmbeddedIndex::open(&dir, true) else {
+            panic!("an index of another schema was opened");
+        };
+        assert!(message.contains("chat-system reindex"), "{message}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

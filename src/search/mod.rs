@@ -1,8 +1,11 @@
 //! Message search: every whitespace-separated term of the query must occur in the body
-//! as a case-insensitive substring, within one chat. Two backends, one behaviour:
+//! as a case-insensitive substring, within one chat. "Case-insensitive" is Unicode NFKC
+//! case folding ([`fold`]): body and terms are compared folded, the body is stored as
+//! written ([`matches`] is the definition). Two backends, one behaviour:
 //!
-//! * [`embedded`]: a Tantivy index on local disk (the default). One process holds its
-//!   writer; any process on the same host can read it.
+//! * [`embedded`]: a Tantivy index on local disk (the default), of positioned n-grams
+//!   ([`grams`]). One process holds its writer; any process on the same host can read
+//!   it, and no other host can ([`identity`]).
 //! * [`elastic`]: Elasticsearch 8 over its REST API (set `ELASTICSEARCH_URL`), for more
 //!   than one host.
 //!
@@ -14,8 +17,11 @@
 pub mod elastic;
 pub mod embedded;
 pub mod fold;
+pub mod grams;
+pub mod identity;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Semaphore;
@@ -23,6 +29,7 @@ use tokio::sync::Semaphore;
 use crate::config::SearchConfig;
 use crate::domain::Malformed;
 use crate::resources::Message;
+use identity::{IndexGroup, Membership, Verdict};
 
 /// A message as the index holds it.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,37 +60,43 @@ impl MessageDoc {
     }
 }
 
-/// A validated search: lowercased terms, one chat, one page.
+/// A validated search: folded terms, one chat, one page.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SearchQuery {
     pub token: String,
     pub chat: u64,
+    /// Each term under [`fold::fold`], none empty.
     pub terms: Vec<String>,
     pub after: u64,
     pub limit: u32,
 }
 
-/// Splits `q` into lowercased terms; 400 when nothing is left after trimming.
+/// Splits `q` on whitespace and folds each term ([`fold::fold`]); 400 when no term is
+/// left, or when there are more than 32 terms or a term over 256 bytes (as sent). A term
+/// that folds to nothing (only default-ignorable code points, such as a soft hyphen)
+/// would match every body, so it is left out.
 pub fn parse_terms(q: Option<&str>) -> Result<Vec<String>, Malformed> {
-    let terms: Vec<String> = q
-        .unwrap_or("")
-        .split_whitespace()
-        .map(str::to_lowercase)
-        .collect();
-    if terms.is_empty() {
-        return Err(Malformed("`q` is required and must not be blank".into()));
-    }
-    if terms.len() > 32 || terms.iter().any(|t| t.len() > 256) {
+    let raw: Vec<&str> = q.unwrap_or("").split_whitespace().collect();
+    if raw.len() > 32 || raw.iter().any(|t| t.len() > 256) {
         return Err(Malformed(
             "`q` may hold at most 32 terms of at most 256 bytes".into(),
         ));
     }
+    let terms: Vec<String> = raw
+        .into_iter()
+        .map(|t| fold::fold(t).into_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if terms.is_empty() {
+        return Err(Malformed("`q` is required and must not be blank".into()));
+    }
     Ok(terms)
 }
 
-/// True when `body` contains every term, ignoring case: the definition of a match.
+/// True when the folded body contains every folded term: the definition of a match,
+/// which every backend answers exactly.
 pub fn matches(body: &str, terms: &[String]) -> bool {
-    let body = body.to_lowercase();
+    let body = fold::fold(body);
     terms.iter().all(|t| body.contains(t.as_str()))
 }
 
@@ -117,6 +130,13 @@ pub enum SearchError {
     Unavailable(String),
     #[error("search backend failed: {0}")]
     Failed(String),
+    /// The search ran past its time budget and was stopped.
+    #[error("the search ran past its budget of {0:?}")]
+    TimedOut(std::time::Duration),
+    /// This process's embedded index is not the one the index writer publishes: it
+    /// would answer from another host's index, or a partial one.
+    #[error("{0}")]
+    ForeignIndex(String),
 }
 
 /// The configured backend; cheap to clone.
@@ -149,7 +169,11 @@ impl Search {
             }
             None => {
                 let dir = config.search_index_dir.clone();
-                let index = blocking(move || embedded::EmbeddedIndex::open(&dir, writer)).await?;
+                let budget = config.search_time_budget;
+                let index = blocking(move || {
+                    Ok(embedded::EmbeddedIndex::open(&dir, writer)?.with_budget(budget))
+                })
+                .await?;
                 record_writer(index.has_writer());
                 Ok(Self::Embedded(Arc::new(index)))
             }
@@ -165,16 +189,96 @@ impl Search {
     }
 
     /// Takes the right to index if it is free (the embedded index's writer, released
-    /// when the process holding it stops or dies); true when this handle may index.
+    /// when the process holding it stops or dies) and, in an index group, if the group
+    /// feeds this index; true when this handle may index.
     pub async fn try_take_writer(&self) -> Result<bool, SearchError> {
         match self {
             Self::Embedded(index) => {
-                let index = index.clone();
-                let taken = blocking(move || index.try_take_writer()).await?;
-                record_writer(taken);
-                Ok(taken)
+                let taken = {
+                    let index = index.clone();
+                    blocking(move || index.try_take_writer()).await?
+                };
+                let kept = taken && self.claim_or_release(index).await?;
+                record_writer(kept);
+                Ok(kept)
             }
             Self::Elastic(_) => Ok(true),
+        }
+    }
+
+    /// Puts the embedded index in `group` ([`identity`]): from now on it serves searches
+    /// only while its directory holds the index the group feeds, and if this handle holds
+    /// the writer it claims the group, or gives the writer back when the group feeds
+    /// another index. Elasticsearch, shared by every host, needs none of this.
+    pub async fn join(&self, group: IndexGroup) -> Result<(), SearchError> {
+        let Self::Embedded(index) = self else {
+            return Ok(());
+        };
+        index.join(Membership::new(index.dir().to_owned(), group));
+        if index.has_writer() {
+            // Without an answer from Redis, the writer is given back: the standby that
+            // every worker runs claims again later.
+            let kept = self.claim_or_release(index).await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not claim the search index group");
+                false
+            });
+            record_writer(kept);
+        } else if let Some(membership) = index.membership() {
+            // Logs and reports a foreign index at once, rather than at the first search.
+            let _ = membership.verdict().await;
+        }
+        Ok(())
+    }
+
+    /// Publishes this embedded index as the one `group` feeds, whatever it fed before:
+    /// for `chat-system reindex`, once the index holds every message.
+    pub async fn adopt(&self, group: IndexGroup) -> Result<(), SearchError> {
+        let Self::Embedded(index) = self else {
+            return Ok(());
+        };
+        let id = Membership::new(index.dir().to_owned(), group)
+            .adopt()
+            .await?;
+        tracing::info!(dir = %index.dir().display(), index = %id, "this search index is now the one the index group feeds");
+        Ok(())
+    }
+
+    /// In an index group, claims it for the writer just taken; gives the writer back
+    /// when the group feeds another index. True when the writer is kept.
+    async fn claim_or_release(
+        &self,
+        index: &Arc<embedded::EmbeddedIndex>,
+    ) -> Result<bool, SearchError> {
+        let Some(membership) = index.membership() else {
+            return Ok(true);
+        };
+        match membership.claim().await {
+            Ok(Verdict::Ours) => Ok(true),
+            Ok(Verdict::Foreign(_)) => {
+                let index = index.clone();
+                blocking(move || index.release_writer()).await?;
+                Ok(false)
+            }
+            Err(e) => {
+                let index = index.clone();
+                blocking(move || index.release_writer()).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether this embedded index may serve and index now: [`SearchError::ForeignIndex`]
+    /// when its group feeds another index.
+    async fn check_membership(&self) -> Result<(), SearchError> {
+        let Self::Embedded(index) = self else {
+            return Ok(());
+        };
+        let Some(membership) = index.membership() else {
+            return Ok(());
+        };
+        match membership.verdict().await? {
+            Verdict::Ours => Ok(()),
+            Verdict::Foreign(why) => Err(SearchError::ForeignIndex(why)),
         }
     }
 
@@ -202,6 +306,12 @@ impl Search {
         if docs.is_empty() {
             return Ok(Vec::new());
         }
+        // Documents of a writer whose index the group no longer feeds wait in the queue
+        // (unavailable, not refused), for the group's own writer to take over.
+        self.check_membership().await.map_err(|e| match e {
+            SearchError::ForeignIndex(why) => SearchError::Unavailable(why),
+            e => e,
+        })?;
         match self {
             Self::Embedded(index) => {
                 let index = index.clone();
@@ -230,11 +340,9 @@ impl Search {
 
     /// One page of matches, in ascending message number.
     pub async fn search(&self, query: SearchQuery) -> Result<Vec<Message>, SearchError> {
+        self.check_membership().await?;
         let docs = match self {
-            Self::Embedded(index) => {
-                let index = index.clone();
-                blocking(move || index.search(&query)).await?
-            }
+            Self::Embedded(index) => embedded_search(index, query).await?,
             Self::Elastic(index) => index.search(&query).await?,
         };
         Ok(docs.into_iter().map(MessageDoc::into_message).collect())
@@ -242,7 +350,7 @@ impl Search {
 
     pub async fn ping(&self) -> Result<(), SearchError> {
         match self {
-            Self::Embedded(_) => Ok(()),
+            Self::Embedded(_) => self.check_membership().await,
             Self::Elastic(index) => index.ping().await,
         }
     }
@@ -253,6 +361,50 @@ impl Search {
             Self::Elastic(_) => "elasticsearch",
         }
     }
+}
+
+/// How long a search may hold one of the shared slots: a search that needs longer is
+/// heavy, and finishes in the heavy lane.
+const SLICE: Duration = Duration::from_millis(5);
+
+/// Searches the embedded index in one of two lanes. Every search starts with one slice
+/// of time in the shared slots ([`blocking`]); one that needs more, and every search of
+/// a chat that needed more lately, runs in the heavy lane ([`blocking_heavy`]), which
+/// has fewer slots. However many heavy searches loop, the others never wait behind
+/// them for more than a slice.
+async fn embedded_search(
+    index: &Arc<embedded::EmbeddedIndex>,
+    query: SearchQuery,
+) -> Result<Vec<MessageDoc>, SearchError> {
+    let query = Arc::new(query);
+    if !index.is_heavy(&query) {
+        let (index, query) = (index.clone(), query.clone());
+        if let Some(found) = blocking(move || index.search_within(&query, SLICE)).await? {
+            return Ok(found);
+        }
+    }
+    index.mark_heavy(&query);
+    metrics::counter!("search_heavy_total").increment(1);
+    let index = index.clone();
+    blocking_heavy(move || index.search(&query)).await
+}
+
+/// Runs a heavy search off the async threads, at most one per two cores at a time
+/// (at least one).
+async fn blocking_heavy<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SearchError> + Send + 'static,
+) -> Result<T, SearchError> {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    let slots = SLOTS.get_or_init(|| {
+        Semaphore::new(std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)))
+    });
+    let _slot = slots
+        .acquire()
+        .await
+        .map_err(|e| SearchError::Failed(e.to_string()))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SearchError::Failed(e.to_string()))?
 }
 
 /// Runs a call of the embedded index (file I/O, CPU-heavy) off the async threads, at
@@ -281,10 +433,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn terms_are_split_and_lowercased() {
+    fn terms_are_split_and_folded() {
         assert_eq!(parse_terms(Some("  Hel  WOR ")).unwrap(), ["hel", "wor"]);
+        assert_eq!(
+            parse_terms(Some("STRASSE İstanbul ﬁ")).unwrap(),
+            ["strasse", "i\u{307}stanbul", "fi"]
+        );
         assert!(parse_terms(Some("   ")).is_err());
         assert!(parse_terms(None).is_err());
+    }
+
+    #[test]
+    fn terms_that_fold_to_nothing_are_left_out() {
+        assert_eq!(parse_terms(Some("\u{ad} hel")).unwrap(), ["hel"]);
+        assert!(parse_terms(Some("\u{ad} \u{200b}")).is_err());
+    }
+
+    #[test]
+    fn term_limits_apply_to_the_terms_as_sent() {
+        assert!(parse_terms(Some(&["a"; 32].join(" "))).is_ok());
+        assert!(parse_terms(Some(&["a"; 33].join(" "))).is_err());
+        assert!(parse_terms(Some(&"a".repeat(256))).is_ok());
+        assert!(parse_terms(Some(&"a".repeat(257))).is_err());
+        // Folding may lengthen a term (`ﬃ` is three letters): the limit is on what is sent.
+        assert_eq!(parse_terms(Some(&"ﬃ".repeat(85))).unwrap()[0].len(), 255);
     }
 
     #[test]
@@ -294,5 +466,16 @@ mod tests {
         assert!(matches("hello world", &terms("hel wor")));
         assert!(!matches("hello world", &terms("hel xyz")));
         assert!(matches("100% *sure*", &terms("% *s")));
+    }
+
+    #[test]
+    fn matching_compares_folded_text() {
+        let terms = |q| parse_terms(Some(q)).unwrap();
+        assert!(matches("Straße", &terms("STRASSE")));
+        assert!(matches("ΟΔΟΣ", &terms("οδος")));
+        assert!(matches("ﬁnance", &terms("finance")));
+        assert!(matches("E\u{301}cole", &terms("\u{c9}COLE")));
+        assert!(matches("İstanbul", &terms("stanbul İSTANBUL")));
+        assert!(!matches("Istanbul", &terms("İstanbul")));
     }
 }

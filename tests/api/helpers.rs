@@ -187,6 +187,7 @@ impl TestApp {
             elasticsearch_url: None,
             elasticsearch_index: "messages".into(),
             search_index_dir: std::env::temp_dir().join(format!("chat-system-test-{prefix}")),
+            search_time_budget: Duration::from_secs(5),
             elastic: Default::default(),
         };
         let search = Search::open(&search_config, true)

@@ -16,4 +16,5 @@ mod operations;
 mod processes;
 mod search;
 mod search_conformance;
+mod search_properties;
 mod worker;

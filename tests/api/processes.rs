@@ -617,3 +617,152 @@ async fn a_message_accepted_by_one_api_is_listed_at_once_by_the_other() {
     }
     assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 0);
 }
+
+/// A metric of the worker whose metrics are served at `addr`, once it is there.
+async fn worker_metric(addr: &str, name: &str, wanted: &str) {
+    let url = format!("http://{addr}/metrics");
+    let prefix = format!("{name} ");
+    eventually(
+        Duration::from_secs(20),
+        &format!("{name} {wanted} at {addr}"),
+        || async {
+            let Ok(reply) = reqwest::get(&url).await else {
+                return false;
+            };
+            let text = reply.text().await.unwrap_or_default();
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .is_some_and(|v| v == wanted)
+        },
+    )
+    .await;
+}
+
+/// An embedded index belongs to one host. Two hosts are played by two directories: the
+/// first worker's index becomes the published one; a worker on the other directory
+/// gives its writer back and never joins the index group, and an API on the other
+/// directory refuses to search (503, pointing to Elasticsearch) and says so in
+/// `/readyz`, while an API on the first directory serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_index_serves_one_host_and_another_directory_refuses_search() {
+    let app = TestApp::spawn().await;
+    let base = &app.search_config.search_index_dir;
+    let (one, two) = (
+        base.with_extension("host-one"),
+        base.with_extension("host-two"),
+    );
+    let (one, two) = (one.to_str().unwrap(), two.to_str().unwrap());
+    let (metrics_one, metrics_two) = (free_addr(), free_addr());
+    let _writer = Process::start(
+        &app,
+        "worker",
+        &[
+            ("SEARCH_INDEX_DIR", one),
+            ("WORKER_METRICS_BIND", &metrics_one),
+            ("WORKER_NAME", "host-one"),
+        ],
+    )
+    .await;
+    worker_metric(&metrics_one, "search_index_writer_held", "1").await;
+    let _other = Process::start(
+        &app,
+        "worker",
+        &[
+            ("SEARCH_INDEX_DIR", two),
+            ("WORKER_METRICS_BIND", &metrics_two),
+            ("WORKER_NAME", "host-two"),
+        ],
+    )
+    .await;
+    worker_metric(&metrics_two, "search_index_foreign", "1").await;
+    worker_metric(&metrics_two, "search_index_writer_held", "0").await;
+
+    let api_one = Process::start(&app, "api", &[("SEARCH_INDEX_DIR", one)]).await;
+    let api_two = Process::start(&app, "api", &[("SEARCH_INDEX_DIR", two)]).await;
+    let client = reqwest::Client::new();
+    let token = client
+        .post(api_one.url("/applications"))
+        .json(&json!({"name": "hosts"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let chat = format!("/applications/{token}/chats/1");
+    let created = client
+        .post(api_one.url(&format!("/applications/{token}/chats")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let created = client
+        .post(api_one.url(&format!("{chat}/messages")))
+        .json(&json!({"body": "Hello from host one"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let search = format!("{chat}/messages/search?q=HELLO");
+    eventually(
+        Duration::from_secs(20),
+        "the message to be found on the writer's host",
+        || async {
+            let reply = client.get(api_one.url(&search)).send().await.unwrap();
+            reply.status() == 200
+                && reply.json::<serde_json::Value>().await.unwrap()[0]["body"]
+                    == "Hello from host one"
+        },
+    )
+    .await;
+    let ready = client.get(api_one.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let refused = client.get(api_two.url(&search)).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(problem["type"], "/problems/search-index-elsewhere");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Elasticsearch"),
+        "{problem}"
+    );
+    let ready = client.get(api_two.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["checks"]["search"], "foreign_index", "{ready}");
+
+    // The index group has the first worker's consumer, never the second's (a consumer
+    // reads every shard: shard 0 shows it).
+    let consumers: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(app.store.queue.keys.stream(0))
+        .arg(chat_system::worker::INDEX_GROUP)
+        .query_async(&mut app.store.queue.conn())
+        .await
+        .unwrap();
+    let names: Vec<String> = consumers
+        .iter()
+        .filter_map(|fields| match fields.get(1) {
+            Some(redis::Value::BulkString(name)) => Some(String::from_utf8_lossy(name).into()),
+            _ => None,
+        })
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("host-one")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("host-two")),
+        "{names:?}"
+    );
+    for dir in [one, two] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

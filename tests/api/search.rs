@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use chat_system::config::SearchConfig;
+use chat_system::search::identity::IndexGroup;
+use chat_system::search::{MessageDoc, Search, SearchError, SearchQuery};
 use chat_system::startup::build_worker;
 use chat_system::worker::Role;
 
@@ -100,6 +103,49 @@ async fn matching_is_partial_case_insensitive_and_needs_every_term() {
         ["hello from another chat"],
         "one chat only"
     );
+}
+
+/// Over HTTP: terms and bodies compared after Unicode NFKC case folding, bodies
+/// returned as written, and the next page's link repeating the terms as sent (a folded
+/// `¨` holds a space, which would split it into other terms).
+#[tokio::test]
+async fn matching_folds_unicode_and_the_next_link_keeps_the_terms_as_sent() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    for body in [
+        "Straße ¨",
+        "STRASSE ¨",
+        "strasse ¨",
+        "ΟΔΟΣ",
+        "ﬁnance",
+        "E\u{301}COLE",
+    ] {
+        app.message(&token, chat, body).await;
+    }
+    app.message(&token, chat, "strasse without the mark").await;
+    app.drain().await;
+    assert_eq!(search(&app, &token, chat, "οδος").await, ["ΟΔΟΣ"]);
+    assert_eq!(search(&app, &token, chat, "FINANCE").await, ["ﬁnance"]);
+    assert_eq!(
+        search(&app, &token, chat, "\u{e9}cole").await,
+        ["E\u{301}COLE"]
+    );
+    let base = format!("/applications/{token}/chats/{chat}/messages/search");
+    let first = app
+        .get(&format!("{base}?q=STRA%E1%BA%9EE+%C2%A8&limit=2"))
+        .await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        first.body,
+        json!([first.body[0].clone(), first.body[1].clone()])
+    );
+    assert_eq!(first.body[0]["body"], "Straße ¨");
+    let link = first.header("link").expect("a next page");
+    assert!(link.contains("q=STRA%E1%BA%9EE+%C2%A8"), "{link}");
+    let next = app.get(&link[1..link.find('>').unwrap()]).await;
+    assert_eq!(next.body.as_array().unwrap().len(), 1);
+    assert_eq!(next.body[0]["body"], "strasse ¨");
 }
 
 #[tokio::test]
@@ -216,6 +262,70 @@ async fn reindex_rebuilds_the_index_from_mysql() {
             .unwrap();
     }
     assert_eq!(search(&app, &token, chat, "a").await, ["alpha", "beta"]);
+}
+
+/// A rebuilt index becomes the one the index group feeds (as `chat-system reindex`
+/// does once it has rebuilt one): the index it replaces stops serving searches, and its
+/// writer stops taking documents (they wait in the queue for the group's writer).
+#[tokio::test]
+async fn an_adopted_index_replaces_the_one_the_group_fed() {
+    let app = TestApp::spawn().await;
+    let group = IndexGroup::new(
+        app.store.queue.conn(),
+        app.store.queue.keys.search_index_id(),
+    );
+    let config = |name: &str| SearchConfig {
+        search_index_dir: app.search_config.search_index_dir.with_extension(name),
+        ..app.search_config.clone()
+    };
+    let (old_config, new_config) = (config("old"), config("new"));
+    let old = Search::open(&old_config, true).await.unwrap();
+    old.join(group.clone()).await.unwrap();
+    assert!(old.can_index(), "the first writer claims the group");
+    let doc = |number: u64| MessageDoc {
+        token: "t".into(),
+        chat: 1,
+        number,
+        body: "hello".into(),
+        version: number,
+        created_at: chrono::Utc::now(),
+        updated_at: chrono::Utc::now(),
+    };
+    old.index(vec![doc(1)]).await.unwrap();
+    let query = SearchQuery {
+        token: "t".into(),
+        chat: 1,
+        terms: vec!["hello".into()],
+        after: 0,
+        limit: 10,
+    };
+    assert_eq!(old.search(query.clone()).await.unwrap().len(), 1);
+
+    let rebuilt = Search::open(&new_config, true).await.unwrap();
+    rebuilt.index(vec![doc(1), doc(2)]).await.unwrap();
+    rebuilt.adopt(group.clone()).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the replaced index to refuse searches",
+        || async {
+            matches!(
+                old.search(query.clone()).await,
+                Err(SearchError::ForeignIndex(_))
+            )
+        },
+    )
+    .await;
+    assert!(matches!(
+        old.index(vec![doc(3)]).await,
+        Err(SearchError::Unavailable(_))
+    ));
+    rebuilt.join(group).await.unwrap();
+    assert!(rebuilt.can_index());
+    assert_eq!(rebuilt.search(query).await.unwrap().len(), 2);
+    drop((old, rebuilt));
+    for dir in [old_config, new_config].map(|c| c.search_index_dir) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Every body matching `query`, across all pages.

@@ -1,17 +1,19 @@
 //! One conformance suite for both search backends.
 //!
-//! * Tantivy runs for real, on a temporary directory.
+//! * Tantivy runs for real, on a temporary directory: its cases prove the matching
+//!   (folded, case-insensitive substrings of every term) end to end.
 //! * Elasticsearch cannot run on this machine. Its adapter is run against an HTTP mock
 //!   (wiremock) that serves request/response pairs in the Elasticsearch 8 REST format,
 //!   written from ES's documentation (alias, create index, `_bulk`, `_search`): each query's
 //!   request body is stated here independently of the adapter and must match exactly,
 //!   and each response is what ES returns for the expected hits. This proves the
-//!   adapter's requests and its reading of responses, not ES's matching itself; the
-//!   mapping and query are built on ES's documented `wildcard` field and query.
+//!   adapter's requests (the folded terms the API passes) and its reading of responses,
+//!   not ES's matching itself; the mapping and query are built on ES's documented
+//!   `wildcard` field and query.
 
 use chat_system::config::SearchConfig;
 use chat_system::search::fold::fold;
-use chat_system::search::{MessageDoc, Search, SearchQuery};
+use chat_system::search::{MessageDoc, Search, SearchQuery, parse_terms};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use wiremock::matchers::{body_json, method, path};
@@ -47,6 +49,22 @@ fn batches() -> Vec<Vec<MessageDoc>> {
             doc(1, 5, "Ünïcode Straße", 14),
             doc(1, 6, "abcd xbcde", 16),
             doc(2, 1, "hello elsewhere", 15),
+            doc(3, 1, "Straße", 30),
+            doc(3, 2, "ΟΔΟΣ", 31),
+            doc(3, 3, "ﬁnance", 32),
+            doc(3, 4, "ＡＢＣ", 33),
+            doc(3, 5, "\u{c9}cole", 34),
+            doc(3, 6, "E\u{301}COLE", 35),
+            doc(3, 7, "e\u{301}cole", 36),
+            doc(3, 8, "İstanbul", 37),
+            doc(3, 9, "東京タワーで🎉パーティー", 38),
+            doc(3, 10, "DİYARBAKIR", 39),
+            doc(
+                3,
+                11,
+                "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467} family",
+                40,
+            ),
         ],
         vec![doc(1, 2, "goodbye there", 20)],
         vec![doc(1, 2, "hello there", 11)],
@@ -169,19 +187,301 @@ const CASES: &[Case] = &[
         limit: 50,
         expected: &[1],
     },
+    Case {
+        terms: &["STRASSE"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[1],
+    },
+    Case {
+        terms: &["strasse"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[1],
+    },
+    Case {
+        terms: &["straße"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[1],
+    },
+    Case {
+        terms: &["STRAẞE"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[1],
+    },
+    Case {
+        terms: &["οδος"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[2],
+    },
+    Case {
+        terms: &["ΟΔΟΣ"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[2],
+    },
+    Case {
+        terms: &["οδοσ"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[2],
+    },
+    Case {
+        terms: &["ΟΔΟς"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[2],
+    },
+    Case {
+        terms: &["finance"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[3],
+    },
+    Case {
+        terms: &["FINANCE"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[3],
+    },
+    Case {
+        terms: &["ﬁ"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[3],
+    },
+    Case {
+        terms: &["abc"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[4],
+    },
+    Case {
+        terms: &["ＡＢＣ"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[4],
+    },
+    Case {
+        terms: &["Ab"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[4],
+    },
+    Case {
+        terms: &["Ｂ"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[4, 8, 10],
+    },
+    Case {
+        terms: &["école"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[5, 6, 7],
+    },
+    Case {
+        terms: &["ÉCOLE"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[5, 6, 7],
+    },
+    Case {
+        terms: &["E\u{301}cole"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[5, 6, 7],
+    },
+    Case {
+        terms: &["e\u{301}COLE"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[5, 6, 7],
+    },
+    Case {
+        terms: &["\u{c9}"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[5, 6, 7],
+    },
+    Case {
+        terms: &["İstanbul"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[8],
+    },
+    Case {
+        terms: &["İSTANBUL"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[8],
+    },
+    Case {
+        terms: &["stanbul"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[8],
+    },
+    Case {
+        terms: &["i\u{307}"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[8, 10],
+    },
+    Case {
+        terms: &["istanbul"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[],
+    },
+    Case {
+        terms: &["DİYARBAKIR"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[10],
+    },
+    Case {
+        terms: &["diyarbakir"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[],
+    },
+    Case {
+        terms: &["タワー"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["京タ"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["で🎉パ"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["🎉"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["ワーで🎉"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["パーティー"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["東京タワーで🎉パーティー"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["ィー"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["ー"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[9],
+    },
+    Case {
+        terms: &["東京タワーで🎉パーティーー"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[],
+    },
+    Case {
+        terms: &["\u{1f469}\u{200d}\u{1f467}"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[11],
+    },
+    Case {
+        terms: &["\u{1f469}\u{1f467}", "FAMILY"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[11],
+    },
+    Case {
+        terms: &["é", "cole"],
+        chat: 3,
+        after: 0,
+        limit: 50,
+        expected: &[5, 6, 7],
+    },
+    Case {
+        terms: &["é"],
+        chat: 3,
+        after: 5,
+        limit: 1,
+        expected: &[6, 7],
+    },
 ];
 
 fn query(case: &Case) -> SearchQuery {
     SearchQuery {
         token: TOKEN.into(),
         chat: case.chat,
-        // As the API passes them: split on whitespace, lowercased.
-        terms: case
-            .terms
-            .iter()
-            .flat_map(|t| t.split_whitespace())
-            .map(str::to_lowercase)
-            .collect(),
+        // As the API passes them: split on whitespace, folded.
+        terms: parse_terms(Some(&case.terms.join(" "))).expect("valid terms"),
         after: case.after,
         limit: case.limit,
     }
@@ -224,6 +524,7 @@ fn embedded_config() -> SearchConfig {
             "chat-system-search-test-{:016x}",
             getrandom::u64().unwrap()
         )),
+        search_time_budget: std::time::Duration::from_secs(5),
     }
 }
 
@@ -388,6 +689,7 @@ async fn elastic(server: &MockServer) -> Search {
         elasticsearch_url: Some(server.uri().parse().unwrap()),
         elasticsearch_index: "messages".into(),
         search_index_dir: std::env::temp_dir(),
+        search_time_budget: std::time::Duration::from_secs(5),
         elastic: Default::default(),
     };
     Search::open(&config, true).await.expect("connect")
@@ -418,6 +720,9 @@ async fn conformance_elasticsearch_adapter_against_recorded_es8_exchanges() {
         .mount(&server)
         .await;
     let docs = final_docs();
+    // Cases whose terms fold alike send one request: one exchange each, expected as
+    // many times as it is sent.
+    let mut exchanges: Vec<(Value, Value, u64)> = Vec::new();
     for case in CASES {
         let hits: Vec<&MessageDoc> = case
             .expected
@@ -428,11 +733,18 @@ async fn conformance_elasticsearch_adapter_against_recorded_es8_exchanges() {
                     .unwrap()
             })
             .collect();
+        let request = es_request(case);
+        match exchanges.iter_mut().find(|(r, _, _)| *r == request) {
+            Some((_, _, times)) => *times += 1,
+            None => exchanges.push((request, es_response(&hits), 1)),
+        }
+    }
+    for (request, response, times) in exchanges {
         Mock::given(method("POST"))
             .and(path("/messages/_search"))
-            .and(body_json(es_request(case)))
-            .respond_with(ResponseTemplate::new(200).set_body_json(es_response(&hits)))
-            .expect(1)
+            .and(body_json(request))
+            .respond_with(ResponseTemplate::new(200).set_body_json(response))
+            .expect(times)
             .mount(&server)
             .await;
     }

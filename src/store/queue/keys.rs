@@ -21,6 +21,7 @@
 //! | `P:{S}:index:gap` | string | oldest entry the indexer had not handled when the stream was trimmed past it |
 //! | `P:{S}:index:catchup` | string | where the indexer's catch-up from MySQL starts, while it runs |
 //! | `P:idem:apps:K` | string | an `Idempotency-Key` of an application create |
+//! | `P:search:index-id` | string | the id of the embedded index the index group feeds |
 //!
 //! `P` is `REDIS_PREFIX`, `S` the shard's hash tag, `T` a token, `C` a chat number and
 //! `K` an idempotency key.
@@ -115,6 +116,10 @@ impl Keys {
     }
     pub fn idempotency_applications(&self, key: &str) -> String {
         format!("{}:idem:apps:{key}", self.prefix)
+    }
+    /// The id of the embedded search index the index group feeds (`search::identity`).
+    pub fn search_index_id(&self) -> String {
+        format!("{}:search:index-id", self.prefix)
     }
 
     pub fn stream(&self, shard: Shard) -> String {
