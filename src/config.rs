@@ -155,6 +155,16 @@ pub struct ApiConfig {
     )]
     pub max_connections: u32,
 
+    /// Most live subscribers (`.../messages/events` streams) per API process; beyond,
+    /// 503 with `Retry-After`.
+    #[arg(
+        long,
+        env = "EVENTS_MAX_SUBSCRIBERS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub events_max_subscribers: u32,
+
     /// Enables `GET /applications` (which reveals every token) for requests that carry
     /// `Authorization: Bearer <key>`. Unset: the listing is disabled (403). An empty key
     /// is refused at start.

@@ -41,6 +41,8 @@ pub enum Overload {
     Backlog,
     /// Redis answered `OOM`: it is at its `maxmemory`.
     RedisMemory,
+    /// The process has `EVENTS_MAX_SUBSCRIBERS` live subscribers already.
+    Subscribers,
 }
 
 /// Seconds a client is asked to wait before retrying a refused write: long enough for
@@ -165,6 +167,12 @@ impl ApiError {
                 "overloaded",
                 "the write queue's memory is full; reads still work; retry writes after \
                  Retry-After seconds"
+                    .into(),
+            ),
+            Self::Overloaded(Overload::Subscribers) => (
+                "overloaded",
+                "this server has its most live subscribers; retry after Retry-After seconds \
+                 (another server may have room)"
                     .into(),
             ),
             Self::NotReady(checks) => (
@@ -318,6 +326,17 @@ impl From<redis::RedisError> for ApiError {
             Self::Unavailable(Dependency::Redis, err.into())
         } else {
             Self::Internal(err.into())
+        }
+    }
+}
+
+impl From<crate::events::SubscribeError> for ApiError {
+    fn from(err: crate::events::SubscribeError) -> Self {
+        use crate::events::SubscribeError;
+        match err {
+            SubscribeError::Full => Self::Overloaded(Overload::Subscribers),
+            SubscribeError::Closed => Self::Unavailable(Dependency::Redis, err.into()),
+            SubscribeError::Redis(e) => e.into(),
         }
     }
 }

@@ -20,6 +20,7 @@
 //! | [`resources`] | the public JSON shapes |
 //! | [`service`] | chat and message operations over Redis and MySQL |
 //! | [`search`] | message search: embedded Tantivy or Elasticsearch |
+//! | [`events`] | live delivery: each API process tails the queue for its subscribers |
 //! | [`store`] | MySQL statements; Redis keys, scripts and pending records |
 //! | [`worker`] | the queue consumers (persist, index), dead letters, count sync |
 //! | [`process`] | process-wide settings made at start: allocator tuning, open-files limit |
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod idempotency;
 pub mod process;

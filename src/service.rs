@@ -9,7 +9,9 @@ use crate::domain::{Body, Title, Token};
 use crate::error::{ApiError, Overload};
 use crate::idempotency::{IdempotencyKey, NextAction, fingerprint};
 use crate::resources::{Chat, Message, from_micros, now};
-use crate::store::queue::{Allocation, Direction, Enqueued};
+use crate::store::queue::{
+    Allocation, Direction, Enqueued, QueuedMessage, entry_id_of, version_of,
+};
 use crate::store::{Store, mysql};
 
 /// A create retries after repairing a cold cache: a message create can need three
@@ -487,6 +489,63 @@ impl Store {
         };
         let rows = mysql::messages_between(&self.mysql, app_id, chat, window.0, window.1).await?;
         Ok(merge(&request, window, last, found.pending, rows, number))
+    }
+}
+
+impl Store {
+    /// What a subscriber resuming after entry `after` has missed: each message of the
+    /// chat changed since, in its current state, in acceptance (version) order. Redis is
+    /// read before MySQL: a write persisted in between is then found in MySQL.
+    pub async fn messages_changed_since(
+        &self,
+        token: &Token,
+        chat: u64,
+        app_id: u64,
+        after: &str,
+    ) -> Result<Vec<QueuedMessage>, ApiError> {
+        let since = version_of(after).ok_or_else(|| {
+            ApiError::BadRequest("Last-Event-ID must be an event id this API sent".into())
+        })?;
+        let pending = self
+            .queue
+            .pending_since(token.as_str(), chat, after)
+            .await?;
+        let rows = mysql::messages_since(&self.mysql, app_id, chat, since).await?;
+        let mut latest: std::collections::HashMap<u64, (u64, QueuedMessage)> =
+            std::collections::HashMap::new();
+        let written = rows.into_iter().map(|(version, message)| {
+            (
+                version,
+                QueuedMessage {
+                    token: token.as_str().to_owned(),
+                    entry_id: entry_id_of(version),
+                    created: message.created_at == message.updated_at,
+                    message,
+                },
+            )
+        });
+        let queued = pending
+            .into_iter()
+            .filter_map(|w| Some((version_of(&w.entry_id)?, w)));
+        for (version, write) in written.chain(queued) {
+            let number = write.message.number;
+            match latest.get(&number) {
+                Some((seen, _)) if *seen >= version => {}
+                _ => {
+                    latest.insert(number, (version, write));
+                }
+            }
+        }
+        let mut changed: Vec<(u64, QueuedMessage)> = latest.into_values().collect();
+        changed.sort_by_key(|(version, _)| *version);
+        Ok(changed.into_iter().map(|(_, w)| w).collect())
+    }
+
+    /// The application id of a chat that exists (pending or persisted); 404 otherwise.
+    pub async fn existing_chat(&self, token: &Token, chat: u64) -> Result<u64, ApiError> {
+        self.chat_and_app(token, chat)
+            .await
+            .map(|(_, app_id)| app_id)
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{ApiConfig, StoreConfig, WorkerConfig};
+use crate::events::EventHub;
 use crate::http::{self, AppState};
 use crate::search::{Search, SearchError};
 use crate::server::{self, Limits};
@@ -57,6 +58,7 @@ pub struct ApiServer {
     listener: TcpListener,
     router: axum::Router,
     limits: Limits,
+    events: EventHub,
 }
 
 impl ApiServer {
@@ -69,9 +71,11 @@ impl ApiServer {
             addr: config.bind,
             source,
         })?;
+        let events = EventHub::new(store.clone(), config.events_max_subscribers as usize);
         let state = AppState::new(
             store,
             search,
+            events.clone(),
             http::install_metrics_recorder(),
             config.admin_api_key.as_ref(),
         );
@@ -79,6 +83,7 @@ impl ApiServer {
             listener,
             router: http::router(state, config),
             limits: api_limits(config),
+            events,
         })
     }
 
@@ -98,6 +103,13 @@ impl ApiServer {
             max_connections = self.limits.max_connections,
             "listening"
         );
+        // Live streams never end on their own: close them as the shutdown begins, so that
+        // the drain is not held up by them.
+        let events = self.events.clone();
+        let shutdown = async move {
+            shutdown.await;
+            events.close();
+        };
         server::serve(self.listener, self.router, self.limits, shutdown).await;
         Ok(())
     }

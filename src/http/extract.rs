@@ -146,6 +146,7 @@ pub enum Order {
 #[into_params(parameter_in = Query)]
 pub struct NumberPage {
     /// `asc` (default): oldest first, from `after`; `desc`: newest first, from `before`.
+    #[param(inline)]
     pub order: Option<Order>,
     /// Page size, 1 to 1000 (default 50).
     #[param(minimum = 1, maximum = 1000)]

@@ -3,6 +3,7 @@
 
 mod applications;
 mod chats;
+mod events;
 pub mod extract;
 mod messages;
 mod openapi;
@@ -43,6 +44,8 @@ pub use openapi::ApiDoc;
 pub struct AppState {
     pub store: Store,
     pub search: Search,
+    /// Live subscriptions of this process.
+    pub events: crate::events::EventHub,
     pub metrics: PrometheusHandle,
     /// SHA-256 of `ADMIN_API_KEY`; `None` disables the application list.
     admin_key_digest: Option<[u8; 32]>,
@@ -52,12 +55,14 @@ impl AppState {
     pub fn new(
         store: Store,
         search: Search,
+        events: crate::events::EventHub,
         metrics: PrometheusHandle,
         admin_api_key: Option<&Secret>,
     ) -> Self {
         Self {
             store,
             search,
+            events,
             metrics,
             admin_key_digest: admin_api_key.map(|key| Sha256::digest(key.expose()).into()),
         }
@@ -95,6 +100,7 @@ fn api() -> OpenApiRouter<AppState> {
         .merge(applications::router())
         .merge(chats::router())
         .merge(messages::router())
+        .merge(events::router())
         .merge(ops::router())
 }
 

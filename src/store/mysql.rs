@@ -299,6 +299,36 @@ pub async fn messages_before(
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
+/// The messages of a chat whose current content was accepted after `version`, with
+/// their versions, in version order (a subscriber resuming from its last event).
+pub async fn messages_since(
+    db: &MySqlPool,
+    app_id: u64,
+    chat: u64,
+    version: u64,
+) -> sqlx::Result<Vec<(u64, Message)>> {
+    let rows: Vec<(u64, MessageRow)> = sqlx::query_as::<_, VersionedMessageRow>(
+        "SELECT version, chat_number, number, body, created_at, updated_at FROM messages \
+         WHERE application_id = ? AND chat_number = ? AND version > ? ORDER BY version",
+    )
+    .bind(app_id)
+    .bind(chat)
+    .bind(version)
+    .fetch_all(db)
+    .await?
+    .into_iter()
+    .map(|r| (r.version, r.row))
+    .collect();
+    Ok(rows.into_iter().map(|(v, r)| (v, r.into())).collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct VersionedMessageRow {
+    version: u64,
+    #[sqlx(flatten)]
+    row: MessageRow,
+}
+
 /// Highest persisted chat number of an application (0 when it has none).
 pub async fn max_chat_number(db: &MySqlPool, app_id: u64) -> sqlx::Result<u64> {
     let max: Option<u64> =

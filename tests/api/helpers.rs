@@ -95,6 +95,7 @@ pub struct Options {
     pub header_read_timeout: Option<Duration>,
     pub keep_alive_timeout: Option<Duration>,
     pub max_connections: Option<u32>,
+    pub events_max_subscribers: Option<u32>,
 }
 
 pub struct TestApp {
@@ -181,6 +182,7 @@ impl TestApp {
                 .keep_alive_timeout
                 .unwrap_or(Duration::from_secs(75)),
             max_connections: options.max_connections.unwrap_or(10_000),
+            events_max_subscribers: options.events_max_subscribers.unwrap_or(10_000),
             admin_api_key: options.admin_api_key.map(|k| k.parse().expect("admin key")),
         };
         let search_config = SearchConfig {

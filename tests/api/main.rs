@@ -9,6 +9,7 @@ mod elastic;
 mod elastic_reindex;
 mod elastic_tls;
 mod errors;
+mod events;
 mod helpers;
 mod idempotency;
 mod messages;

@@ -766,3 +766,41 @@ async fn an_embedded_index_serves_one_host_and_another_directory_refuses_search(
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_api_receives_the_messages_accepted_by_the_other() {
+    let app = TestApp::spawn().await;
+    let apis = [
+        Process::start(&app, "api", &[]).await,
+        Process::start(&app, "api", &[]).await,
+    ];
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let path = format!("/applications/{token}/chats/{chat}/messages");
+    let mut stream = reqwest::get(apis[1].url(&format!("{path}/events")))
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let client = reqwest::Client::new();
+    for i in 1..=3 {
+        let created = client
+            .post(apis[0].url(&path))
+            .json(&json!({"body": format!("from api one {i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+    }
+    let mut text = String::new();
+    while text.matches("event: message.created").count() < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.chunk())
+            .await
+            .expect("events in time")
+            .unwrap()
+            .expect("the stream is open");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    for i in 1..=3 {
+        assert!(text.contains(&format!("from api one {i}")), "{text}");
+    }
+}

@@ -205,6 +205,12 @@ pub fn version_of(entry_id: &str) -> Option<u64> {
     Some((ms << 20) | seq.min((1 << 20) - 1))
 }
 
+/// The stream entry id a version was made from (the inverse of [`version_of`] for every
+/// entry id Redis hands out).
+pub fn entry_id_of(version: u64) -> String {
+    format!("{}-{}", version >> 20, version & ((1 << 20) - 1))
+}
+
 /// Milliseconds part of a stream entry id: when the write was accepted.
 pub fn accepted_ms(entry_id: &str) -> Option<u64> {
     entry_id.split_once('-')?.0.parse().ok()
@@ -270,6 +276,13 @@ mod tests {
         );
         for bad in ["garbage", "1-0|x", "x|0", ""] {
             assert!(Record::decode(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn versions_turn_back_into_entry_ids() {
+        for id in ["1700000000000-0", "1700000000000-7", "1-1048575"] {
+            assert_eq!(entry_id_of(version_of(id).unwrap()), id);
         }
     }
 

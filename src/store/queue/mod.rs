@@ -38,12 +38,16 @@ pub mod codec;
 pub mod conn;
 pub mod keys;
 pub mod stream;
+mod tail;
+pub use tail::QueuedMessage;
 
 use std::borrow::Cow;
 
 use redis::{AsyncCommands, Script, Value};
 
-pub use codec::{Allocation, CodecError, Kind, QueuedWrite, Record, accepted_ms, version_of};
+pub use codec::{
+    Allocation, CodecError, Kind, QueuedWrite, Record, accepted_ms, entry_id_of, version_of,
+};
 pub use conn::{RedisConn, Target};
 pub use keys::{Keys, Shard};
 
@@ -113,6 +117,7 @@ struct Scripts {
     start_catch_up: Script,
     measure: Script,
     read_page: Script,
+    pending_since: Script,
 }
 
 impl Scripts {
@@ -126,6 +131,7 @@ impl Scripts {
             start_catch_up: Script::new(include_str!("scripts/start_catch_up.lua")),
             measure: Script::new(include_str!("scripts/measure.lua")),
             read_page: Script::new(include_str!("scripts/read_page.lua")),
+            pending_since: Script::new(include_str!("scripts/pending_since.lua")),
         }
     }
 }
