@@ -528,9 +528,10 @@ expect 'status == 200 and msg(j) and j["body"] == "Hello again from the other ch
 poll "$WAIT_TIMEOUT" 'status == 200 and [(m["number"], m["body"]) for m in j] == [(1, "Hello again from the other chat")]' \
   'once persisted, chat 2 holds the edited message' GET "$APP/chats/2/messages"
 
-step 'List the messages of chat 1' 'Persisted asynchronously, like chats: repeat until all three are there.'
-poll "$WAIT_TIMEOUT" 'status == 200 and all(msg(m) for m in j) and nums(j) == [1, 2, 3]' \
-  'messages 1, 2, 3 in ascending order' GET "$APP/chats/1/messages"
+step 'List the messages of chat 1' 'A message is listed as soon as its create is answered, persisted or not.'
+request GET "$APP/chats/1/messages"
+expect 'status == 200 and all(msg(m) for m in j) and nums(j) == [1, 2, 3]' \
+  'messages 1, 2, 3 in ascending order' 
 expect '[m["body"] for m in j] == ["Hello World", "hello there", "Welcome to the new world"] and all(m["chat_number"] == 1 for m in j)' \
   'with their bodies, all of chat 1'
 
@@ -539,6 +540,13 @@ request GET "$APP/chats/1/messages?limit=2"
 expect 'status == 200 and nums(j) == [1, 2] and next_link() is not None' 'messages 1 and 2, and a Link'
 request GET "$(value 'next_link()')"
 expect 'status == 200 and nums(j) == [3] and next_link() is None' 'message 3, the last page'
+
+step 'Newest first, as a chat screen opens' 'order=desc pages back from the latest message with before.'
+request GET "$APP/chats/1/messages?order=desc&limit=2"
+expect 'status == 200 and nums(j) == [3, 2] and next_link() is not None' 'messages 3 and 2, and a Link'
+request GET "$(value 'next_link()')"
+expect 'status == 200 and nums(j) == [1] and next_link() is None' 'message 1, the oldest page'
+
 
 # ---------------------------------------------------------------------------------------
 SEARCH=$APP/chats/1/messages/search
@@ -618,6 +626,27 @@ request POST "$APP/chats/1/messages" '{"body":""}'
 expect 'problem(422)' '422 for an empty message body'
 
 # ---------------------------------------------------------------------------------------
+step 'Follow chat 1 live' \
+  'Server-Sent Events: new and edited messages as they are accepted, on any API process (curl -N).'
+events_file=$(mktemp)
+curl -sN --max-time 5 "$BASE_URL$APP/chats/1/messages/events" >"$events_file" &
+events_pid=$!
+sleep 0.5
+request POST "$APP/chats/1/messages" '{"body":"Live hello"}'
+expect 'status == 201 and msg(j)' '201 Created'
+for _ in $(seq 1 40); do grep -q 'Live hello' "$events_file" && break; sleep 0.1; done
+kill "$events_pid" 2>/dev/null || true
+wait "$events_pid" 2>/dev/null || true
+if grep -q '^event: message.created' "$events_file" && grep -q '"body":"Live hello"' "$events_file"; then
+  printf '  ok: the subscriber got event: message.created for the new message\n'
+else
+  printf '  FAILED: no message.created event for the new message; the stream held:\n' >&2
+  cat "$events_file" >&2
+  exit 1
+fi
+rm -f "$events_file"
+
+# ---------------------------------------------------------------------------------------
 step 'Metrics, in the Prometheus text format'
 request GET /metrics
 expect 'status == 200 and content_type() == "text/plain"' '200, text/plain'
@@ -632,6 +661,7 @@ expect '(lambda have: [p + " " + m for p, ms in {
     "/applications/{}/chats/{}/messages": "get post",
     "/applications/{}/chats/{}/messages/{}": "get patch put",
     "/applications/{}/chats/{}/messages/search": "get",
+    "/applications/{}/chats/{}/messages/events": "get",
     "/healthz": "get", "/readyz": "get", "/metrics": "get", "/openapi.json": "get",
   }.items() for m in ms.split() if m not in have.get(p, {})] == [])(
   {re.sub(r"\{[^}]*\}", "{}", p): v for p, v in j.get("paths", {}).items()})' \
