@@ -261,3 +261,19 @@ async fn past_its_most_subscribers_a_process_answers_503_with_retry_after() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlives_the_request_timeout() {
+    let app = TestApp::with(Options {
+        request_timeout: Some(Duration::from_millis(500)),
+        ..Options::default()
+    })
+    .await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let url = app.url(&format!("/applications/{token}/chats/{chat}/messages/events"));
+    let mut events = Events::open(&url, None).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.message(&token, chat, "still there").await;
+    assert_eq!(events.expect().await.data["body"], "still there");
+}
