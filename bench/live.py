@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Live delivery and newest-first pages on a private stack: two API processes and a
+worker (release build), MariaDB and Redis from scripts/deps.
+
+* `bench/live.rs` opens SUBSCRIBERS event streams spread over both APIs and 100 chats,
+  creates messages at RATE per second through both, and reports the time from each
+  `201` to its event at every subscriber (p50/p99/max), and the private memory per idle
+  subscriber of each API process;
+* wrk reads a newest-first page of 50 (`order=desc&limit=50`) of a chat whose newest
+  messages are still pending (the worker is stopped for it), p50/p99.
+
+    scripts/bench --live [--subscribers N] [--rate R] [--seconds S]
+
+Ports: BENCH_LIVE_MYSQL_PORT (26306), BENCH_LIVE_REDIS_PORT (26379), BENCH_LIVE_API_PORT
+(26100 and the next one). Results: bench/results/live.md (+ .json).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ROOT / ".data" / "bench-live"
+MYSQL_PORT = int(os.environ.get("BENCH_LIVE_MYSQL_PORT", 26306))
+REDIS_PORT = int(os.environ.get("BENCH_LIVE_REDIS_PORT", 26379))
+API_PORT = int(os.environ.get("BENCH_LIVE_API_PORT", 26100))
+APIS = [f"127.0.0.1:{API_PORT}", f"127.0.0.1:{API_PORT + 1}"]
+
+
+def log(msg):
+    print(f"live bench: {msg}", file=sys.stderr, flush=True)
+
+
+def deps(action):
+    env = dict(os.environ, DEPS_DIR=str(DATA / "deps"), DEPS_MYSQL_PORT=str(MYSQL_PORT),
+               DEPS_REDIS_PORT=str(REDIS_PORT))
+    env.pop("DEPS_REDIS_CLUSTER_PORT", None)
+    subprocess.run([str(ROOT / "scripts" / "deps"), action], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def wait_http(url, limit=60):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"live bench: {url} did not answer")
+
+
+def request(method, url, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def wrk_page(url, seconds):
+    lua = r"""
+done = function(summary, latency, requests)
+  io.stderr:write(string.format('WRKJSON {"requests":%d,"duration_us":%d,"errors":%d,"status":%d,"p50":%d,"p99":%d}\n',
+    summary.requests, summary.duration, summary.errors.connect + summary.errors.read +
+    summary.errors.write + summary.errors.timeout, summary.errors.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(lua)
+    out = subprocess.run(["wrk", "-t", "2", "-c", "16", "-d", f"{seconds}s", "-s", f.name, url],
+                         capture_output=True, text=True)
+    os.unlink(f.name)
+    r = json.loads(re.search(r"WRKJSON (\{.*\})", out.stderr).group(1))
+    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50"] / 1000,
+            "p99_ms": r["p99"] / 1000, "errors": r["errors"] + r["status"]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subscribers", type=int, default=1000)
+    p.add_argument("--rate", type=float, default=2000)
+    p.add_argument("--seconds", type=float, default=20)
+    args = p.parse_args()
+    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    log("building (release)")
+    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "chat-system",
+                    "--example", "live"], cwd=ROOT, check=True)
+    binary = target / "release" / "chat-system"
+    live = target / "release" / "examples" / "live"
+    DATA.mkdir(parents=True, exist_ok=True)
+    deps("start")
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_CLUSTER_NODES"}
+    env.update(DATABASE_URL=f"mysql://root@127.0.0.1:{MYSQL_PORT}/chat_live_bench",
+               REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}",
+               REDIS_PREFIX=f"live{int(time.time())}", LOG_LEVEL="warn",
+               SEARCH_INDEX_DIR=str(DATA / "search"), EVENTS_MAX_SUBSCRIBERS="100000")
+    procs = []
+    figures = {"subscribers": args.subscribers, "rate": args.rate, "seconds": args.seconds,
+               "cores": os.cpu_count(), "load_before": os.getloadavg()[0]}
+    try:
+        subprocess.run([str(binary), "migrate"], env=env, check=True)
+        logs = open(DATA / "procs.log", "w")
+        for i, api in enumerate(APIS):
+            procs.append(subprocess.Popen([str(binary), "api"], env=dict(env, BIND=api),
+                                          stdout=logs, stderr=logs))
+        worker = subprocess.Popen([str(binary), "worker"], env=env, stdout=logs, stderr=logs)
+        for api in APIS:
+            wait_http(f"http://{api}/readyz")
+        log(f"{args.subscribers} subscribers, {args.rate:.0f} creates/s for {args.seconds:.0f} s")
+        out = subprocess.run([str(live), "--apis", ",".join(APIS),
+                              "--pids", ",".join(str(p.pid) for p in procs),
+                              "--subscribers", str(args.subscribers), "--rate", str(args.rate),
+                              "--seconds", str(args.seconds)],
+                             capture_output=True, text=True, check=True)
+        figures["live"] = json.loads(out.stdout.strip().splitlines()[-1])
+        log(f"live: {figures['live']}")
+
+        # Newest-first page of 50 with its newest items pending: stop the worker first.
+        worker.terminate()
+        worker.wait()
+        app = request("POST", f"http://{APIS[0]}/applications", {"name": "pages"})
+        token = app["token"]
+        request("POST", f"http://{APIS[0]}/applications/{token}/chats", {})
+        for i in range(200):
+            request("POST", f"http://{APIS[0]}/applications/{token}/chats/1/messages",
+                    {"body": f"page message {i}"})
+        url = f"http://{APIS[1]}/applications/{token}/chats/1/messages?order=desc&limit=50"
+        figures["page_desc_50_pending"] = wrk_page(url, 10)
+        log(f"newest-first page of 50 (pending): {figures['page_desc_50_pending']}")
+        worker = subprocess.Popen([str(binary), "worker"], env=env, stdout=logs, stderr=logs)
+        procs.append(worker)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            status = json.loads(subprocess.run([str(binary), "queue-status"], env=env,
+                                               capture_output=True, text=True).stdout)
+            if status["length"] == 0 or all(g["pending"] == 0 and g["lag"] == 0
+                                            for g in status["groups"]):
+                break
+            time.sleep(0.5)
+        figures["page_desc_50_persisted"] = wrk_page(url, 10)
+        log(f"newest-first page of 50 (persisted): {figures['page_desc_50_persisted']}")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        deps("stop")
+    write(figures)
+
+
+def write(f):
+    live = f["live"]
+    lat = live["latency_ms"]
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    pending, persisted = f["page_desc_50_pending"], f["page_desc_50_persisted"]
+    lines = [
+        f"# Live delivery and newest-first pages — {stamp}", "",
+        f"Machine: {f['cores']} cores (load average {f['load_before']:.1f} at the start). Two API "
+        "processes and a worker (release build) on one box; reproduce: "
+        f"`scripts/bench --live --subscribers {f['subscribers']} --rate {f['rate']:.0f} "
+        f"--seconds {f['seconds']:.0f}`.", "",
+        "| figure | value | target |", "|---|---:|---:|",
+        f"| subscribers (over both APIs, 100 chats) | {live['subscribers']:,} | 1,000 |",
+        f"| creates/s sent (failures) | {live['creates_per_s']:,.0f} ({live['create_failures']}) | 2,000 |",
+        f"| events received / expected | {live['events_received']:,} / {live['events_expected']:,} | all |",
+        f"| 201 → event p50 / p99 / max | {lat['p50']:.1f} / {lat['p99']:.1f} / {lat['max']:.1f} ms | p99 ≤ 50 ms |",
+        f"| private memory per idle subscriber (per API) | "
+        f"{' / '.join(f'{k:.1f}' for k in live['idle_kib_per_subscriber'])} KiB | ≤ 16 KB |",
+        f"| newest-first page of 50, newest pending: p50 / p99 | {pending['p50_ms']:.2f} / {pending['p99_ms']:.2f} ms ({pending['rps']:,.0f}/s) | p99 ≤ 3 ms |",
+        f"| the same page persisted: p50 / p99 | {persisted['p50_ms']:.2f} / {persisted['p99_ms']:.2f} ms ({persisted['rps']:,.0f}/s) | p99 ≤ 3 ms |",
+        "",
+    ]
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "live.md").write_text("\n".join(lines))
+    (out / "live.json").write_text(json.dumps(f, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
