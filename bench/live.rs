@@ -35,7 +35,9 @@ fn parse_args() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         let [name, value] = pair else {
-            panic!("usage: live --apis a,b --pids p,q --subscribers N --rate R --seconds S --chats C")
+            panic!(
+                "usage: live --apis a,b --pids p,q --subscribers N --rate R --seconds S --chats C"
+            )
         };
         match name.as_str() {
             "--apis" => args.apis = value.split(',').map(str::to_owned).collect(),
@@ -147,7 +149,10 @@ async fn main() {
     let mut subscribers = Vec::new();
     for i in 0..args.subscribers {
         let chat = i as u64 % args.chats + 1;
-        let url = format!("{}/applications/{token}/chats/{chat}/messages/events", base(i));
+        let url = format!(
+            "{}/applications/{token}/chats/{chat}/messages/events",
+            base(i)
+        );
         let own = reqwest::Client::builder().build().expect("client");
         subscribers.push(tokio::spawn(subscribe(
             own,

@@ -271,7 +271,9 @@ async fn a_stream_outlives_the_request_timeout() {
     .await;
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
-    let url = app.url(&format!("/applications/{token}/chats/{chat}/messages/events"));
+    let url = app.url(&format!(
+        "/applications/{token}/chats/{chat}/messages/events"
+    ));
     let mut events = Events::open(&url, None).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     app.message(&token, chat, "still there").await;
