@@ -327,6 +327,9 @@ impl PageRequest {
     }
 }
 
+/// Persisted messages one resume of a live subscriber reads at most.
+pub const CATCH_UP_MAX: u32 = 1000;
+
 /// Above any number ever handed out (and exact as a Lua number).
 const MAX_NUMBER: u64 = 1 << 53;
 
@@ -496,13 +499,17 @@ impl Store {
     /// What a subscriber resuming after entry `after` has missed: each message of the
     /// chat changed since, in its current state, in acceptance (version) order. Redis is
     /// read before MySQL: a write persisted in between is then found in MySQL.
+    ///
+    /// At most [`CATCH_UP_MAX`] persisted messages at a time: with more, the answer ends
+    /// at the last of them and says it is partial (`false`); the subscriber resumes from
+    /// there for the next part. Memory stays bounded whatever the id sent.
     pub async fn messages_changed_since(
         &self,
         token: &Token,
         chat: u64,
         app_id: u64,
         after: &str,
-    ) -> Result<Vec<QueuedMessage>, ApiError> {
+    ) -> Result<(Vec<QueuedMessage>, bool), ApiError> {
         let since = version_of(after).ok_or_else(|| {
             ApiError::BadRequest("Last-Event-ID must be an event id this API sent".into())
         })?;
@@ -510,7 +517,11 @@ impl Store {
             .queue
             .pending_since(token.as_str(), chat, after)
             .await?;
-        let rows = mysql::messages_since(&self.mysql, app_id, chat, since).await?;
+        let rows = mysql::messages_since(&self.mysql, app_id, chat, since, CATCH_UP_MAX).await?;
+        // With as many rows as asked for, more may follow: this part ends at the last.
+        let cut = (rows.len() >= CATCH_UP_MAX as usize)
+            .then(|| rows.last().map(|(version, _)| *version))
+            .flatten();
         let mut latest: std::collections::HashMap<u64, (u64, QueuedMessage)> =
             std::collections::HashMap::new();
         let written = rows.into_iter().map(|(version, message)| {
@@ -536,9 +547,12 @@ impl Store {
                 }
             }
         }
-        let mut changed: Vec<(u64, QueuedMessage)> = latest.into_values().collect();
+        let mut changed: Vec<(u64, QueuedMessage)> = latest
+            .into_values()
+            .filter(|(version, _)| cut.is_none_or(|cut| *version <= cut))
+            .collect();
         changed.sort_by_key(|(version, _)| *version);
-        Ok(changed.into_iter().map(|(_, w)| w).collect())
+        Ok((changed.into_iter().map(|(_, w)| w).collect(), cut.is_none()))
     }
 
     /// The application id of a chat that exists (pending or persisted); 404 otherwise.

@@ -72,16 +72,19 @@ pub async fn events(
     // Subscribed first, caught up after: a write accepted in between is in both, and the
     // stream sends it once.
     let subscription = state.events.subscribe(token.as_str(), chat).await?;
-    let missed = match &resume {
+    let (missed, complete) = match &resume {
         Some(after) => {
             state
                 .store
                 .messages_changed_since(&token, chat, app_id, after)
                 .await?
         }
-        None => Vec::new(),
+        None => (Vec::new(), true),
     };
     let last = resume.as_deref().and_then(version_of).unwrap_or(0);
+    // More was missed than one resume sends: this stream ends after its part, and the
+    // client (an EventSource does so by itself) resumes from its last id for the next.
+    let subscription = complete.then_some(subscription);
     let stream = event_stream(missed, subscription, last);
     let mut response = Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(HEARTBEAT))
@@ -93,10 +96,11 @@ pub async fn events(
     Ok(response)
 }
 
-/// The missed messages, then the live ones, each sent once with an id above the last.
+/// The missed messages, then the live ones (none after a partial catch-up), each sent
+/// once with an id above the last.
 fn event_stream(
     missed: Vec<QueuedMessage>,
-    subscription: Subscription,
+    subscription: Option<Subscription>,
     last: u64,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let state = (missed.into_iter(), subscription, last);
@@ -106,7 +110,7 @@ fn event_stream(
             loop {
                 let write = match missed.next() {
                     Some(write) => write,
-                    None => subscription.rx.recv().await?,
+                    None => subscription.as_mut()?.rx.recv().await?,
                 };
                 let Some(version) = version_of(&write.entry_id).filter(|v| *v > last) else {
                     continue;

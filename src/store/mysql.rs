@@ -299,21 +299,23 @@ pub async fn messages_before(
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
-/// The messages of a chat whose current content was accepted after `version`, with
-/// their versions, in version order (a subscriber resuming from its last event).
+/// Up to `limit` messages of a chat whose current content was accepted after `version`,
+/// with their versions, in version order (a subscriber resuming from its last event).
 pub async fn messages_since(
     db: &MySqlPool,
     app_id: u64,
     chat: u64,
     version: u64,
+    limit: u32,
 ) -> sqlx::Result<Vec<(u64, Message)>> {
     let rows: Vec<(u64, MessageRow)> = sqlx::query_as::<_, VersionedMessageRow>(
         "SELECT version, chat_number, number, body, created_at, updated_at FROM messages \
-         WHERE application_id = ? AND chat_number = ? AND version > ? ORDER BY version",
+         WHERE application_id = ? AND chat_number = ? AND version > ? ORDER BY version LIMIT ?",
     )
     .bind(app_id)
     .bind(chat)
     .bind(version)
+    .bind(limit)
     .fetch_all(db)
     .await?
     .into_iter()

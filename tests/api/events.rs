@@ -279,3 +279,40 @@ async fn a_stream_outlives_the_request_timeout() {
     app.message(&token, chat, "still there").await;
     assert_eq!(events.expect().await.data["body"], "still there");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_absence_is_caught_up_in_bounded_parts() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let url = app.url(&format!(
+        "/applications/{token}/chats/{chat}/messages/events"
+    ));
+    let mut events = Events::open(&url, None).await;
+    app.message(&token, chat, "first").await;
+    let first = events.expect().await;
+    drop(events);
+    let max = chat_system::service::CATCH_UP_MAX as u64;
+    for i in 0..max + 100 {
+        app.message(&token, chat, &format!("missed {i}")).await;
+    }
+    app.drain().await;
+
+    // The first part: as many as one resume sends, then the stream ends.
+    let mut events = Events::open(&url, Some(&first.id)).await;
+    let mut last = first;
+    let mut part = 0;
+    while let Some(event) = events.next(Duration::from_secs(10)).await {
+        part += 1;
+        assert_eq!(event.data["number"].as_u64(), Some(part + 1));
+        last = event;
+    }
+    assert_eq!(part, max);
+    // The rest, from where it ended, then live.
+    let mut events = Events::open(&url, Some(&last.id)).await;
+    for n in max + 2..=max + 101 {
+        assert_eq!(events.expect().await.data["number"].as_u64(), Some(n));
+    }
+    app.message(&token, chat, "live again").await;
+    assert_eq!(events.expect().await.data["body"], "live again");
+}
