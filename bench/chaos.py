@@ -81,8 +81,6 @@ GRACE = 3.0  # after a dependency is back, clients may still see 503s this long
 HEADER_READ_TIMEOUT = 5.0  # the API closes a connection without a whole request head then
 INDEX_LAG_MAX = 5.0  # past this lag the stream is trimmed past the (frozen) indexer
 CLAIM_IDLE = 2.0  # a frozen or dead consumer's entries are taken over after this
-WRITER_BUSY = "another process holds the search index writer"
-WRITER_TAKEN = "took over the search index writer"  # a standby took it when its holder died
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PROBLEM_TYPE = re.compile(r'"type"\s*:\s*"([^"]*)"')
 
@@ -210,9 +208,9 @@ class Proc:
 
     @property
     def holds_writer(self):
-        """A worker holds the index writer if it got it at start or took it over since."""
-        text = self.log_text()
-        return WRITER_BUSY not in text or WRITER_TAKEN in text
+        """Whether this worker holds the index writer now, by its `search_index_writer_held`
+        gauge (a frozen or dead worker answers nothing: it does not count)."""
+        return metric(self.port, "search_index_writer_held") == 1.0
 
     def log_text(self):
         try:
@@ -258,7 +256,7 @@ class Stack:
             REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}",
             REDIS_PREFIX=PREFIX,
             SEARCH_INDEX_DIR=str(DATA / "index"),
-            LOG_LEVEL="warn,chat_system::startup=info",  # startup logs writer takeovers
+            LOG_LEVEL="warn,chat_system::startup=info",  # writer takeovers, for the reader
             DEPENDENCY_TIMEOUT="1s",
             WORKER_CLAIM_IDLE=f"{CLAIM_IDLE:.0f}s",
             HEADER_READ_TIMEOUT=f"{HEADER_READ_TIMEOUT:.0f}s",

@@ -8,15 +8,13 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// pages (`madvise(MADV_HUGEPAGE)`) on the memory it maps.
 const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
-/// Memory is returned to the OS as soon as it is freed. With the default delay, pages
-/// freed by threads that then go quiet (a search-index merge, a burst of requests) stayed
-/// resident: a worker's private memory swung between 80 and 130 MiB under a steady load,
-/// and 40 to 50 MiB with this setting.
+/// Memory is returned to the OS as soon as it is freed: with a delay, pages freed by
+/// threads that then go quiet (a search-index merge, a burst of requests) stay resident.
 ///
-/// And the process does without transparent huge pages. mimalloc asks for them, so a
-/// heap's pages were 2 MiB each: one live object kept a whole one resident, and the
-/// API's private memory moved in steps of 2 to 5 MiB (a seventh of it) that said nothing
-/// of what it held. The system setting stays as it is for other processes.
+/// And the process does without transparent huge pages, which mimalloc asks for: in
+/// 2 MiB pages one live object keeps a whole page resident. The system setting stays as
+/// it is for other processes. (Measurements: `docs/BENCHMARKS.md`, "The allocator" and
+/// "Transparent huge pages".)
 pub fn configure_allocator() {
     // SAFETY: sets plain integer options of the allocator; any value is valid.
     unsafe {

@@ -52,16 +52,15 @@ const CLOCK_EVERY: u32 = 64;
 /// second of writes), then becomes a segment.
 const WRITER_HEAP: usize = 32 * 1024 * 1024;
 /// Segment merges run one at a time (Tantivy's default is four): each merge holds its
-/// own buffers, and on a small box concurrent merges took both cores and a worker's
-/// private memory in steps of tens of MiB.
+/// own buffers and a core, which the worker's persisting needs more.
 const MERGE_THREADS: usize = 1;
-/// Only segments of at most this many documents are merged. A merge holds about 20
-/// bytes per document it writes (Tantivy's document-id maps and field norms), so with
-/// eight or so segments per merge the largest one writes about 2 million documents
-/// and holds about 45 MiB, however large the index grows. Without a bound, merges grow
-/// with the index (Tantivy's default stops at 10 million documents per input segment,
-/// some 1.6 GiB for one merge), and so does the worker's memory. The price: an index
-/// keeps one segment per 0.25 to 2 million documents, and searches visit each.
+/// Only segments of at most this many documents are merged: a merge's memory grows with
+/// the documents it writes (Tantivy's document-id maps and field norms), so this bound
+/// keeps the largest merge, with eight or so inputs, near 2 million documents however
+/// large the index grows, where Tantivy's default lets merges, and the worker's memory,
+/// grow with the index. The price: an index keeps one segment per 0.25 to 2 million
+/// documents, and searches visit each. (Measurements: `docs/BENCHMARKS.md`,
+/// "Search-index merges grew with the index".)
 const MERGE_MAX_SEGMENT_DOCS: usize = 250_000;
 
 struct Fields {
@@ -126,8 +125,8 @@ fn schema() -> (Schema, Fields) {
 /// `MmapDirectory` remembers every file it has mapped (path and a weak reference), and
 /// forgets one only when that path is opened again or when its cache is inspected. Each
 /// commit writes a new segment and each merge deletes old ones, so under a steady load
-/// the entries of deleted files piled up in every process that had the index open: the
-/// API's memory grew by about 0.25 MiB a minute at 8,000 creates/s. The cache is now
+/// the entries of deleted files would pile up in every process that has the index open
+/// (`docs/BENCHMARKS.md`, "The index's file cache grew with every commit"). The cache is
 /// swept (`get_cache_info` drops the dead entries) whenever the index's meta file
 /// changes, which is when readers move to new segments.
 fn sweep_file_cache(

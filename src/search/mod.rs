@@ -408,10 +408,10 @@ async fn blocking_heavy<T: Send + 'static>(
 }
 
 /// Runs a call of the embedded index (file I/O, CPU-heavy) off the async threads, at
-/// most one per core at a time. Without the bound, a burst of searches took one
-/// blocking-pool thread each (64 under 64 concurrent clients), and every thread kept an
-/// allocator heap of its own: the API's private memory went from 40 to 227 MiB. More
-/// threads than cores would not search faster; the calls wait their turn instead.
+/// most one per core at a time: without the bound a burst of searches takes one
+/// blocking-pool thread each, every one with an allocator heap of its own
+/// (`docs/BENCHMARKS.md`, "Embedded-index calls were unbounded"), and more threads than
+/// cores would not search faster; the calls wait their turn instead.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, SearchError> + Send + 'static,
 ) -> Result<T, SearchError> {

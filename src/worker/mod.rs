@@ -66,13 +66,14 @@ const INDEX_YIELD_MAX: Duration = Duration::from_secs(5);
 /// batch, i.e. worked through a backlog. While it does, the process's indexer waits:
 /// persistence (durability, the counts, what other readers see) takes the CPU first, and
 /// indexing, whose lag nothing waits on, catches up right after. When MySQL is down no
-/// batch completes, so indexing goes on as usual.
+/// batch completes, so indexing goes on as usual. Timed on tokio's clock, which tests
+/// can pause.
 #[derive(Clone, Default)]
-pub struct Backlog(Arc<Mutex<Option<Instant>>>);
+pub struct Backlog(Arc<Mutex<Option<tokio::time::Instant>>>);
 
 impl Backlog {
     fn mark(&self) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
     }
 
     /// Whether a full batch was persisted within `recent`.
@@ -85,7 +86,7 @@ impl Backlog {
 
     /// Waits while the backlog is active, for at most `max` or until shutdown.
     async fn wait_out(&self, max: Duration, shutdown: &mut watch::Receiver<bool>) {
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         while self.active(BACKLOG_RECENT) && started.elapsed() < max && !*shutdown.borrow() {
             tokio::select! {
                 _ = tokio::time::sleep(INDEX_YIELD_STEP) => {}
@@ -421,30 +422,40 @@ mod tests {
         limit: Duration,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Duration {
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         backlog.wait_out(limit, shutdown).await;
         started.elapsed()
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_indexer_waits_out_a_backlog_for_a_bounded_time_only() {
         let (stop, mut shutdown) = watch::channel(false);
         let backlog = Backlog::default();
+        // The wait is checked every INDEX_YIELD_STEP: it ends within one step of its cause.
+        let within_a_step =
+            |waited: Duration, from: Duration| waited >= from && waited < from + INDEX_YIELD_STEP;
 
         let waited = time_wait_out(&backlog, Duration::from_secs(30), &mut shutdown).await;
-        assert!(waited < Duration::from_secs(1), "no backlog: no wait");
+        assert_eq!(waited, Duration::ZERO, "no backlog: no wait");
 
         backlog.mark();
-        let waited = time_wait_out(&backlog, Duration::from_millis(120), &mut shutdown).await;
-        assert!(waited >= Duration::from_millis(120), "waited {waited:?}");
+        let limit = Duration::from_millis(120);
+        let waited = time_wait_out(&backlog, limit, &mut shutdown).await;
         assert!(
-            waited < BACKLOG_RECENT + Duration::from_secs(1),
-            "waited {waited:?}"
+            within_a_step(waited, limit),
+            "waited {waited:?} for {limit:?}"
+        );
+
+        backlog.mark();
+        let waited = time_wait_out(&backlog, Duration::from_secs(30), &mut shutdown).await;
+        assert!(
+            within_a_step(waited, BACKLOG_RECENT),
+            "waited {waited:?}: the backlog went quiet after {BACKLOG_RECENT:?}"
         );
 
         backlog.mark();
         stop.send(true).unwrap();
         let waited = time_wait_out(&backlog, Duration::from_secs(30), &mut shutdown).await;
-        assert!(waited < Duration::from_secs(1), "shutdown ends the wait");
+        assert_eq!(waited, Duration::ZERO, "shutdown ends the wait");
     }
 }

@@ -664,6 +664,7 @@ async fn elasticsearch_down_at_start_delays_the_alias_creation_not_the_start() {
 #[tokio::test]
 async fn the_indexer_dead_letters_refused_documents_and_holds_the_batch_on_index_wide_refusals() {
     let mut app = TestApp::spawn().await;
+    app.allow_leftovers(); // Leaves its dead letters behind, on purpose.
     let token = app.application("es").await;
     let chat = app.chat(&token).await;
     for body in ["first", "refused", "third"] {

@@ -93,7 +93,7 @@ fn numbers_and_kinds(events: &[Sse]) -> Vec<(u64, &str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_and_edited_messages_reach_a_subscriber_in_acceptance_order() {
-    let app = TestApp::spawn().await;
+    let mut app = TestApp::spawn().await;
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     let path = format!("/applications/{token}/chats/{chat}/messages");
@@ -135,6 +135,8 @@ async fn new_and_edited_messages_reach_a_subscriber_in_acceptance_order() {
         ),
         (Some(3), Some(chat))
     );
+    // Everything accepted is persisted: the queue is left clean.
+    app.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,11 +195,13 @@ async fn a_subscriber_resuming_by_id_gets_what_it_missed_once_then_the_live_ones
     ))
     .await
     .assert_problem(404);
+    // Everything accepted is persisted: the queue is left clean.
+    app.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_the_others_are_not() {
-    let app = TestApp::spawn().await;
+    let mut app = TestApp::spawn().await;
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     let url = app.url(&format!(
@@ -230,11 +234,13 @@ async fn a_subscriber_that_cannot_keep_up_is_cut_off_and_the_others_are_not() {
         got += 1;
     }
     assert!(got < total, "cut off after {got} events");
+    // Everything accepted is persisted: the queue is left clean.
+    app.drain().await;
 }
 
 #[tokio::test]
 async fn past_its_most_subscribers_a_process_answers_503_with_retry_after() {
-    let app = TestApp::with(Options {
+    let mut app = TestApp::with(Options {
         events_max_subscribers: Some(1),
         ..Options::default()
     })
@@ -260,11 +266,13 @@ async fn past_its_most_subscribers_a_process_answers_503_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // Everything accepted is persisted: the queue is left clean.
+    app.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_outlives_the_request_timeout() {
-    let app = TestApp::with(Options {
+    let mut app = TestApp::with(Options {
         request_timeout: Some(Duration::from_millis(500)),
         ..Options::default()
     })
@@ -278,6 +286,8 @@ async fn a_stream_outlives_the_request_timeout() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     app.message(&token, chat, "still there").await;
     assert_eq!(events.expect().await.data["body"], "still there");
+    // Everything accepted is persisted: the queue is left clean.
+    app.drain().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,4 +325,6 @@ async fn a_long_absence_is_caught_up_in_bounded_parts() {
     }
     app.message(&token, chat, "live again").await;
     assert_eq!(events.expect().await.data["body"], "live again");
+    // Everything accepted is persisted: the queue is left clean.
+    app.drain().await;
 }

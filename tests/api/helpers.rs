@@ -3,6 +3,10 @@
 //!
 //! Nothing is mocked. Faults are injected with [`Proxy`], a TCP relay between the app
 //! and a real server that a test can cut and restore.
+//!
+//! A test ends with the queue handled: the teardown fails it if an entry is left
+//! unpersisted or a dead letter is left behind, unless it says it means to
+//! ([`TestApp::allow_leftovers`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +19,8 @@ use chat_system::config::{
 use chat_system::search::Search;
 use chat_system::startup::{ApiServer, build_worker};
 use chat_system::store::queue::RedisConn;
-use chat_system::store::{MIGRATOR, Store};
+use chat_system::store::queue::stream::QueueStatus;
+use chat_system::store::{MIGRATOR, Store, connect_queue};
 use chat_system::worker::{Role, Worker};
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
@@ -111,6 +116,10 @@ pub struct TestApp {
     pub prefix: String,
     pub mysql_proxy: Option<Proxy>,
     pub redis_proxy: Option<Proxy>,
+    /// Where the teardown reads the queue: Redis itself, never through the proxy (which
+    /// runs on the test's runtime, stopped by then, and may be cut).
+    teardown_store_config: StoreConfig,
+    leftovers_allowed: AtomicBool,
 }
 
 impl TestApp {
@@ -216,11 +225,17 @@ impl TestApp {
         )
         .await
         .expect("indexer");
+        let mut teardown_store_config = store_config.clone();
+        if redis_proxy.is_some() {
+            teardown_store_config.redis_url = redis_url().parse().unwrap();
+        }
         Self {
             addr,
             client: reqwest::Client::new(),
             store,
             store_config,
+            teardown_store_config,
+            leftovers_allowed: AtomicBool::new(false),
             worker,
             indexer,
             search,
@@ -318,6 +333,19 @@ impl TestApp {
         self.worker.drain().await.expect("drain the persist group")
     }
 
+    /// Lets this test end with queued entries unpersisted or dead letters, which the
+    /// teardown otherwise fails it for: for tests of dead letters, of a full queue or an
+    /// outage, and of entries that no worker is meant to take.
+    pub fn allow_leftovers(&self) {
+        self.leftovers_allowed.store(true, Ordering::SeqCst);
+    }
+
+    /// Queued entries the persist group has not acknowledged: what a test with workers
+    /// in the background waits to see at 0 before it ends (see [`leftovers`]).
+    pub async fn unpersisted(&self) -> u64 {
+        unpersisted(&self.store.queue.status(&[]).await.unwrap())
+    }
+
     pub async fn redis(&self) -> RedisConn {
         self.store.queue.conn()
     }
@@ -364,17 +392,62 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         let database = self.database.clone();
         let prefix = self.prefix.clone();
+        // A test that already failed is not failed again (a panic in a panic aborts).
+        let check = (!self.leftovers_allowed.load(Ordering::SeqCst) && !std::thread::panicking())
+            .then(|| self.teardown_store_config.clone());
         let _ = std::fs::remove_dir_all(&self.search_config.search_index_dir);
-        // The test's runtime is going away: clean up on a thread with a runtime of its own.
-        let _ = std::thread::spawn(move || {
+        // The test's runtime is blocked in this drop: check and clean up on a thread with
+        // a runtime of its own.
+        let left = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(cleanup(database, prefix));
+            rt.block_on(async {
+                let left = match check {
+                    Some(config) => leftovers(&config).await,
+                    None => Ok(()),
+                };
+                cleanup(database, prefix).await;
+                left
+            })
         })
         .join();
+        if let Ok(Err(left)) = left {
+            panic!("{left}");
+        }
     }
+}
+
+/// Entries the persist group has not acknowledged, or not read yet (every entry while
+/// no persisting worker has ever started).
+fn unpersisted(status: &QueueStatus) -> u64 {
+    status
+        .groups
+        .iter()
+        .find(|g| g.name == chat_system::worker::PERSIST_GROUP)
+        .map_or(status.length, |g| g.pending + g.lag)
+}
+
+/// Fails with what the test left in the queue for the workers: entries the persist group
+/// has not acknowledged (or never read) and dead letters.
+async fn leftovers(config: &StoreConfig) -> Result<(), String> {
+    let status = match connect_queue(config).await {
+        Ok(queue) => queue.status(&[]).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+    .map_err(|e| {
+        format!("the teardown could not read the queue ({e}); a test that leaves Redis down calls allow_leftovers()")
+    })?;
+    let unpersisted = unpersisted(&status);
+    if unpersisted == 0 && status.dead_letters == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "the test left {unpersisted} queued entries unpersisted and {} dead letters: \
+         drain the queue, or call allow_leftovers() if leaving them is what it shows",
+        status.dead_letters
+    ))
 }
 
 async fn cleanup(database: String, prefix: String) {

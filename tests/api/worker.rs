@@ -84,16 +84,15 @@ async fn lost_counters_and_tokens_are_rebuilt_from_mysql() {
 #[tokio::test]
 async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_goes_on() {
     let mut app = TestApp::spawn().await;
+    app.allow_leftovers(); // Leaves its dead letter behind, on purpose.
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     let keys = app.store.queue.keys.clone();
     let shard = keys.shard_of(&token);
     let mut conn = app.redis().await;
-    let _: String = redis::cmd("XADD")
-        .arg(keys.stream(shard))
-        .arg("*")
-        .arg(&["e", "m|not-a-number|t|1|1|1|1|1|body"])
-        .query_async(&mut conn)
+    app.store
+        .queue
+        .inject_raw_entries(shard, ["m|not-a-number|t|1|1|1|1|1|body"])
         .await
         .unwrap();
     app.message(&token, chat, "after the bad one").await;
@@ -129,19 +128,18 @@ async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_goes_on()
 #[tokio::test]
 async fn an_entry_mysql_rejects_is_dead_lettered_alone() {
     let mut app = TestApp::spawn().await;
+    app.allow_leftovers(); // Leaves its dead letter behind, on purpose.
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     let keys = app.store.queue.keys.clone();
     let shard = keys.shard_of(&token);
     // Well formed, but for an application that does not exist: the foreign key fails.
-    let _: String = redis::cmd("XADD")
-        .arg(keys.stream(shard))
-        .arg("*")
-        .arg(&[
-            "e",
-            "m|999999|x|1|1|1700000000000000|1700000000000000|1|orphan",
-        ])
-        .query_async(&mut app.redis().await)
+    app.store
+        .queue
+        .inject_raw_entries(
+            shard,
+            ["m|999999|x|1|1|1700000000000000|1700000000000000|1|orphan"],
+        )
         .await
         .unwrap();
     app.message(&token, chat, "kept").await;
@@ -270,6 +268,7 @@ async fn entries_left_by_a_dead_consumer_are_taken_over() {
         || async {
             app.scalar("SELECT COUNT(*) FROM messages").await == 10
                 && app.scalar("SELECT COUNT(*) FROM chats").await == 1
+                && app.unpersisted().await == 0
         },
     )
     .await;
@@ -282,16 +281,11 @@ async fn the_stream_is_trimmed_behind_every_group_however_long_it_grew() {
     let mut redis = app.redis().await;
     // 60,000 entries every group has already acknowledged: far more than one
     // approximate trim call removes (10,000).
-    let mut pipe = redis::pipe();
-    for i in 0..60_000 {
-        pipe.cmd("XADD")
-            .arg(&stream)
-            .arg("*")
-            .arg("e")
-            .arg(i)
-            .ignore();
-    }
-    pipe.exec_async(&mut redis).await.unwrap();
+    app.store
+        .queue
+        .inject_raw_entries(0, 0..60_000)
+        .await
+        .unwrap();
     for group in ["persist", "index"] {
         let _: () = redis::cmd("XGROUP")
             .arg("SETID")
@@ -315,6 +309,7 @@ async fn the_stream_is_trimmed_behind_every_group_however_long_it_grew() {
 #[tokio::test]
 async fn the_dead_letter_stream_is_capped() {
     let mut app = TestApp::spawn().await;
+    app.allow_leftovers(); // Leaves its dead letters behind, on purpose.
     let keys = app.store.queue.keys.clone();
     let mut conn = app.redis().await;
     let mut config = worker_config();
@@ -322,15 +317,11 @@ async fn the_dead_letter_stream_is_capped() {
     let mut worker = build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
         .await
         .unwrap();
-    for _ in 0..500 {
-        let _: String = redis::cmd("XADD")
-            .arg(keys.stream(0))
-            .arg("*")
-            .arg(&["e", "garbage"])
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    app.store
+        .queue
+        .inject_raw_entries(0, ["garbage"; 500])
+        .await
+        .unwrap();
     assert_eq!(worker.drain().await.unwrap(), 500);
     let dead: u64 = redis::cmd("XLEN")
         .arg(keys.dead_letters(0))
@@ -345,6 +336,7 @@ async fn the_dead_letter_stream_is_capped() {
 #[tokio::test]
 async fn a_starting_worker_removes_consumers_left_idle_with_nothing_pending() {
     let app = TestApp::spawn().await;
+    app.allow_leftovers(); // Leaves the entry a dead consumer holds behind, on purpose.
     let keys = app.store.queue.keys.clone();
     let mut conn = app.redis().await;
     let token = app.application("a").await;

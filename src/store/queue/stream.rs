@@ -489,6 +489,23 @@ impl Queue {
     pub async fn finish_index_catch_up(&self, shard: Shard) -> redis::RedisResult<()> {
         self.conn().del(self.keys.index_catch_up(shard)).await
     }
+
+    /// For tests and tools only: appends entries whose payload (the `e` field of
+    /// [`super::codec`]) is taken as given, bypassing the create scripts, so that the
+    /// workers can be shown entries the API never writes (malformed ones, or ones for an
+    /// application that does not exist). One round trip for them all; their ids, in order.
+    pub async fn inject_raw_entries<P: redis::ToRedisArgs>(
+        &self,
+        shard: Shard,
+        payloads: impl IntoIterator<Item = P>,
+    ) -> redis::RedisResult<Vec<String>> {
+        let stream = self.keys.stream(shard);
+        let mut pipe = redis::pipe();
+        for payload in payloads {
+            pipe.xadd(&stream, "*", &[("e", payload)]);
+        }
+        pipe.query_async(&mut self.conn()).await
+    }
 }
 
 fn is_missing_stream(e: &redis::RedisError) -> bool {
