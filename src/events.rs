@@ -43,9 +43,13 @@ const TAIL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A subscription's key: the application's token and the chat.
 type ChatKey = (String, u64);
 
+/// Writes are shared, not copied, between the subscribers of a chat; a slot of the
+/// buffer is one pointer.
+pub type SharedWrite = Arc<QueuedMessage>;
+
 struct Subscriber {
     id: u64,
-    tx: mpsc::Sender<QueuedMessage>,
+    tx: mpsc::Sender<SharedWrite>,
 }
 
 #[derive(Default)]
@@ -81,7 +85,7 @@ pub enum SubscribeError {
 /// One subscriber's end: the live writes of its chat, until it is cut off or the
 /// process stops. Unsubscribes when dropped.
 pub struct Subscription {
-    pub rx: mpsc::Receiver<QueuedMessage>,
+    pub rx: mpsc::Receiver<SharedWrite>,
     hub: EventHub,
     key: ChatKey,
     shard: Shard,
@@ -251,6 +255,7 @@ impl EventHub {
         let mut registry = self.lock();
         let mut cut = 0;
         for write in writes {
+            let write = Arc::new(write);
             let key = (write.token.clone(), write.message.chat_number);
             let Some(list) = registry.chats.get_mut(&key) else {
                 continue;

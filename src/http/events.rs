@@ -109,7 +109,7 @@ fn event_stream(
         |(mut missed, mut subscription, mut last)| async move {
             loop {
                 let write = match missed.next() {
-                    Some(write) => write,
+                    Some(write) => std::sync::Arc::new(write),
                     None => subscription.as_mut()?.rx.recv().await?,
                 };
                 let Some(version) = version_of(&write.entry_id).filter(|v| *v > last) else {
