@@ -513,10 +513,12 @@ impl Store {
         let since = version_of(after).ok_or_else(|| {
             ApiError::BadRequest("Last-Event-ID must be an event id this API sent".into())
         })?;
+        // A chat with a backlog of pending writes is caught up once it has drained.
         let pending = self
             .queue
             .pending_since(token.as_str(), chat, after)
-            .await?;
+            .await?
+            .ok_or(ApiError::Overloaded(Overload::Backlog))?;
         let rows = mysql::messages_since(&self.mysql, app_id, chat, since, CATCH_UP_MAX).await?;
         // With as many rows as asked for, more may follow: this part ends at the last.
         let cut = (rows.len() >= CATCH_UP_MAX as usize)

@@ -10,6 +10,9 @@ use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
 use super::{CodecError, Kind, Queue, QueuedWrite, Record, RedisConn, Shard};
 use crate::resources::{Message, from_micros};
 
+/// Most pending writes of one chat a resuming subscriber's catch-up reads in one call.
+pub const PENDING_SINCE_MAX: usize = 10_000;
+
 /// A message write read from the queue: its entry id (the write's version) and the
 /// message as that write left it.
 #[derive(Clone, Debug, PartialEq)]
@@ -90,21 +93,30 @@ impl Queue {
         Ok((last, writes))
     }
 
-    /// The chat's messages whose pending write came after entry `after`.
+    /// The chat's messages whose pending write came after entry `after`; `None` while the
+    /// chat has more than [`PENDING_SINCE_MAX`] pending writes (a backlog being drained:
+    /// retry later), so that one call stays short for Redis.
     pub async fn pending_since(
         &self,
         token: &str,
         chat: u64,
         after: &str,
-    ) -> redis::RedisResult<Vec<QueuedMessage>> {
+    ) -> redis::RedisResult<Option<Vec<QueuedMessage>>> {
         let found: Vec<Option<String>> = self
             .scripts
             .pending_since
             .key(self.keys.message_records(token, chat))
             .key(self.keys.stream(self.keys.shard_of(token)))
             .arg(after)
+            .arg(PENDING_SINCE_MAX)
             .invoke_async(&mut self.conn())
             .await?;
+        let Some((status, found)) = found.split_first() else {
+            return Err(CodecError::Answer("an empty pending-since answer".into()).into());
+        };
+        if status.as_deref() != Some("ok") {
+            return Ok(None);
+        }
         let mut writes = Vec::new();
         for item in found.chunks(3) {
             let [Some(_), Some(record), entry] = item else {
@@ -117,6 +129,6 @@ impl Queue {
             let write = QueuedWrite::decode(entry)?;
             writes.extend(QueuedMessage::from_entry(record.version, write));
         }
-        Ok(writes)
+        Ok(Some(writes))
     }
 }
