@@ -10,7 +10,7 @@ use crate::error::{ApiError, Overload};
 use crate::idempotency::{IdempotencyKey, NextAction, fingerprint};
 use crate::resources::{Chat, Message, from_micros, now};
 use crate::store::queue::{
-    Allocation, Direction, Enqueued, QueuedMessage, entry_id_of, version_of,
+    Allocation, Direction, Enqueued, PageLookup, QueuedMessage, entry_id_of, version_of,
 };
 use crate::store::{Store, mysql};
 
@@ -394,38 +394,13 @@ impl Store {
             Some(id) => id,
             None => self.load_application_id(token).await?,
         };
-        let number = |c: &Chat| c.number;
-        let Some(last) = found.last else {
-            let rows = match request.direction {
-                Direction::Asc => {
-                    mysql::chats_after(
-                        &self.mysql,
-                        app_id,
-                        request.cursor.unwrap_or(0),
-                        request.limit + 1,
-                    )
-                    .await?
-                }
-                Direction::Desc => {
-                    mysql::chats_before(
-                        &self.mysql,
-                        app_id,
-                        request.cursor.unwrap_or(MAX_NUMBER),
-                        request.limit + 1,
-                    )
-                    .await?
-                }
-            };
-            return Ok(page_from_rows(&request, rows, number));
-        };
-        let Some(window) = request.window(last) else {
-            return Ok(Page {
-                items: Vec::new(),
-                next: None,
-            });
-        };
-        let rows = mysql::chats_between(&self.mysql, app_id, window.0, window.1).await?;
-        Ok(merge(&request, window, last, found.pending, rows, number))
+        assemble(
+            &request,
+            found,
+            |rows| mysql::chats_in(&self.mysql, app_id, rows),
+            |c| c.number,
+        )
+        .await
     }
 
     /// A page of a chat's messages, pending ones included: one Redis round trip and one
@@ -458,41 +433,52 @@ impl Store {
                 self.chat(token, chat).await?;
             }
         }
-        let number = |m: &Message| m.number;
-        let Some(last) = found.last else {
-            let rows = match request.direction {
-                Direction::Asc => {
-                    mysql::messages_after(
-                        &self.mysql,
-                        app_id,
-                        chat,
-                        request.cursor.unwrap_or(0),
-                        request.limit + 1,
-                    )
-                    .await?
-                }
-                Direction::Desc => {
-                    mysql::messages_before(
-                        &self.mysql,
-                        app_id,
-                        chat,
-                        request.cursor.unwrap_or(MAX_NUMBER),
-                        request.limit + 1,
-                    )
-                    .await?
-                }
-            };
-            return Ok(page_from_rows(&request, rows, number));
-        };
-        let Some(window) = request.window(last) else {
-            return Ok(Page {
-                items: Vec::new(),
-                next: None,
-            });
-        };
-        let rows = mysql::messages_between(&self.mysql, app_id, chat, window.0, window.1).await?;
-        Ok(merge(&request, window, last, found.pending, rows, number))
+        assemble(
+            &request,
+            found,
+            |rows| mysql::messages_in(&self.mysql, app_id, chat, rows),
+            |m| m.number,
+        )
+        .await
     }
+}
+
+/// A page from what Redis found (`found`) and the rows MySQL holds (`fetch`): the
+/// window of numbers up to the counter, merged; from MySQL alone when the counter is
+/// missing (pending items cannot be placed then), one row more than asked telling
+/// whether more follow.
+async fn assemble<T, F, Fut>(
+    request: &PageRequest,
+    found: PageLookup<T>,
+    fetch: F,
+    number: impl Fn(&T) -> u64,
+) -> Result<Page<T>, ApiError>
+where
+    F: FnOnce(mysql::Rows) -> Fut,
+    Fut: Future<Output = sqlx::Result<Vec<T>>>,
+{
+    let Some(last) = found.last else {
+        let limit = request.limit + 1;
+        let rows = match request.direction {
+            Direction::Asc => mysql::Rows::After {
+                after: request.cursor.unwrap_or(0),
+                limit,
+            },
+            Direction::Desc => mysql::Rows::Before {
+                before: request.cursor.unwrap_or(MAX_NUMBER),
+                limit,
+            },
+        };
+        return Ok(page_from_rows(request, fetch(rows).await?, number));
+    };
+    let Some((lo, hi)) = request.window(last) else {
+        return Ok(Page {
+            items: Vec::new(),
+            next: None,
+        });
+    };
+    let rows = fetch(mysql::Rows::Between { lo, hi }).await?;
+    Ok(merge(request, (lo, hi), last, found.pending, rows, number))
 }
 
 impl Store {

@@ -161,24 +161,6 @@ pub async fn chat(db: &MySqlPool, app_id: u64, number: u64) -> sqlx::Result<Opti
     Ok(row.map(Into::into))
 }
 
-pub async fn chats_after(
-    db: &MySqlPool,
-    app_id: u64,
-    after: u64,
-    limit: u32,
-) -> sqlx::Result<Vec<Chat>> {
-    let rows: Vec<ChatRow> = sqlx::query_as(
-        "SELECT number, title, messages_count, created_at, updated_at \
-         FROM chats WHERE application_id = ? AND number > ? ORDER BY number LIMIT ?",
-    )
-    .bind(app_id)
-    .bind(after)
-    .bind(limit)
-    .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
-}
-
 pub async fn message(
     db: &MySqlPool,
     app_id: u64,
@@ -195,108 +177,6 @@ pub async fn message(
     .fetch_optional(db)
     .await?;
     Ok(row.map(Into::into))
-}
-
-pub async fn messages_after(
-    db: &MySqlPool,
-    app_id: u64,
-    chat: u64,
-    after: u64,
-    limit: u32,
-) -> sqlx::Result<Vec<Message>> {
-    let rows: Vec<MessageRow> = sqlx::query_as(
-        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
-         WHERE application_id = ? AND chat_number = ? AND number > ? ORDER BY number LIMIT ?",
-    )
-    .bind(app_id)
-    .bind(chat)
-    .bind(after)
-    .bind(limit)
-    .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
-}
-
-/// The chats numbered `lo..=hi`, ascending: one range scan of the primary key.
-pub async fn chats_between(
-    db: &MySqlPool,
-    app_id: u64,
-    lo: u64,
-    hi: u64,
-) -> sqlx::Result<Vec<Chat>> {
-    let rows: Vec<ChatRow> = sqlx::query_as(
-        "SELECT number, title, messages_count, created_at, updated_at \
-         FROM chats WHERE application_id = ? AND number BETWEEN ? AND ? ORDER BY number",
-    )
-    .bind(app_id)
-    .bind(lo)
-    .bind(hi)
-    .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
-}
-
-/// Up to `limit` chats numbered below `before`, descending.
-pub async fn chats_before(
-    db: &MySqlPool,
-    app_id: u64,
-    before: u64,
-    limit: u32,
-) -> sqlx::Result<Vec<Chat>> {
-    let rows: Vec<ChatRow> = sqlx::query_as(
-        "SELECT number, title, messages_count, created_at, updated_at \
-         FROM chats WHERE application_id = ? AND number < ? ORDER BY number DESC LIMIT ?",
-    )
-    .bind(app_id)
-    .bind(before)
-    .bind(limit)
-    .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
-}
-
-/// The messages of a chat numbered `lo..=hi`, ascending: one range scan of the primary
-/// key.
-pub async fn messages_between(
-    db: &MySqlPool,
-    app_id: u64,
-    chat: u64,
-    lo: u64,
-    hi: u64,
-) -> sqlx::Result<Vec<Message>> {
-    let rows: Vec<MessageRow> = sqlx::query_as(
-        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
-         WHERE application_id = ? AND chat_number = ? AND number BETWEEN ? AND ? ORDER BY number",
-    )
-    .bind(app_id)
-    .bind(chat)
-    .bind(lo)
-    .bind(hi)
-    .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
-}
-
-/// Up to `limit` messages of a chat numbered below `before`, descending.
-pub async fn messages_before(
-    db: &MySqlPool,
-    app_id: u64,
-    chat: u64,
-    before: u64,
-    limit: u32,
-) -> sqlx::Result<Vec<Message>> {
-    let rows: Vec<MessageRow> = sqlx::query_as(
-        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
-         WHERE application_id = ? AND chat_number = ? AND number < ? \
-         ORDER BY number DESC LIMIT ?",
-    )
-    .bind(app_id)
-    .bind(chat)
-    .bind(before)
-    .bind(limit)
-    .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(Into::into).collect())
 }
 
 /// Up to `limit` messages of a chat whose current content was accepted after `version`,
@@ -329,6 +209,74 @@ struct VersionedMessageRow {
     version: u64,
     #[sqlx(flatten)]
     row: MessageRow,
+}
+
+/// Which rows of a numbered list (chats of an application, messages of a chat) to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Up to `limit` rows numbered above `after`, ascending.
+    After { after: u64, limit: u32 },
+    /// Up to `limit` rows numbered below `before`, descending.
+    Before { before: u64, limit: u32 },
+    /// The rows numbered `lo..=hi`, ascending: one range scan of the primary key.
+    Between { lo: u64, hi: u64 },
+}
+
+impl Rows {
+    /// The condition on `number`, its order and limit, and the two values to bind.
+    fn clause(self) -> (&'static str, u64, u64) {
+        match self {
+            Self::After { after, limit } => (
+                "number > ? ORDER BY number LIMIT ?",
+                after,
+                u64::from(limit),
+            ),
+            Self::Before { before, limit } => (
+                "number < ? ORDER BY number DESC LIMIT ?",
+                before,
+                u64::from(limit),
+            ),
+            Self::Between { lo, hi } => ("number BETWEEN ? AND ? ORDER BY number", lo, hi),
+        }
+    }
+}
+
+/// Chats of an application, as `rows` says.
+pub async fn chats_in(db: &MySqlPool, app_id: u64, rows: Rows) -> sqlx::Result<Vec<Chat>> {
+    let (clause, a, b) = rows.clause();
+    let sql = format!(
+        "SELECT number, title, messages_count, created_at, updated_at \
+         FROM chats WHERE application_id = ? AND {clause}"
+    );
+    let found: Vec<ChatRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(app_id)
+        .bind(a)
+        .bind(b)
+        .fetch_all(db)
+        .await?;
+    Ok(found.into_iter().map(Into::into).collect())
+}
+
+/// Messages of a chat, as `rows` says.
+pub async fn messages_in(
+    db: &MySqlPool,
+    app_id: u64,
+    chat: u64,
+    rows: Rows,
+) -> sqlx::Result<Vec<Message>> {
+    let (clause, a, b) = rows.clause();
+    let sql = format!(
+        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
+         WHERE application_id = ? AND chat_number = ? AND {clause}"
+    );
+    let found: Vec<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(app_id)
+        .bind(chat)
+        .bind(a)
+        .bind(b)
+        .fetch_all(db)
+        .await?;
+    Ok(found.into_iter().map(Into::into).collect())
 }
 
 /// Highest persisted chat number of an application (0 when it has none).
