@@ -40,6 +40,7 @@ import os
 import pathlib
 import random
 import subprocess
+import sys
 import threading
 import time
 
@@ -230,7 +231,7 @@ def count_sync_cost(b, loader, apps, chats_per_app, batches=20, per_batch=500):
 def cpu_per_request(b, stack, name, lua, seconds, profile=None):
     """A saturated wrk run with the CPU each process spent per request. With
     BENCH_PERF=1 and a `profile` name, `perf record` samples the api, Redis and MariaDB
-    meanwhile, and the flat profile by process and symbol goes to
+    meanwhile, and its summary by process and component (bench/perf_summary.py) goes to
     bench/results/profile-<name>.txt."""
     perf = None
     if profile and os.environ.get("BENCH_PERF") == "1":
@@ -245,13 +246,12 @@ def cpu_per_request(b, stack, name, lua, seconds, profile=None):
     after = cpu_ticks(b, stack, ("api", "worker", "redis", "mysql"))
     if perf:
         perf.wait()
-        report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
-                                 "--sort", "comm,dso,sym", "--percent-limit", "0.3"],
-                                capture_output=True, text=True).stdout
+        summary = subprocess.run([sys.executable, str(b.ROOT / "bench" / "perf_summary.py"), str(data),
+                                  str(r["requests"])], capture_output=True, text=True).stdout
         (b.ROOT / "bench" / "results" / f"profile-{profile}.txt").write_text(
             f"# perf record -F 499 -e cpu-clock -p <api>,<redis>,<mariadb> during: {name}\n"
-            f"# ({r['requests']:,} requests in {seconds} s)\n"
-            + "\n".join(l for l in report.splitlines() if l.strip() and not l.startswith("#")) + "\n")
+            f"# {r['requests']:,} requests in {seconds} s; python3 bench/perf_summary.py .data/bench/{data.name} {r['requests']}\n"
+            + summary)
     r["cpu_us_per_request"] = {k: (after[k] - before.get(k, 0)) / b.CLOCK_TICKS * 1e6 / max(r["requests"], 1)
                                for k in after}
     b.log(f"{name}: CPU per request " + ", ".join(f"{k} {v:.0f} µs" for k, v in r["cpu_us_per_request"].items()))
