@@ -39,8 +39,11 @@ import json
 import os
 import pathlib
 import random
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -238,8 +241,10 @@ def cpu_per_request(b, stack, name, lua, seconds, profile=None):
         pids = [str(stack.procs["api"].pid)] + [str(b._pidfile(b.DATA / "deps" / d / f"{n}.pid"))
                                                 for d, n in (("redis", "redis"), ("mysql", "mysqld"))]
         data = b.DATA / f"perf-{profile}.data"
-        perf = subprocess.Popen(["perf", "record", "-F", "499", "-e", "cpu-clock", "-o", str(data),
-                                 "-p", ",".join(pids), "--", "sleep", str(seconds)],
+        # System-wide, then only these processes (bench/perf_summary.py --pid): attached to
+        # processes (-p), perf missed MariaDB's connection threads.
+        perf = subprocess.Popen(["perf", "record", "-a", "-F", "499", "-e", "cpu-clock", "-o", str(data),
+                                 "--", "sleep", str(seconds)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     before = cpu_ticks(b, stack, ("api", "worker", "redis", "mysql"))
     r = b.wrk(name, lua, seconds)
@@ -247,11 +252,11 @@ def cpu_per_request(b, stack, name, lua, seconds, profile=None):
     if perf:
         perf.wait()
         summary = subprocess.run([sys.executable, str(b.ROOT / "bench" / "perf_summary.py"), str(data),
-                                  str(r["requests"])], capture_output=True, text=True).stdout
+                                  str(r["requests"]), ",".join(pids)], capture_output=True, text=True).stdout
         (b.ROOT / "bench" / "results" / f"profile-{profile}.txt").write_text(
-            f"# perf record -F 499 -e cpu-clock -p <api>,<redis>,<mariadb> during: {name}\n"
-            f"# {r['requests']:,} requests in {seconds} s; python3 bench/perf_summary.py .data/bench/{data.name} {r['requests']}\n"
-            + summary)
+            f"# perf record -a -F 499 -e cpu-clock during: {name}\n"
+            f"# {r['requests']:,} requests in {seconds} s; python3 bench/perf_summary.py .data/bench/{data.name} "
+            f"{r['requests']} <api pid>,<redis pid>,<mariadb pid>\n" + summary)
     r["cpu_us_per_request"] = {k: (after[k] - before.get(k, 0)) / b.CLOCK_TICKS * 1e6 / max(r["requests"], 1)
                                for k in after}
     b.log(f"{name}: CPU per request " + ", ".join(f"{k} {v:.0f} µs" for k, v in r["cpu_us_per_request"].items()))
@@ -407,23 +412,15 @@ def idle_after_load(b, stack, args):
     load = machine_load()
     b.log(f"idle after load: machine load {load['loadavg_1m']:.2f}, {load['busy']:.0%} busy")
 
-    def capped(total, request_lua):
-        # Each of wrk's 2 threads stops after its half of `total` answers.
-        return (f"local T = {{{toks}}}\nlocal quota = {total // 2}\nlocal answered = 0\n"
-                + request_lua
-                + "\nresponse = function() answered = answered + 1 "
-                  "if answered >= quota then wrk.thread:stop() end end\n")
-
     start = time.time()
-    chats = b.wrk(f"load: {args.load_chats:,} chats over {apps} applications", capped(
-        args.load_chats,
-        b.lua_post('"/applications/" .. T[n % #T + 1] .. "/chats"', "'{\"title\":\"t\"}'")), 3600)
+    chats, _ = wrk_capped(b, f"load: {args.load_chats:,} chats over {apps} applications", toks, args.load_chats,
+                          b.lua_post('"/applications/" .. T[n % #T + 1] .. "/chats"', "'{\"title\":\"t\"}'"))
     per_app = args.load_chats // apps - 10 if args.load_chats >= apps * 20 else max(1, args.load_chats // apps // 2)
-    msgs = b.wrk(f"load: {args.load_messages:,} messages into chats 1..{per_app} of each application", capped(
+    msgs, load_end = wrk_capped(
+        b, f"load: {args.load_messages:,} messages into chats 1..{per_app} of each application", toks,
         args.load_messages,
         b.lua_post(f'"/applications/" .. T[math.random(#T)] .. "/chats/" .. math.random({per_app}) .. "/messages"',
-                   b.body_expr())), 3600)
-    load_end = time.time()
+                   b.body_expr()))
     created_chats = chats["requests"] - chats["non2xx"]
     created_msgs = msgs["requests"] - msgs["non2xx"]
     samples, marks = [], {}
@@ -431,23 +428,39 @@ def idle_after_load(b, stack, args):
     prev_t, prev = load_end, before
     quiet_since = None
     loader = Loader(b)
-    while time.time() - load_end < 600:
+    last_log, rows = 0, None
+    while time.time() - load_end < args.idle_limit:
         time.sleep(0.25)
         now, ticks = time.time(), cpu_ticks(b, stack)
-        cores = sum(ticks[k] - prev.get(k, 0) for k in ticks) / b.CLOCK_TICKS / max(now - prev_t, 1e-9)
+        by_part = {k: (ticks[k] - prev.get(k, 0)) / b.CLOCK_TICKS / max(now - prev_t, 1e-9) for k in ticks}
+        cores = sum(by_part.values())
         status = queue_status(b, stack)
-        samples.append({"t": now - load_end, "cores": cores, "queue": sum(g["pending"] + g["lag"] for g in status["groups"])})
+        samples.append({"t": now - load_end, "cores": cores, **{f"cores_{k}": v for k, v in by_part.items()},
+                        "queue": sum(g["pending"] + g["lag"] for g in status["groups"])})
+        if now - last_log >= 5:
+            last_log = now
+            b.log(f"+{now - load_end:.0f} s: " + ", ".join(f"{k} {v:.2f} cores" for k, v in by_part.items())
+                  + f", queue {samples[-1]['queue']:,}, reached: {', '.join(marks) or 'nothing yet'}")
         prev_t, prev = now, ticks
         persist = next((g for g in status["groups"] if g["name"] == "persist"), {"pending": 0, "lag": 0})
         if "persisted" not in marks and persist["pending"] == 0 and persist["lag"] == 0:
             marks["persisted"] = now - load_end
         if "drained" not in marks and drained(status):
             marks["drained"] = now - load_end
+        if "drained" in marks and rows is None:
+            # Everything accepted is persisted now: the rows are what the counts must reach
+            # (wrk does not count the answers to the requests in flight when it stopped).
+            rows = [int(x) for x in loader.mysql("SELECT (SELECT COUNT(*) FROM chats), "
+                                                 "(SELECT COUNT(*) FROM messages)", "-N").split()]
+            created_chats, created_msgs = rows
         if "drained" in marks and "counts" not in marks and int(now * 2) % 2 == 0:
             got = loader.mysql("SELECT (SELECT SUM(chats_count) FROM applications), "
                                "(SELECT SUM(messages_count) FROM chats)", "-N").split()
-            if [int(x) if x != "NULL" else 0 for x in got] == [created_chats, created_msgs]:
+            counts = [int(x) if x != "NULL" else 0 for x in got]
+            if counts == rows:
                 marks["counts"] = time.time() - load_end
+            elif now - last_log < 0.3:
+                b.log(f"counts in MySQL {counts}, created {[created_chats, created_msgs]}")
         quiet_since = (quiet_since or now) if cores < 0.05 else None
         if "counts" in marks and quiet_since and now - quiet_since >= 1.0:
             marks["idle"] = quiet_since - load_end
@@ -456,23 +469,58 @@ def idle_after_load(b, stack, args):
     print(text)
 
 
+def wrk_capped(b, name, toks, total, request_lua):
+    """wrk (2 threads, 64 connections) until `total` answers: each thread stops sending
+    after its half and leaves a mark file; wrk, whose main thread sleeps out its duration
+    whatever its threads do, is then interrupted and prints its summary. Returns the
+    figures and the time the last thread finished."""
+    marks = pathlib.Path(tempfile.mkdtemp(dir=b.DATA))
+    lua = (f"local T = {{{toks}}}\nlocal quota = {total // 2}\nlocal answered = 0\n" + request_lua
+           + "\nresponse = function() answered = answered + 1\n"
+             "  if answered == quota then\n"
+             f"    local f = io.open('{marks}/' .. tostring({{}}):sub(8), 'w') f:close() wrk.thread:stop()\n"
+             "  end\nend\n" + b.WRK_DONE)
+    script = marks / "load.lua"
+    script.write_text(lua)
+    proc = subprocess.Popen(["wrk", "-t", "2", "-c", "64", "-d", "3600s", "--timeout", "5s", "-s", str(script),
+                             f"http://{b.API}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while len([p for p in marks.iterdir() if p.name != "load.lua"]) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    finished = time.time()
+    proc.send_signal(2)  # SIGINT: wrk stops and reports
+    out, err = proc.communicate()
+    shutil.rmtree(marks)
+    m = re.search(r"WRKJSON (\{.*\})", err)
+    if not m:
+        raise SystemExit(f"bench: wrk failed for {name}:\n{out}\n{err}")
+    r = json.loads(m.group(1))
+    secs = r["duration_us"] / 1e6
+    result = {"scenario": name, "rps": r["requests"] / secs, "requests": r["requests"],
+              "p50_ms": r["p50"] / 1000, "p99_ms": r["p99"] / 1000, "p999_ms": r["p999"] / 1000,
+              "errors": r["connect"] + r["read"] + r["write"] + r["timeout"], "non2xx": r["status"]}
+    b.log(f"{name}: {r['requests']:,} answers at {result['rps']:,.0f}/s, p99 {result['p99_ms']:.2f} ms, "
+          f"errors {result['errors']}, non-2xx {result['non2xx']}")
+    return result, finished
+
+
 def write_idle(b, args, load, chats, msgs, created_chats, created_msgs, marks, samples, total_s):
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     def fmt(k):
-        return f"{marks[k]:.1f} s" if k in marks else "not within 600 s"
+        return f"{marks[k]:.1f} s" if k in marks else f"not within {args.idle_limit} s"
 
     lines = [f"# Idle after load — {stamp}", "",
              f"Machine: {machine()}, shared with other "
              f"work (load average {load['loadavg_1m']:.2f} and {load['busy']:.0%} of the CPU busy just before "
              f"the load). Worker priority: {b.WORKER_PRIORITY}; count sync every 10 s.", "",
              f"Load through the API (wrk, 64 connections): {created_chats:,} chats at {chats['rps']:,.0f}/s, then "
-             f"{created_msgs:,} messages at {msgs['rps']:,.0f}/s (errors {chats['errors'] + msgs['errors']}, "
+             f"{created_msgs:,} messages at {msgs['rps']:,.0f}/s (rows in MySQL once persisted; wrk stops at its "
+             f"quota and leaves the answers in flight uncounted; errors {chats['errors'] + msgs['errors']}, "
              f"non-2xx {chats['non2xx'] + msgs['non2xx']}).", "",
              "| from the end of the load until | time |", "|---|---:|",
              f"| the persist group has nothing pending | {fmt('persisted')} |",
              f"| every group has nothing pending (persisted and indexed) | {fmt('drained')} |",
-             f"| every count in MySQL is right (sums of chats_count and messages_count) | {fmt('counts')} |",
+             f"| every count in MySQL is right (sums of chats_count and messages_count = rows) | {fmt('counts')} |",
              f"| **idle**: all that, and worker + MariaDB under 5% of a core for 1 s | **{fmt('idle')}** |", "",
              "CPU of the worker and MariaDB together (cores) and the queue, each second after the load:", "",
              "| s | cores | queue (pending + lag, all groups) |", "|---:|---:|---:|"]

@@ -519,6 +519,8 @@ def main():
                         help="chats created by --idle-after-load (default 200,000)")
     parser.add_argument("--load-messages", type=int, default=1_000_000, metavar="N",
                         help="messages created by --idle-after-load (default 1,000,000)")
+    parser.add_argument("--idle-limit", type=int, default=300, metavar="SECONDS",
+                        help="--idle-after-load waits at most this long for the system to be idle (300)")
     args = parser.parse_args()
     if args.growth and not (args.growth_apps > 10 and args.growth_chats >= args.growth_apps
                             and args.growth_messages >= args.growth_chats):
