@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Sums a `perf record` profile (taken with `-p <api>,<redis>,<mariadb>`, as
-`BENCH_PERF=1 scripts/bench --growth` does) into where the time goes: per process, the
+"""Sums a `perf record` profile (`BENCH_PERF=1 scripts/bench --growth` takes one of the
+whole machine during each saturated `get message` run) into where the time goes: per process, the
 kernel's share (scheduling and wake-ups, the network stack, other system calls) and the
 user-space share by component (HTTP stack, Redis client, MySQL client, JSON, allocator,
 async runtime, ...).
 
-    python3 bench/perf_summary.py .data/bench/perf-get-message-small.data [requests]
+    python3 bench/perf_summary.py .data/bench/perf-get-message-small.data [requests [pids]]
 
-With the number of requests measured during the profile, each share is also given in
+With a comma-separated list of process ids, only those processes count (for a profile
+taken with `perf record -a`). With the number of requests measured during the profile, each share is also given in
 microseconds of CPU per request (samples × sampling period / requests)."""
 
 import re
@@ -49,8 +50,9 @@ def category(comm, dso, sym):
 def main():
     data = sys.argv[1]
     requests = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    pids = ["--pid", sys.argv[3]] if len(sys.argv) > 3 else []
     out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "comm,dso,sym",
-                          "--percent-limit", "0", "-F", "sample,comm,dso,sym"],
+                          "--percent-limit", "0", "-F", "sample,comm,dso,sym", *pids],
                          capture_output=True, text=True, check=True).stdout
     period = None
     header = subprocess.run(["perf", "report", "-i", data, "--header-only"], capture_output=True, text=True).stdout
