@@ -18,6 +18,12 @@ backlog with the CPU each part of the system spends per message.
 Ports (all on 127.0.0.1), each overridable when taken: BENCH_MYSQL_PORT (default 24306)
 and BENCH_REDIS_PORT (24379) for the private MariaDB and Redis, BENCH_API_PORT (3100),
 BENCH_WORKER_METRICS_PORT (3101) and BENCH_PROBE_PORT (3102).
+
+`--growth` runs the same scenarios on a small database and on one bulk-loaded to
+`--growth-messages` messages in `--growth-chats` chats over `--growth-apps` applications
+(default 10M / 1M / 10k), and `--idle-after-load` times how long the system takes to be
+idle after chats and messages created through the API (`--load-chats`, `--load-messages`):
+bench/growth.py describes both.
 """
 
 import argparse
@@ -497,7 +503,29 @@ def main():
     parser.add_argument("--search", action="store_true",
                         help="instead: only the search section (adversarial chat, backlog drain "
                              "with CPU per message); bench/results/search.md")
+    parser.add_argument("--growth", action="store_true",
+                        help="instead: the scenarios on a small and on a bulk-loaded grown database "
+                             "(bench/growth.py); bench/results/growth.md")
+    parser.add_argument("--growth-messages", type=int, default=10_000_000, metavar="N",
+                        help="messages of the grown database (default 10,000,000)")
+    parser.add_argument("--growth-chats", type=int, default=1_000_000, metavar="N",
+                        help="chats of the grown database (default 1,000,000)")
+    parser.add_argument("--growth-apps", type=int, default=10_000, metavar="N",
+                        help="applications of the grown database (default 10,000)")
+    parser.add_argument("--idle-after-load", action="store_true",
+                        help="instead: chats then messages created through the API, and the time from the "
+                             "end of that load until the system is idle; bench/results/idle-after-load.md")
+    parser.add_argument("--load-chats", type=int, default=200_000, metavar="N",
+                        help="chats created by --idle-after-load (default 200,000)")
+    parser.add_argument("--load-messages", type=int, default=1_000_000, metavar="N",
+                        help="messages created by --idle-after-load (default 1,000,000)")
+    parser.add_argument("--idle-limit", type=int, default=300, metavar="SECONDS",
+                        help="--idle-after-load waits at most this long for the system to be idle (300)")
     args = parser.parse_args()
+    if args.growth and not (args.growth_apps > 10 and args.growth_chats >= args.growth_apps
+                            and args.growth_messages >= args.growth_chats):
+        raise SystemExit("bench: --growth needs more than 10 applications, at least one chat per "
+                         "application and at least one message per chat")
     quick = args.quick
     d = 4 if quick else 12               # seconds per throughput scenario
     steady_s = 15 if quick else 60       # the steady phase
@@ -542,6 +570,10 @@ def main():
         stack.start("api", "api", BIND=API)
         wait_until("the api", lambda: _ok(f"http://{API}/healthz"))
         wait_until("the worker", lambda: _ok(f"http://{WORKER_METRICS}/healthz"))
+        if args.growth or args.idle_after_load:
+            import growth
+            this = sys.modules[__name__]
+            return (growth.growth if args.growth else growth.idle_after_load)(this, stack, args)
 
         memory = PeakMemory(stack)
         token = http("POST", "/applications", {"name": "bench"})["token"]
@@ -677,7 +709,7 @@ delay = function() return {delay} end
     finally:
         stack.stop_all()
         subprocess.run([ROOT / "scripts" / "deps", "stop"], env=deps_env)
-    if not (args.soak or args.search):
+    if not (args.soak or args.search or args.growth or args.idle_after_load):
         write_results(results, figures, quick)
 
 

@@ -545,7 +545,11 @@ struct IndexRow {
 
 /// The next `limit` messages after `cursor` whose version is at least `min_version`, in
 /// primary-key order, with their token. (The version filter reads the rows it skips: a
-/// catch-up costs a scan of the table.)
+/// catch-up costs a scan of the table.) The cursor is spelled out as `OR`s: MariaDB does not
+/// turn a row comparison `(a, b, c) > (?, ?, ?)` into a range of the primary key, so each
+/// batch scanned from the table's start, and a reindex of n rows read O(n²) of them.
+/// `STRAIGHT_JOIN` keeps `messages` the driving table: otherwise, on a large table, the
+/// optimizer starts from `applications` and sorts every remaining message for each batch.
 pub async fn messages_for_index(
     db: &MySqlPool,
     cursor: MessageCursor,
@@ -553,13 +557,16 @@ pub async fn messages_for_index(
     limit: u32,
 ) -> sqlx::Result<(Vec<crate::search::MessageDoc>, MessageCursor)> {
     let rows: Vec<IndexRow> = sqlx::query_as(
-        "SELECT m.application_id, a.token, m.chat_number, m.number, m.body, m.version, \
-                m.created_at, m.updated_at \
+        "SELECT STRAIGHT_JOIN m.application_id, a.token, m.chat_number, m.number, m.body, \
+                m.version, m.created_at, m.updated_at \
          FROM messages m JOIN applications a ON a.id = m.application_id \
-         WHERE (m.application_id, m.chat_number, m.number) > (?, ?, ?) AND m.version >= ? \
+         WHERE (m.application_id > ? OR (m.application_id = ? AND (m.chat_number > ? \
+                OR (m.chat_number = ? AND m.number > ?)))) AND m.version >= ? \
          ORDER BY m.application_id, m.chat_number, m.number LIMIT ?",
     )
     .bind(cursor.app_id)
+    .bind(cursor.app_id)
+    .bind(cursor.chat)
     .bind(cursor.chat)
     .bind(cursor.number)
     .bind(min_version)
