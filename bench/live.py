@@ -93,6 +93,10 @@ def main():
     p.add_argument("--subscribers", type=int, default=1000)
     p.add_argument("--rate", type=float, default=2000)
     p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--soak", type=float, metavar="MINUTES",
+                   help="instead: subscribers connecting and dropping (a tenth every "
+                        "second) under the create rate for MINUTES; the APIs' private "
+                        "memory every 10 s (bench/results/live-soak.md)")
     args = p.parse_args()
     target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     log("building (release)")
@@ -119,6 +123,17 @@ def main():
         worker = subprocess.Popen([str(binary), "worker"], env=env, stdout=logs, stderr=logs)
         for api in APIS:
             wait_http(f"http://{api}/readyz")
+        if args.soak:
+            log(f"soak: {args.subscribers} subscribers, a tenth replaced every second, "
+                f"{args.rate:.0f} creates/s, {args.soak:.0f} min")
+            out = subprocess.run([str(live), "--apis", ",".join(APIS),
+                                  "--pids", ",".join(str(p.pid) for p in procs),
+                                  "--subscribers", str(args.subscribers),
+                                  "--rate", str(args.rate), "--soak", str(args.soak * 60)],
+                                 capture_output=True, text=True, check=True)
+            soak = json.loads(out.stdout.strip().splitlines()[-1])
+            write_soak(soak, figures)
+            return
         log(f"{args.subscribers} subscribers, {args.rate:.0f} creates/s for {args.seconds:.0f} s")
         out = subprocess.run([str(live), "--apis", ",".join(APIS),
                               "--pids", ",".join(str(p.pid) for p in procs),
@@ -162,6 +177,29 @@ def main():
                 proc.kill()
         deps("stop")
     write(figures)
+
+
+def write_soak(soak, f):
+    samples = soak["rss_anon_kib_every_10s"]
+    warm = samples[len(samples) // 5:] or samples
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"# Live delivery soak — {stamp}", "",
+        f"Machine: {f['cores']} cores (load average {f['load_before']:.1f} at the start). "
+        f"{soak['subscribers']:,} subscribers over two API processes, a tenth of them "
+        f"dropped and replaced every second, {soak['rate']:.0f} creates/s, for "
+        f"{soak['soak_seconds'] / 60:.0f} minutes. Reproduce: `scripts/bench --live --soak "
+        f"{soak['soak_seconds'] / 60:.0f} --subscribers {soak['subscribers']} --rate "
+        f"{soak['rate']:.0f}`.", "",
+        "Private memory (RssAnon) of both API processes together, every 10 s, in MiB:", "",
+        "    " + " ".join(f"{k / 1024:.1f}" for k in samples), "",
+        f"After the first fifth (warm-up): min {min(warm) / 1024:.1f}, max "
+        f"{max(warm) / 1024:.1f}, last {warm[-1] / 1024:.1f} MiB; growth from the first "
+        f"warm sample to the last: {(warm[-1] - warm[0]) / 1024:+.1f} MiB.", "",
+    ]
+    out = ROOT / "bench" / "results"
+    (out / "live-soak.md").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 def write(f):

@@ -21,6 +21,9 @@ struct Args {
     rate: f64,
     seconds: f64,
     chats: u64,
+    /// Soak: subscribers connect and drop (a tenth of them every second) for this many
+    /// seconds under the create rate, and the APIs' private memory is sampled.
+    soak: f64,
 }
 
 fn parse_args() -> Args {
@@ -31,6 +34,7 @@ fn parse_args() -> Args {
         rate: 2000.0,
         seconds: 20.0,
         chats: 100,
+        soak: 0.0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
@@ -46,6 +50,7 @@ fn parse_args() -> Args {
             "--rate" => args.rate = value.parse().expect("rate"),
             "--seconds" => args.seconds = value.parse().expect("seconds"),
             "--chats" => args.chats = value.parse().expect("chats"),
+            "--soak" => args.soak = value.parse().expect("soak seconds"),
             other => panic!("unknown option {other}"),
         }
     }
@@ -109,6 +114,82 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
 }
 
+/// Subscribers connecting and dropping under a create load; answers the APIs' private
+/// memory (KiB, summed) sampled every 10 s.
+async fn soak(args: &Args, token: &str) -> Vec<u64> {
+    let client = reqwest::Client::new();
+    let base = |i: usize| format!("http://{}", args.apis[i % args.apis.len()]);
+    let url = |i: usize| {
+        let chat = i as u64 % args.chats + 1;
+        format!(
+            "{}/applications/{token}/chats/{chat}/messages/events",
+            base(i)
+        )
+    };
+    let drain = |mut response: reqwest::Response| async move {
+        while let Ok(Some(_)) = response.chunk().await {}
+    };
+    let mut subscribers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    for i in 0..args.subscribers {
+        let response = client.get(url(i)).send().await.expect("subscribe");
+        subscribers.push(tokio::spawn(drain(response)));
+    }
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut next_sample = started;
+    let mut created = 0u64;
+    let mut round = 0usize;
+    while started.elapsed().as_secs_f64() < args.soak {
+        // A tenth of the subscribers drop, and as many connect.
+        for k in 0..args.subscribers / 10 {
+            let slot = (round * (args.subscribers / 10) + k) % args.subscribers;
+            subscribers[slot].abort();
+            let response = client.get(url(slot)).send().await.expect("subscribe");
+            subscribers[slot] = tokio::spawn(drain(response));
+        }
+        round += 1;
+        // A second of creates at the rate.
+        let second = Instant::now();
+        let per_second = args.rate as u64;
+        let mut batch = Vec::new();
+        for i in 0..per_second {
+            let chat = (created + i) % args.chats + 1;
+            let url = format!(
+                "{}/applications/{token}/chats/{chat}/messages",
+                base(i as usize)
+            );
+            let client = client.clone();
+            batch.push(tokio::spawn(async move {
+                let _ = client
+                    .post(&url)
+                    .json(&json!({"body": "soak"}))
+                    .send()
+                    .await;
+            }));
+            if batch.len() >= 64 {
+                for b in batch.drain(..) {
+                    let _ = b.await;
+                }
+            }
+        }
+        for b in batch {
+            let _ = b.await;
+        }
+        created += per_second;
+        if let Some(rest) = Duration::from_secs(1).checked_sub(second.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        if Instant::now() >= next_sample {
+            samples.push(args.pids.iter().map(|&p| rss_anon_kib(p)).sum());
+            next_sample += Duration::from_secs(10);
+        }
+    }
+    for s in subscribers {
+        s.abort();
+    }
+    samples
+}
+
 #[tokio::main]
 async fn main() {
     let args = parse_args();
@@ -135,6 +216,16 @@ async fn main() {
             .await
             .expect("chat");
         assert_eq!(created.status(), 201);
+    }
+
+    if args.soak > 0.0 {
+        let samples = soak(&args, &token).await;
+        println!(
+            "{}",
+            json!({"soak_seconds": args.soak, "subscribers": args.subscribers,
+            "rate": args.rate, "rss_anon_kib_every_10s": samples})
+        );
+        return;
     }
 
     let memory_before: Vec<u64> = args.pids.iter().map(|&p| rss_anon_kib(p)).collect();
