@@ -121,13 +121,14 @@ def main():
             procs.append(subprocess.Popen([str(binary), "api"], env=dict(env, BIND=api),
                                           stdout=logs, stderr=logs))
         worker = subprocess.Popen([str(binary), "worker"], env=env, stdout=logs, stderr=logs)
+        procs.append(worker)  # stopped at the end whichever way the run ends
         for api in APIS:
             wait_http(f"http://{api}/readyz")
         if args.soak:
             log(f"soak: {args.subscribers} subscribers, a tenth replaced every second, "
                 f"{args.rate:.0f} creates/s, {args.soak:.0f} min")
             out = subprocess.run([str(live), "--apis", ",".join(APIS),
-                                  "--pids", ",".join(str(p.pid) for p in procs),
+                                  "--pids", ",".join(str(p.pid) for p in procs[:len(APIS)]),
                                   "--subscribers", str(args.subscribers),
                                   "--rate", str(args.rate), "--soak", str(args.soak * 60)],
                                  capture_output=True, text=True, check=True)
@@ -136,7 +137,7 @@ def main():
             return
         log(f"{args.subscribers} subscribers, {args.rate:.0f} creates/s for {args.seconds:.0f} s")
         out = subprocess.run([str(live), "--apis", ",".join(APIS),
-                              "--pids", ",".join(str(p.pid) for p in procs),
+                              "--pids", ",".join(str(p.pid) for p in procs[:len(APIS)]),
                               "--subscribers", str(args.subscribers), "--rate", str(args.rate),
                               "--seconds", str(args.seconds)],
                              capture_output=True, text=True, check=True)
