@@ -90,6 +90,29 @@ struct Pending {
     entry: QueuedWrite,
 }
 
+/// A pending chat as a resource: its entry's content and its record's count (`None` when
+/// a timestamp does not convert, as a single read treats it).
+fn pending_chat(number: u64, record: Record, entry: QueuedWrite) -> Option<Chat> {
+    Some(Chat {
+        number,
+        title: entry.text,
+        messages_count: record.messages_count,
+        created_at: from_micros(entry.created_us)?,
+        updated_at: from_micros(entry.updated_us)?,
+    })
+}
+
+/// A pending message as a resource (`None` as for [`pending_chat`]).
+fn pending_message(chat: u64, number: u64, entry: QueuedWrite) -> Option<Message> {
+    Some(Message {
+        number,
+        chat_number: chat,
+        body: entry.text?,
+        created_at: from_micros(entry.created_us)?,
+        updated_at: from_micros(entry.updated_us)?,
+    })
+}
+
 impl PageLookup<Pending> {
     /// The pending items as resources; an entry whose timestamps do not convert is left
     /// out, like a single read does.
@@ -550,15 +573,9 @@ impl Queue {
             .pending(token, self.keys.chat_records(token), number)
             .await?;
         Ok(Lookup {
-            pending: found.pending.and_then(|Pending { record, entry }| {
-                Some(Chat {
-                    number,
-                    title: entry.text,
-                    messages_count: record.messages_count,
-                    created_at: from_micros(entry.created_us)?,
-                    updated_at: from_micros(entry.updated_us)?,
-                })
-            }),
+            pending: found
+                .pending
+                .and_then(|Pending { record, entry }| pending_chat(number, record, entry)),
             app_id: found.app_id,
         })
     }
@@ -574,15 +591,9 @@ impl Queue {
             .pending(token, self.keys.message_records(token, chat), number)
             .await?;
         Ok(Lookup {
-            pending: found.pending.and_then(|Pending { entry, .. }| {
-                Some(Message {
-                    number,
-                    chat_number: chat,
-                    body: entry.text?,
-                    created_at: from_micros(entry.created_us)?,
-                    updated_at: from_micros(entry.updated_us)?,
-                })
-            }),
+            pending: found
+                .pending
+                .and_then(|Pending { entry, .. }| pending_message(chat, number, entry)),
             app_id: found.app_id,
         })
     }
@@ -604,15 +615,7 @@ impl Queue {
         let found = self
             .read_page(token, keys, None, first, direction, limit)
             .await?;
-        Ok(found.map(|number, record, entry| {
-            Some(Chat {
-                number,
-                title: entry.text,
-                messages_count: record.messages_count,
-                created_at: from_micros(entry.created_us)?,
-                updated_at: from_micros(entry.updated_us)?,
-            })
-        }))
+        Ok(found.map(pending_chat))
     }
 
     /// The pending messages among up to `limit` numbers from `first` (in `direction`),
@@ -633,15 +636,7 @@ impl Queue {
         let found = self
             .read_page(token, keys, Some(chat), first, direction, limit)
             .await?;
-        Ok(found.map(|number, _, entry| {
-            Some(Message {
-                number,
-                chat_number: chat,
-                body: entry.text?,
-                created_at: from_micros(entry.created_us)?,
-                updated_at: from_micros(entry.updated_us)?,
-            })
-        }))
+        Ok(found.map(|number, _, entry| pending_message(chat, number, entry)))
     }
 
     async fn read_page(
