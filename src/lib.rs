@@ -10,6 +10,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`cli`] | the subcommands: `serve`, `api`, `worker`, `migrate`, `reindex` |
+//! | [`commands`] | what each subcommand does; `main` parses and dispatches here |
 //! | [`config`] | typed configuration from environment variables |
 //! | [`startup`] | building and running the processes, graceful shutdown |
 //! | [`http`] | routes by resource, extractors, middleware, OpenAPI |
@@ -28,6 +29,7 @@
 //! | [`telemetry`] | logging |
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod error;

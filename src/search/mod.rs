@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 use crate::config::SearchConfig;
 use crate::domain::Malformed;
 use crate::resources::Message;
+use crate::store::mysql::IndexedMessage;
 use identity::{IndexGroup, Membership, Verdict};
 
 /// A message as the index holds it.
@@ -41,6 +42,20 @@ pub struct MessageDoc {
     pub version: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl From<IndexedMessage> for MessageDoc {
+    fn from(m: IndexedMessage) -> Self {
+        MessageDoc {
+            token: m.token,
+            chat: m.chat,
+            number: m.number,
+            body: m.body,
+            version: m.version,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        }
+    }
 }
 
 impl MessageDoc {

@@ -531,6 +531,18 @@ pub struct MessageCursor {
     pub number: u64,
 }
 
+/// A persisted message with its application's token, as the search index is fed from it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexedMessage {
+    pub token: String,
+    pub chat: u64,
+    pub number: u64,
+    pub body: String,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 #[derive(FromRow)]
 struct IndexRow {
     application_id: u64,
@@ -555,7 +567,7 @@ pub async fn messages_for_index(
     cursor: MessageCursor,
     min_version: u64,
     limit: u32,
-) -> sqlx::Result<(Vec<crate::search::MessageDoc>, MessageCursor)> {
+) -> sqlx::Result<(Vec<IndexedMessage>, MessageCursor)> {
     let rows: Vec<IndexRow> = sqlx::query_as(
         "SELECT STRAIGHT_JOIN m.application_id, a.token, m.chat_number, m.number, m.body, \
                 m.version, m.created_at, m.updated_at \
@@ -580,7 +592,7 @@ pub async fn messages_for_index(
     });
     let docs = rows
         .into_iter()
-        .map(|r| crate::search::MessageDoc {
+        .map(|r| IndexedMessage {
             token: r.token,
             chat: r.chat_number,
             number: r.number,

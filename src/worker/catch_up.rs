@@ -74,7 +74,9 @@ impl Worker {
                 break;
             }
             indexed += docs.len() as u64;
-            search.index(docs).await?;
+            search
+                .index(docs.into_iter().map(Into::into).collect())
+                .await?;
             cursor = next;
         }
         self.store.queue.finish_index_catch_up(shard).await?;
