@@ -165,6 +165,12 @@ pub struct ApiConfig {
     )]
     pub events_max_subscribers: u32,
 
+    /// Bytes of persisted messages each API process keeps to answer repeated reads
+    /// without MySQL (checked against Redis on every read; see `store::read_cache`). 0
+    /// turns the cache off.
+    #[arg(long, env = "READ_CACHE_SIZE", default_value_t = 16 * 1024 * 1024)]
+    pub read_cache_size: usize,
+
     /// Enables `GET /applications` (which reveals every token) for requests that carry
     /// `Authorization: Bearer <key>`. Unset: the listing is disabled (403). An empty key
     /// is refused at start.

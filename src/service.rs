@@ -12,6 +12,7 @@ use crate::resources::{Chat, Message, from_micros, now};
 use crate::store::queue::{
     Allocation, Direction, Enqueued, PageLookup, QueuedMessage, entry_id_of, version_of,
 };
+use crate::store::read_cache::MessageKey;
 use crate::store::{Store, mysql};
 
 /// A create retries after repairing a cold cache: a message create can need three
@@ -211,9 +212,31 @@ impl Store {
         chat: u64,
         number: u64,
     ) -> Result<Message, ApiError> {
-        self.message_and_app(token, chat, number)
-            .await
-            .map(|(message, _)| message)
+        let found = self
+            .queue
+            .lookup_message(token.as_str(), chat, number)
+            .await?;
+        if let Some(message) = found.pending {
+            return Ok(message);
+        }
+        let app_id = match found.app_id {
+            Some(id) => id,
+            None => self.load_application_id(token).await?,
+        };
+        let key = MessageKey {
+            app_id,
+            chat,
+            number,
+        };
+        let mark = found.update_mark;
+        if let Some(message) = self.read_cache.get(&key, mark.as_deref()) {
+            return Ok(message);
+        }
+        let message = mysql::message(&self.mysql, app_id, chat, number)
+            .await?
+            .ok_or_else(|| ApiError::not_found("message"))?;
+        self.read_cache.put(key, mark, message.clone());
+        Ok(message)
     }
 
     async fn message_and_app(

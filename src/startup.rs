@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -15,7 +16,7 @@ use crate::events::EventHub;
 use crate::http::{self, AppState};
 use crate::search::{Search, SearchError};
 use crate::server::{self, Limits};
-use crate::store::{ConnectError, Store};
+use crate::store::{ConnectError, ReadCache, Store};
 use crate::worker::{Backlog, Inbox, Role, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,10 +64,11 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub async fn build(
-        store: Store,
+        mut store: Store,
         search: Search,
         config: &ApiConfig,
     ) -> Result<Self, StartError> {
+        store.read_cache = Arc::new(ReadCache::new(config.read_cache_size));
         let listener = listen(config.bind).map_err(|source| StartError::Bind {
             addr: config.bind,
             source,

@@ -4,9 +4,12 @@
 //! * [`queue`]: everything Redis: key names, the atomic Lua scripts of the create and
 //!   update paths, the pending records that serve reads until a worker has persisted a
 //!   write, and the sharded write queue the workers consume (one Redis or a cluster).
+//! * [`read_cache`]: an API process's copies of persisted messages, checked against
+//!   Redis on every read.
 
 pub mod mysql;
 pub mod queue;
+pub mod read_cache;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use crate::config::StoreConfig;
 
 pub use queue::Queue;
+pub use read_cache::ReadCache;
 
 /// Handles to both stores; cheap to clone.
 #[derive(Clone)]
@@ -24,6 +28,8 @@ pub struct Store {
     /// Behind an `Arc`: its scripts and key names would otherwise be copied with the
     /// state of every request.
     pub queue: Arc<Queue>,
+    /// Empty (budget 0) unless the process serves the API.
+    pub read_cache: Arc<ReadCache>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +54,11 @@ impl Store {
     pub async fn connect(config: &StoreConfig) -> Result<Self, ConnectError> {
         let mysql = connect_mysql(config).await?;
         let queue = Arc::new(connect_queue(config).await?);
-        Ok(Self { mysql, queue })
+        Ok(Self {
+            mysql,
+            queue,
+            read_cache: Arc::new(ReadCache::new(0)),
+        })
     }
 }
 

@@ -34,6 +34,7 @@ pub use fetch::Inbox;
 use crate::config::WorkerConfig;
 use crate::search::{Search, SearchError};
 use crate::store::Store;
+use crate::store::queue::codec::accepted_ms;
 use crate::store::queue::stream::Delivered;
 
 /// The consumer group that persists to MySQL.
@@ -62,8 +63,27 @@ const BACKLOG_RECENT: Duration = Duration::from_millis(250);
 const INDEX_YIELD_STEP: Duration = Duration::from_millis(50);
 const INDEX_YIELD_MAX: Duration = Duration::from_secs(5);
 
+/// A full persisting batch whose oldest entry was accepted longer ago than this is a
+/// backlog. A full batch of fresh entries is only a busy queue that persistence keeps up
+/// with: the indexer goes on beside it, or it would fall behind for as long as the load
+/// lasts and have the whole load to index after it.
+const BACKLOG_AGE_MS: u64 = 1_000;
+
+/// Whether a persisting batch of `handled` entries, the oldest accepted at `oldest_ms`,
+/// shows a backlog at `now_ms`.
+fn is_backlog(handled: usize, batch_size: usize, oldest_ms: Option<u64>, now_ms: u64) -> bool {
+    handled >= batch_size
+        && oldest_ms.is_some_and(|oldest| now_ms.saturating_sub(oldest) >= BACKLOG_AGE_MS)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Shared by the consumers of one process: when a persisting consumer last read a full
-/// batch, i.e. worked through a backlog. While it does, the process's indexer waits:
+/// batch of old entries (see [`is_backlog`]), i.e. worked through a backlog. While it does, the process's indexer waits:
 /// persistence (durability, the counts, what other readers see) takes the CPU first, and
 /// indexing, whose lag nothing waits on, catches up right after. When MySQL is down no
 /// batch completes, so indexing goes on as usual. Timed on tokio's clock, which tests
@@ -269,17 +289,20 @@ impl Worker {
                     in_hand = inbox.next(self.config.batch_size, IDLE_WAIT).await;
                 }
                 let idle = in_hand.is_empty();
+                let oldest = in_hand.iter().filter_map(|d| accepted_ms(d.id())).min();
                 let handled = self.process(in_hand.clone()).await?;
                 in_hand.clear();
                 self.flush_index(idle).await?;
-                Ok::<usize, WorkerError>(handled)
+                Ok::<(usize, Option<u64>), WorkerError>((handled, oldest))
             }
             .await;
             match result {
-                Ok(handled) => {
+                Ok((handled, oldest)) => {
                     backoff = Duration::from_millis(100);
                     failures = 0;
-                    if handled >= self.config.batch_size && matches!(self.role, Role::Persist) {
+                    if matches!(self.role, Role::Persist)
+                        && is_backlog(handled, self.config.batch_size, oldest, now_ms())
+                    {
                         self.backlog.mark();
                     }
                     // A partial batch means the queue is keeping up: linger until the
@@ -403,6 +426,22 @@ pub fn default_consumer_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_full_batch_of_old_entries_is_a_backlog() {
+        let now = 1_700_000_000_000;
+        assert!(is_backlog(1000, 1000, Some(now - 5_000), now));
+        assert!(is_backlog(1000, 1000, Some(now - BACKLOG_AGE_MS), now));
+        assert!(
+            !is_backlog(1000, 1000, Some(now - 200), now),
+            "a full batch of fresh entries: persistence keeps up"
+        );
+        assert!(
+            !is_backlog(999, 1000, Some(now - 5_000), now),
+            "a partial batch"
+        );
+        assert!(!is_backlog(1000, 1000, None, now));
+    }
 
     #[test]
     fn a_backlog_is_active_only_while_a_full_batch_is_recent() {

@@ -224,6 +224,7 @@ async fn shutdown_finishes_the_request_in_flight_closes_idle_connections_and_sto
         keep_alive_timeout: Duration::from_secs(75),
         max_connections: 100,
         events_max_subscribers: 10,
+        read_cache_size: 0,
         admin_api_key: None,
     };
     let server = ApiServer::build(app.store.clone(), app.search.clone(), &config)

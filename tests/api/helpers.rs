@@ -192,6 +192,7 @@ impl TestApp {
                 .unwrap_or(Duration::from_secs(75)),
             max_connections: options.max_connections.unwrap_or(10_000),
             events_max_subscribers: options.events_max_subscribers.unwrap_or(10_000),
+            read_cache_size: 16 << 20,
             admin_api_key: options.admin_api_key.map(|k| k.parse().expect("admin key")),
         };
         let search_config = SearchConfig {

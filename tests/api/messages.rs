@@ -290,3 +290,85 @@ async fn a_cursor_of_the_other_order_is_a_400() {
     .await
     .assert_problem(404);
 }
+
+/// A second API process over the same stores, with a read cache of its own.
+async fn second_api(app: &TestApp) -> String {
+    let config = chat_system::config::ApiConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        body_limit: 256 * 1024,
+        request_timeout: std::time::Duration::from_secs(10),
+        header_read_timeout: std::time::Duration::from_secs(10),
+        keep_alive_timeout: std::time::Duration::from_secs(75),
+        max_connections: 100,
+        events_max_subscribers: 10,
+        read_cache_size: 16 << 20,
+        admin_api_key: None,
+    };
+    let server =
+        chat_system::startup::ApiServer::build(app.store.clone(), app.search.clone(), &config)
+            .await
+            .expect("build");
+    let base = format!("http://{}", server.local_addr());
+    tokio::spawn(server.run(std::future::pending()));
+    base
+}
+
+#[tokio::test]
+async fn a_repeated_read_of_a_persisted_message_is_served_without_mysql() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    app.message(&token, chat, "as sent").await;
+    app.drain().await;
+    let path = format!("/applications/{token}/chats/{chat}/messages/1");
+    assert_eq!(app.get(&path).await.body["body"], "as sent");
+    // Changed behind the API's back (never done in production): the copy still answers,
+    // which shows the second read did not reach MySQL.
+    sqlx::query("UPDATE messages SET body = 'changed in MySQL only'")
+        .execute(&app.store.mysql)
+        .await
+        .unwrap();
+    assert_eq!(app.get(&path).await.body["body"], "as sent");
+}
+
+#[tokio::test]
+async fn an_update_through_any_api_process_is_never_hidden_by_another_ones_copy() {
+    let mut app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    for body in ["one", "two"] {
+        app.message(&token, chat, body).await;
+    }
+    app.drain().await;
+    let (one, two) = (
+        format!("/applications/{token}/chats/{chat}/messages/1"),
+        format!("/applications/{token}/chats/{chat}/messages/2"),
+    );
+    // Both are read (and kept) by the test app's API process.
+    assert_eq!(app.get(&one).await.body["body"], "one");
+    assert_eq!(app.get(&two).await.body["body"], "two");
+    // Another process updates message 1; once it is persisted there is no pending
+    // record left to serve, only the row.
+    let other = second_api(&app).await;
+    let reply = app
+        .client
+        .patch(format!("{other}{one}"))
+        .json(&json!({"body": "one, edited"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    assert_eq!(app.get(&one).await.body["body"], "one, edited", "pending");
+    app.drain().await;
+    assert_eq!(app.get(&one).await.body["body"], "one, edited", "persisted");
+    assert_eq!(app.get(&two).await.body["body"], "two");
+    // The chat's update mark outlives every copy taken before it.
+    let mark = app.store.queue.keys.message_update_mark(&token, chat);
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(&mark)
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let max_age = chat_system::store::read_cache::MAX_AGE.as_secs() as i64;
+    assert!(ttl > max_age, "mark {mark} expires in {ttl} s");
+}

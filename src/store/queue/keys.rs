@@ -108,6 +108,11 @@ impl Keys {
     pub fn message_records(&self, token: &str, chat: u64) -> String {
         self.app_key(token, format_args!("pm:{token}:{chat}"))
     }
+    /// String, expiring: the entry id of the chat's latest message update (see
+    /// `store::read_cache`).
+    pub fn message_update_mark(&self, token: &str, chat: u64) -> String {
+        self.app_key(token, format_args!("mu:{token}:{chat}"))
+    }
     pub fn idempotency_chats(&self, token: &str, key: &str) -> String {
         self.app_key(token, format_args!("ic:{token}:{key}"))
     }

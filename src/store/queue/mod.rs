@@ -61,6 +61,8 @@ use chrono::{DateTime, Utc};
 pub struct Lookup<T> {
     pub pending: Option<T>,
     pub app_id: Option<u64>,
+    /// Messages only: the chat's update mark (see `store::read_cache`).
+    pub update_mark: Option<String>,
 }
 
 /// Which way a list goes.
@@ -261,6 +263,8 @@ pub enum Enqueued {
 }
 
 /// How long the memory flag outlives the last measure that set it.
+use super::read_cache::UPDATE_MARK_LIFETIME;
+
 const MEMORY_FLAG_TTL_SECONDS: u64 = 5;
 
 impl Queue {
@@ -480,7 +484,7 @@ impl Queue {
             text: chat.title.clone(),
         };
         let hash = self.keys.chat_records(token);
-        self.enqueue_update(&entry, hash, chat.number, chat.messages_count)
+        self.enqueue_update(&entry, hash, chat.number, chat.messages_count, None)
             .await
     }
 
@@ -502,7 +506,9 @@ impl Queue {
             text: Some(message.body.clone()),
         };
         let hash = self.keys.message_records(token, message.chat_number);
-        self.enqueue_update(&entry, hash, message.number, 0).await
+        let mark = self.keys.message_update_mark(token, message.chat_number);
+        self.enqueue_update(&entry, hash, message.number, 0, Some(mark))
+            .await
     }
 
     async fn enqueue_update(
@@ -511,20 +517,21 @@ impl Queue {
         records: String,
         field: u64,
         messages_count: u64,
+        update_mark: Option<String>,
     ) -> redis::RedisResult<Enqueued> {
         let shard = self.keys.shard_of(&entry.token);
-        let reply: String = self
-            .scripts
-            .enqueue_update
-            .key(self.keys.stream(shard))
+        let mut call = self.scripts.enqueue_update.prepare_invoke();
+        call.key(self.keys.stream(shard))
             .key(records)
             .key(self.keys.memory_full(shard))
             .arg(entry.encode())
             .arg(messages_count)
             .arg(self.max_entries)
-            .arg(field)
-            .invoke_async(&mut self.conn())
-            .await?;
+            .arg(field);
+        if let Some(mark) = update_mark {
+            call.key(mark).arg(UPDATE_MARK_LIFETIME.as_secs());
+        }
+        let reply: String = call.invoke_async(&mut self.conn()).await?;
         Ok(if reply == "full" {
             Enqueued::Full
         } else {
@@ -540,20 +547,27 @@ impl Queue {
         token: &str,
         records: String,
         field: u64,
+        update_mark: Option<String>,
     ) -> redis::RedisResult<Lookup<Pending>> {
-        let (app_id, record, entry): (Option<u64>, Option<String>, Option<String>) = self
-            .scripts
-            .read_pending
-            .key(records)
+        let mut call = self.scripts.read_pending.prepare_invoke();
+        call.key(records)
             .key(self.keys.stream(self.keys.shard_of(token)))
             .key(self.keys.application(token))
-            .arg(field)
-            .invoke_async(&mut self.conn())
-            .await?;
+            .arg(field);
+        if let Some(mark) = update_mark {
+            call.key(mark);
+        }
+        let (app_id, record, entry, update_mark): (
+            Option<u64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = call.invoke_async(&mut self.conn()).await?;
         let Some(record) = record else {
             return Ok(Lookup {
                 pending: None,
                 app_id,
+                update_mark,
             });
         };
         let record = Record::decode(&record)?;
@@ -564,19 +578,21 @@ impl Queue {
         Ok(Lookup {
             pending: Some(Pending { record, entry }),
             app_id,
+            update_mark,
         })
     }
 
     /// Chat `number` of `token` if it is not persisted yet, and the application's id.
     pub async fn lookup_chat(&self, token: &str, number: u64) -> redis::RedisResult<Lookup<Chat>> {
         let found = self
-            .pending(token, self.keys.chat_records(token), number)
+            .pending(token, self.keys.chat_records(token), number, None)
             .await?;
         Ok(Lookup {
             pending: found
                 .pending
                 .and_then(|Pending { record, entry }| pending_chat(number, record, entry)),
             app_id: found.app_id,
+            update_mark: None,
         })
     }
 
@@ -587,14 +603,15 @@ impl Queue {
         chat: u64,
         number: u64,
     ) -> redis::RedisResult<Lookup<Message>> {
-        let found = self
-            .pending(token, self.keys.message_records(token, chat), number)
-            .await?;
+        let records = self.keys.message_records(token, chat);
+        let mark = self.keys.message_update_mark(token, chat);
+        let found = self.pending(token, records, number, Some(mark)).await?;
         Ok(Lookup {
             pending: found
                 .pending
                 .and_then(|Pending { entry, .. }| pending_message(chat, number, entry)),
             app_id: found.app_id,
+            update_mark: found.update_mark,
         })
     }
 
