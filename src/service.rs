@@ -456,10 +456,35 @@ impl Store {
                 self.chat(token, chat).await?;
             }
         }
+        // The persisted part of the window, from this process's copies when it holds
+        // every one of them under the chat's current update mark (see `read_cache`).
+        let mark = found.update_mark.clone();
+        let cached = found
+            .last
+            .and_then(|last| request.window(last))
+            .and_then(|(lo, hi)| {
+                let persisted = (lo..=hi).filter(|n| !found.pending.contains_key(n));
+                self.read_cache
+                    .get_all(app_id, chat, persisted, mark.as_deref())
+            });
         assemble(
             &request,
             found,
-            |rows| mysql::messages_in(&self.mysql, app_id, chat, rows),
+            |rows| async move {
+                if let Some(copies) = cached {
+                    return Ok(copies);
+                }
+                let rows = mysql::messages_in(&self.mysql, app_id, chat, rows).await?;
+                for m in &rows {
+                    let key = MessageKey {
+                        app_id,
+                        chat,
+                        number: m.number,
+                    };
+                    self.read_cache.put(key, mark.clone(), m.clone());
+                }
+                Ok(rows)
+            },
             |m| m.number,
         )
         .await

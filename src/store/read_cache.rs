@@ -101,6 +101,39 @@ impl ReadCache {
         found
     }
 
+    /// Copies of every one of `numbers` of a chat, each taken under `mark` and younger
+    /// than [`MAX_AGE`], or `None` if any is missing (a page then reads MySQL once).
+    pub fn get_all(
+        &self,
+        app_id: u64,
+        chat: u64,
+        numbers: impl Iterator<Item = u64>,
+        mark: Option<&str>,
+    ) -> Option<Vec<Message>> {
+        if self.budget == 0 {
+            return None;
+        }
+        let mut copies = self.lock();
+        let found: Option<Vec<Message>> = numbers
+            .map(|number| {
+                let key = MessageKey {
+                    app_id,
+                    chat,
+                    number,
+                };
+                copies
+                    .lru
+                    .get(&key)
+                    .filter(|c| c.mark.as_deref() == mark && c.taken.elapsed() < MAX_AGE)
+                    .map(|c| c.message.clone())
+            })
+            .collect();
+        drop(copies);
+        let outcome = if found.is_some() { "hit" } else { "miss" };
+        metrics::counter!("read_cache_lookups_total", "outcome" => outcome).increment(1);
+        found
+    }
+
     /// Keeps `message`, read from MySQL after Redis showed the chat's update `mark`.
     pub fn put(&self, key: MessageKey, mark: Option<String>, message: Message) {
         let copy = Copy {
@@ -191,6 +224,28 @@ mod tests {
         assert!(cache.get(&key(1), None).is_some());
         assert!(cache.get(&key(11), None).is_some());
         assert!(cache.lock().bytes <= 10 * (OVERHEAD + 1000));
+    }
+
+    #[test]
+    fn a_page_is_served_only_when_every_copy_is_current() {
+        let cache = ReadCache::new(1 << 20);
+        for n in 1..=3 {
+            cache.put(key(n), Some("5-0".into()), message(n, "m"));
+        }
+        let page = cache.get_all(7, 1, 1..=3, Some("5-0")).unwrap();
+        assert_eq!(page.iter().map(|m| m.number).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(
+            cache.get_all(7, 1, 1..=4, Some("5-0")).is_none(),
+            "4 is missing"
+        );
+        assert!(
+            cache.get_all(7, 1, 1..=3, Some("6-0")).is_none(),
+            "an update since"
+        );
+        assert!(
+            cache.get_all(7, 2, 1..=3, Some("5-0")).is_none(),
+            "another chat"
+        );
     }
 
     #[test]

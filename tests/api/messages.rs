@@ -320,15 +320,24 @@ async fn a_repeated_read_of_a_persisted_message_is_served_without_mysql() {
     let chat = app.chat(&token).await;
     app.message(&token, chat, "as sent").await;
     app.drain().await;
+    app.message(&token, chat, "second").await;
     let path = format!("/applications/{token}/chats/{chat}/messages/1");
+    let list = format!("/applications/{token}/chats/{chat}/messages");
     assert_eq!(app.get(&path).await.body["body"], "as sent");
-    // Changed behind the API's back (never done in production): the copy still answers,
-    // which shows the second read did not reach MySQL.
-    sqlx::query("UPDATE messages SET body = 'changed in MySQL only'")
+    // A page with a pending message (2) reads the persisted one (1) from MySQL; once 2
+    // is persisted, the page reads MySQL again and keeps both.
+    assert_eq!(page(&app, &list).await.0.len(), 2);
+    app.drain().await;
+    assert_eq!(page(&app, &list).await.0.len(), 2);
+    // Changed behind the API's back (never done in production): the copies still
+    // answer, which shows the repeated reads did not reach MySQL.
+    sqlx::query("UPDATE messages SET body = 'changed in MySQL only' WHERE number = 1")
         .execute(&app.store.mysql)
         .await
         .unwrap();
     assert_eq!(app.get(&path).await.body["body"], "as sent");
+    let (items, _) = page(&app, &list).await;
+    assert_eq!(items, [(1, "as sent".to_owned()), (2, "second".to_owned())]);
 }
 
 #[tokio::test]
@@ -345,8 +354,10 @@ async fn an_update_through_any_api_process_is_never_hidden_by_another_ones_copy(
         format!("/applications/{token}/chats/{chat}/messages/2"),
     );
     // Both are read (and kept) by the test app's API process.
+    let list = format!("/applications/{token}/chats/{chat}/messages");
     assert_eq!(app.get(&one).await.body["body"], "one");
     assert_eq!(app.get(&two).await.body["body"], "two");
+    assert_eq!(page(&app, &list).await.0.len(), 2);
     // Another process updates message 1; once it is persisted there is no pending
     // record left to serve, only the row.
     let other = second_api(&app).await;
@@ -362,6 +373,10 @@ async fn an_update_through_any_api_process_is_never_hidden_by_another_ones_copy(
     app.drain().await;
     assert_eq!(app.get(&one).await.body["body"], "one, edited", "persisted");
     assert_eq!(app.get(&two).await.body["body"], "two");
+    assert_eq!(
+        page(&app, &list).await.0,
+        [(1, "one, edited".to_owned()), (2, "two".to_owned())]
+    );
     // The chat's update mark outlives every copy taken before it.
     let mark = app.store.queue.keys.message_update_mark(&token, chat);
     let ttl: i64 = redis::cmd("TTL")

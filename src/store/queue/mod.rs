@@ -84,6 +84,8 @@ pub struct PageLookup<T> {
     pub chat_exists: Option<bool>,
     /// The page's items that are not persisted yet (or whose update is not), by number.
     pub pending: std::collections::BTreeMap<u64, T>,
+    /// Messages only: the chat's update mark (see `store::read_cache`).
+    pub update_mark: Option<String>,
 }
 
 /// A record read with its entry by `read_pending.lua`.
@@ -123,6 +125,7 @@ impl PageLookup<Pending> {
             app_id: self.app_id,
             last: self.last,
             chat_exists: self.chat_exists,
+            update_mark: self.update_mark,
             pending: self
                 .pending
                 .into_iter()
@@ -650,8 +653,9 @@ impl Queue {
             self.keys.message_counters(token),
             self.keys.message_records(token, chat),
         ];
+        let mark = self.keys.message_update_mark(token, chat);
         let found = self
-            .read_page(token, keys, Some(chat), first, direction, limit)
+            .read_page(token, keys, Some((chat, mark)), first, direction, limit)
             .await?;
         Ok(found.map(|number, _, entry| pending_message(chat, number, entry)))
     }
@@ -660,21 +664,17 @@ impl Queue {
         &self,
         token: &str,
         [app, counter, records]: [String; 3],
-        chat: Option<u64>,
+        chat: Option<(u64, String)>,
         first: u64,
         direction: Direction,
         limit: u32,
     ) -> redis::RedisResult<PageLookup<Pending>> {
-        let field = chat.map(|c| c.to_string()).unwrap_or_default();
-        let (app_id, last, chat_exists, found): (
-            Option<u64>,
-            Option<u64>,
-            u8,
-            Vec<Option<String>>,
-        ) = self
-            .scripts
-            .read_page
-            .key(app)
+        let field = chat
+            .as_ref()
+            .map(|(c, _)| c.to_string())
+            .unwrap_or_default();
+        let mut call = self.scripts.read_page.prepare_invoke();
+        call.key(app)
             .key(counter)
             .key(records)
             .key(self.keys.stream(self.keys.shard_of(token)))
@@ -686,9 +686,17 @@ impl Queue {
                 Direction::Desc => "desc",
             })
             .arg(limit)
-            .arg(&field)
-            .invoke_async(&mut self.conn())
-            .await?;
+            .arg(&field);
+        if let Some((_, mark)) = chat {
+            call.key(mark);
+        }
+        let (app_id, last, chat_exists, found, update_mark): (
+            Option<u64>,
+            Option<u64>,
+            u8,
+            Vec<Option<String>>,
+            Option<String>,
+        ) = call.invoke_async(&mut self.conn()).await?;
         let mut pending = std::collections::BTreeMap::new();
         for item in found.chunks(3) {
             let [Some(number), Some(record), entry] = item else {
@@ -713,6 +721,7 @@ impl Queue {
                 _ => None,
             },
             pending,
+            update_mark,
         })
     }
 
