@@ -88,6 +88,16 @@ pub struct PageLookup<T> {
     pub update_mark: Option<String>,
 }
 
+/// `read_page.lua`'s answer: the application's id, the last number, whether the chat
+/// exists, the pending items (number, record, entry, ...) and the chat's update mark.
+type PageAnswer = (
+    Option<u64>,
+    Option<u64>,
+    u8,
+    Vec<Option<String>>,
+    Option<String>,
+);
+
 /// A record read with its entry by `read_pending.lua`.
 struct Pending {
     record: Record,
@@ -690,13 +700,8 @@ impl Queue {
         if let Some((_, mark)) = chat {
             call.key(mark);
         }
-        let (app_id, last, chat_exists, found, update_mark): (
-            Option<u64>,
-            Option<u64>,
-            u8,
-            Vec<Option<String>>,
-            Option<String>,
-        ) = call.invoke_async(&mut self.conn()).await?;
+        let (app_id, last, chat_exists, found, update_mark): PageAnswer =
+            call.invoke_async(&mut self.conn()).await?;
         let mut pending = std::collections::BTreeMap::new();
         for item in found.chunks(3) {
             let [Some(number), Some(record), entry] = item else {
