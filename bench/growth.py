@@ -39,13 +39,15 @@ import json
 import os
 import pathlib
 import random
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+import common
+from common import http_ok, mariadb_argv, read_pid
 
 HOT = 100  # messages in chat 1 of each application
 TS = "2026-01-01 00:00:00.000000"
@@ -77,8 +79,8 @@ class Loader:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def mysql(self, sql, *extra):
-        return self.b.run(["mariadb", "--no-defaults", "-h127.0.0.1", f"-P{self.b.MYSQL_PORT}", "-uroot",
-                           "--local-infile=1", *extra, "chat_bench", "-e", sql])
+        return self.b.run(mariadb_argv(self.b.MYSQL_PORT, "--local-infile=1", *extra, "chat_bench",
+                                       "-e", sql))
 
     def load_data(self, table, columns, lines):
         """Streams `lines` (an iterator of text chunks) through a FIFO into one
@@ -89,8 +91,7 @@ class Loader:
         os.mkfifo(fifo)
         sql = ("SET unique_checks = 0; SET foreign_key_checks = 0; "
                f"LOAD DATA LOCAL INFILE '{fifo}' INTO TABLE {table} ({', '.join(columns)})")
-        proc = subprocess.Popen(["mariadb", "--no-defaults", "-h127.0.0.1", f"-P{self.b.MYSQL_PORT}", "-uroot",
-                                 "--local-infile=1", "chat_bench", "-e", sql],
+        proc = subprocess.Popen(mariadb_argv(self.b.MYSQL_PORT, "--local-infile=1", "chat_bench", "-e", sql),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             with open(fifo, "w") as f:
@@ -143,17 +144,7 @@ class Loader:
 
 def cpu_ticks(b, stack, parts=("worker", "mysql")):
     """CPU ticks so far of each part: the api process, the worker process(es), Redis, MariaDB."""
-    got = {}
-    for name, proc in stack.procs.items():
-        part = "api" if name == "api" else "worker"
-        if part in parts:
-            got[part] = got.get(part, 0) + b._ticks(f"/proc/{proc.pid}/stat")
-    for name, pidfile in (("redis", b.DATA / "deps" / "redis" / "redis.pid"),
-                          ("mysql", b.DATA / "deps" / "mysql" / "mysqld.pid")):
-        pid = b._pidfile(pidfile)
-        if pid and name in parts:
-            got[name] = b._ticks(f"/proc/{pid}/stat")
-    return got
+    return b.cpu_ticks(stack, parts)
 
 
 def machine_load():
@@ -170,8 +161,7 @@ def machine_load():
 
 
 def queue_status(b, stack):
-    out = subprocess.run([b.BINARY, "queue-status"], env=stack.env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return common.queue_status(b.BINARY, stack.env)
 
 
 def drained(status):
@@ -184,8 +174,8 @@ def drained(status):
 def restart(b, stack):
     stack.start("worker", "worker", WORKER_METRICS_BIND=b.WORKER_METRICS)
     stack.start("api", "api", BIND=b.API)
-    b.wait_until("the api", lambda: b._ok(f"http://{b.API}/healthz"), 120)
-    b.wait_until("the worker", lambda: b._ok(f"http://{b.WORKER_METRICS}/healthz"), 120)
+    b.wait_until("the api", lambda: http_ok(b.API), 120)
+    b.wait_until("the worker", lambda: http_ok(b.WORKER_METRICS), 120)
 
 
 def reindex(b, stack):
@@ -217,10 +207,11 @@ def count_sync_cost(b, loader, apps, chats_per_app, batches=20, per_batch=500):
         pairs += [read, write]
     script = loader.dir / "count-sync.sql"
     script.write_text(";\n".join(pairs) + ";\n")
-    pid = b._pidfile(b.DATA / "deps" / "mysql" / "mysqld.pid")
+    pid = read_pid(b.DATA / "deps" / "mysql" / "mysqld.pid")
     before, start = b._ticks(f"/proc/{pid}/stat"), time.time()
-    subprocess.run(f"mariadb --no-defaults -h127.0.0.1 -P{b.MYSQL_PORT} -uroot chat_bench < {script} > /dev/null",
-                   shell=True, check=True)
+    with open(script) as stdin:
+        subprocess.run(mariadb_argv(b.MYSQL_PORT, "chat_bench"), stdin=stdin,
+                       stdout=subprocess.DEVNULL, check=True)
     wall = time.time() - start
     cpu = (b._ticks(f"/proc/{pid}/stat") - before) / b.CLOCK_TICKS
     script.unlink()
@@ -238,7 +229,7 @@ def cpu_per_request(b, stack, name, lua, seconds, profile=None):
     bench/results/profile-<name>.txt."""
     perf = None
     if profile and os.environ.get("BENCH_PERF") == "1":
-        pids = [str(stack.procs["api"].pid)] + [str(b._pidfile(b.DATA / "deps" / d / f"{n}.pid"))
+        pids = [str(stack.procs["api"].pid)] + [str(read_pid(b.DATA / "deps" / d / f"{n}.pid"))
                                                 for d, n in (("redis", "redis"), ("mysql", "mysqld"))]
         data = b.DATA / f"perf-{profile}.data"
         # System-wide, then only these processes (bench/perf_summary.py --pid): attached to
@@ -253,7 +244,7 @@ def cpu_per_request(b, stack, name, lua, seconds, profile=None):
         perf.wait()
         summary = subprocess.run([sys.executable, str(b.ROOT / "bench" / "perf_summary.py"), str(data),
                                   str(r["requests"]), ",".join(pids)], capture_output=True, text=True).stdout
-        (b.ROOT / "bench" / "results" / f"profile-{profile}.txt").write_text(
+        (common.RESULTS / f"profile-{profile}.txt").write_text(
             f"# perf record -a -F 499 -e cpu-clock during: {name}\n"
             f"# {r['requests']:,} requests in {seconds} s; python3 bench/perf_summary.py .data/bench/{data.name} "
             f"{r['requests']} <api pid>,<redis pid>,<mariadb pid>\n" + summary)
@@ -350,8 +341,7 @@ def data_mib(loader):
 
 
 def machine():
-    out = subprocess.run(["sh", "-c", "nproc; free -g | awk '/Mem/{print $2}'"], capture_output=True, text=True).stdout
-    return out.replace("\n", " cores, ", 1).strip() + " GiB"
+    return common.machine_summary()
 
 
 def write_growth(b, args, f, small, grown):
@@ -396,7 +386,7 @@ def write_growth(b, args, f, small, grown):
             lines.append(f"| {key} | {label} | " + " | ".join(f"{c.get(p, 0):.0f}" for p in ("api", "worker", "redis", "mysql")) + " |")
     lines += ["", f"Reproduce: `{cmd}`.", ""]
     text = "\n".join(lines)
-    out = b.ROOT / "bench" / "results"
+    out = common.RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "growth.md").write_text(text)
     (out / "growth.json").write_text(json.dumps({"figures": f, "small": small, "grown": grown}, indent=1, default=str))
@@ -490,15 +480,8 @@ def wrk_capped(b, name, toks, total, request_lua):
     proc.send_signal(2)  # SIGINT: wrk stops and reports
     out, err = proc.communicate()
     shutil.rmtree(marks)
-    m = re.search(r"WRKJSON (\{.*\})", err)
-    if not m:
-        raise SystemExit(f"bench: wrk failed for {name}:\n{out}\n{err}")
-    r = json.loads(m.group(1))
-    secs = r["duration_us"] / 1e6
-    result = {"scenario": name, "rps": r["requests"] / secs, "requests": r["requests"],
-              "p50_ms": r["p50"] / 1000, "p99_ms": r["p99"] / 1000, "p999_ms": r["p999"] / 1000,
-              "errors": r["connect"] + r["read"] + r["write"] + r["timeout"], "non2xx": r["status"]}
-    b.log(f"{name}: {r['requests']:,} answers at {result['rps']:,.0f}/s, p99 {result['p99_ms']:.2f} ms, "
+    result = common.wrk_figures(name, out, err)
+    b.log(f"{name}: {result['requests']:,} answers at {result['rps']:,.0f}/s, p99 {result['p99_ms']:.2f} ms, "
           f"errors {result['errors']}, non-2xx {result['non2xx']}")
     return result, finished
 
@@ -531,7 +514,7 @@ def write_idle(b, args, load, chats, msgs, created_chats, created_msgs, marks, s
     lines += ["", f"Reproduce: `scripts/bench --idle-after-load --load-chats {args.load_chats} "
                   f"--load-messages {args.load_messages}`.", ""]
     text = "\n".join(lines)
-    out = b.ROOT / "bench" / "results"
+    out = common.RESULTS
     (out / "idle-after-load.md").write_text(text)
     (out / "idle-after-load.json").write_text(json.dumps(
         {"machine": load, "chats": chats, "messages": msgs, "marks": marks, "samples": samples}, indent=1))

@@ -18,15 +18,14 @@ Ports: BENCH_LIVE_MYSQL_PORT (26306), BENCH_LIVE_REDIS_PORT (26379), BENCH_LIVE_
 import argparse
 import json
 import os
-import pathlib
 import re
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import common
+from common import RESULTS, ROOT, make_log
+
 DATA = ROOT / ".data" / "bench-live"
 MYSQL_PORT = int(os.environ.get("BENCH_LIVE_MYSQL_PORT", 26306))
 REDIS_PORT = int(os.environ.get("BENCH_LIVE_REDIS_PORT", 26379))
@@ -34,37 +33,25 @@ API_PORT = int(os.environ.get("BENCH_LIVE_API_PORT", 26100))
 APIS = [f"127.0.0.1:{API_PORT}", f"127.0.0.1:{API_PORT + 1}"]
 
 
-def log(msg):
-    print(f"live bench: {msg}", file=sys.stderr, flush=True)
+log = make_log("live bench")
 
 
 def deps(action):
-    env = dict(os.environ, DEPS_DIR=str(DATA / "deps"), DEPS_MYSQL_PORT=str(MYSQL_PORT),
-               DEPS_REDIS_PORT=str(REDIS_PORT))
-    env.pop("DEPS_REDIS_CLUSTER_PORT", None)
-    subprocess.run([str(ROOT / "scripts" / "deps"), action], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    env = common.deps_env(DATA / "deps", MYSQL_PORT, REDIS_PORT, DEPS_REDIS_CLUSTER_PORT=None)
+    common.deps(action, env)
 
 
-def wait_http(url, limit=60):
+def wait_http(addr, path, limit=60):
     deadline = time.time() + limit
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
+        if common.http_ok(addr, path):
+            return
         time.sleep(0.1)
-    raise SystemExit(f"live bench: {url} did not answer")
+    raise SystemExit(f"live bench: http://{addr}{path} did not answer")
 
 
 def request(method, url, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read() or b"null")
+    return common.http_json(method, url, body)
 
 
 def wrk_page(url, seconds):
@@ -98,12 +85,10 @@ def main():
                         "second) under the create rate for MINUTES; the APIs' private "
                         "memory every 10 s (bench/results/live-soak.md)")
     args = p.parse_args()
-    target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     log("building (release)")
-    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "chat-system",
-                    "--example", "live"], cwd=ROOT, check=True)
-    binary = target / "release" / "chat-system"
-    live = target / "release" / "examples" / "live"
+    release = common.build_release("live")
+    binary = release / "chat-system"
+    live = release / "examples" / "live"
     DATA.mkdir(parents=True, exist_ok=True)
     deps("start")
     env = {k: v for k, v in os.environ.items() if k != "REDIS_CLUSTER_NODES"}
@@ -123,7 +108,7 @@ def main():
         worker = subprocess.Popen([str(binary), "worker"], env=env, stdout=logs, stderr=logs)
         procs.append(worker)  # stopped at the end whichever way the run ends
         for api in APIS:
-            wait_http(f"http://{api}/readyz")
+            wait_http(api, "/readyz")
         if args.soak:
             log(f"soak: {args.subscribers} subscribers, a tenth replaced every second, "
                 f"{args.rate:.0f} creates/s, {args.soak:.0f} min")
@@ -160,8 +145,7 @@ def main():
         procs.append(worker)
         deadline = time.time() + 30
         while time.time() < deadline:
-            status = json.loads(subprocess.run([str(binary), "queue-status"], env=env,
-                                               capture_output=True, text=True).stdout)
+            status = common.queue_status(binary, env)
             if status["length"] == 0 or all(g["pending"] == 0 and g["lag"] == 0
                                             for g in status["groups"]):
                 break
@@ -169,13 +153,7 @@ def main():
         figures["page_desc_50_persisted"] = wrk_page(url, 10)
         log(f"newest-first page of 50 (persisted): {figures['page_desc_50_persisted']}")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        common.stop_processes(procs, 30)
         deps("stop")
     write(figures)
 
@@ -198,7 +176,7 @@ def write_soak(soak, f):
         f"{max(warm) / 1024:.1f}, last {warm[-1] / 1024:.1f} MiB; growth from the first "
         f"warm sample to the last: {(warm[-1] - warm[0]) / 1024:+.1f} MiB.", "",
     ]
-    out = ROOT / "bench" / "results"
+    out = RESULTS
     (out / "live-soak.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -225,7 +203,7 @@ def write(f):
         f"| the same page persisted: p50 / p99 | {persisted['p50_ms']:.2f} / {persisted['p99_ms']:.2f} ms ({persisted['rps']:,.0f}/s) | p99 ≤ 3 ms |",
         "",
     ]
-    out = ROOT / "bench" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "live.md").write_text("\n".join(lines))
     (out / "live.json").write_text(json.dumps(f, indent=2) + "\n")

@@ -25,25 +25,23 @@ import pathlib
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import common
+from common import RESULTS, make_log
+
 SINGLE = int(os.environ.get("BENCH_REDIS_SINGLE_PORT", 24600))
 FIRST = int(os.environ.get("BENCH_REDIS_CLUSTER_PORT", 24601))
 MASTERS = [FIRST, FIRST + 1, FIRST + 2]
 
 
-def log(msg):
-    print(f"redis-cluster bench: {msg}", file=sys.stderr, flush=True)
+log = make_log("redis-cluster bench")
 
 
 def cli(port, *args):
-    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
-                         text=True, check=True)
-    return out.stdout.strip()
+    return common.redis_cli(port, *args).strip()
 
 
 def start_node(port, data, cluster):
@@ -72,9 +70,7 @@ def stop_nodes(ports):
 
 
 def create_call(binary, token, env):
-    out = subprocess.run([binary, "create-script", "--token", token, "--chat", "1"],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return common.create_script(binary, env, token, chat=1)
 
 
 def cpu_seconds(port):
@@ -95,26 +91,6 @@ def drive(port, call, creates, clients, results, key):
     results[key] = float(re.search(r"([\d.]+) requests per second", out).group(1))
 
 
-def masters_by_slot(port):
-    """[(first slot, last slot, port)] from CLUSTER NODES."""
-    ranges = []
-    for line in cli(port, "CLUSTER", "NODES").splitlines():
-        fields = line.split()
-        if "master" not in fields[2]:
-            continue
-        node_port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-        for r in fields[8:]:
-            if r.startswith("["):
-                continue
-            lo, _, hi = r.partition("-")
-            ranges.append((int(lo), int(hi or lo), node_port))
-    return ranges
-
-
-def owner(ranges, slot):
-    return next(p for lo, hi, p in ranges if lo <= slot <= hi)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,10 +98,7 @@ def main():
     args = parser.parse_args()
     binary = os.environ.get("CHAT_SYSTEM_BIN")
     if not binary:
-        target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
-        subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "chat-system"],
-                       cwd=ROOT, check=True)
-        binary = str(target / "release" / "chat-system")
+        binary = str(common.build_release() / "chat-system")
     data = pathlib.Path(tempfile.mkdtemp(prefix="chat-system-redis-bench-"))
     ports = [SINGLE, *MASTERS]
     figures = {"creates": args.creates, "cores": os.cpu_count()}
@@ -155,12 +128,12 @@ def main():
             f"{figures['single']['redis_cpu_us_per_create']:.1f} µs Redis CPU per create")
 
         # Three masters, one application on each.
-        ranges = masters_by_slot(FIRST)
+        ranges = common.cluster_slot_ranges(FIRST)
         calls = {}
         k = 0
         while len(calls) < len(MASTERS):
             c = create_call(binary, f"app{k}", env)
-            calls.setdefault(owner(ranges, c["slot"]), c)
+            calls.setdefault(common.slot_owner(ranges, c["slot"]), c)
             k += 1
         each = args.creates // len(MASTERS)
         before = {p: cpu_seconds(p) for p in MASTERS}
@@ -184,12 +157,10 @@ def main():
         # 64 shards over the masters.
         spread_env = dict(env, REDIS_CLUSTER_NODES=",".join(f"127.0.0.1:{p}" for p in MASTERS),
                           REDIS_SHARDS="64", REDIS_PREFIX="spread")
-        status = json.loads(subprocess.run([binary, "queue-status"], env=spread_env,
-                                           capture_output=True, text=True,
-                                           check=True).stdout)
+        status = common.queue_status(binary, spread_env)
         counts = {p: 0 for p in MASTERS}
         for shard in status["shards"]:
-            counts[owner(ranges, shard["slot"])] += 1
+            counts[common.slot_owner(ranges, shard["slot"])] += 1
         figures["spread_64"] = [counts[p] for p in MASTERS]
         log(f"64 shards over 3 masters: {figures['spread_64']}")
     finally:
@@ -224,7 +195,7 @@ def write(f):
         f"{max(abs(x - mean) for x in spread) / mean * 100:.0f}%, target ±15%).",
         "",
     ]
-    out = ROOT / "bench" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "redis-cluster.md").write_text("\n".join(lines))
     (out / "redis-cluster.json").write_text(json.dumps(f, indent=2) + "\n")

@@ -33,16 +33,16 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+import common
+from common import RESULTS, ROOT, http_ok, make_log, read_pid
+
 DATA = ROOT / ".data" / "bench"
 
 
@@ -66,8 +66,7 @@ if WORKER_PRIORITY not in PRIORITY_WRAPPERS:
 WORDS = [f"w{i:03d}" for i in range(1000)]  # search vocabulary: each word in ~0.3% of bodies
 
 
-def log(msg):
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
+log = make_log("bench")
 
 
 def run(cmd, **kw):
@@ -75,17 +74,11 @@ def run(cmd, **kw):
 
 
 def http(method, path, body=None, base=API):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{base}{path}", data=data, method=method)
-    if data is not None:
-        req.add_header("content-type", "application/json")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        text = r.read()
-        return json.loads(text) if text and r.headers.get_content_type().endswith("json") else text
+    return common.http_json(method, f"http://{base}{path}", body)
 
 
 def redis(*args):
-    return run(["redis-cli", "-p", str(REDIS_PORT), *map(str, args)]).strip()
+    return common.redis_cli(REDIS_PORT, *args).strip()
 
 
 def wait_until(what, check, limit=60.0, every=0.05):
@@ -119,19 +112,7 @@ def wrk(name, lua, seconds, connections=64, threads=2, url=None):
            "--timeout", "5s", "-s", script, url or f"http://{API}"]
     out = subprocess.run(cmd, text=True, capture_output=True)
     os.unlink(script)
-    m = re.search(r"WRKJSON (\{.*\})", out.stderr)
-    if not m:
-        raise SystemExit(f"bench: wrk failed for {name}:\n{out.stdout}\n{out.stderr}")
-    r = json.loads(m.group(1))
-    secs = r["duration_us"] / 1e6
-    result = {
-        "scenario": name,
-        "rps": r["requests"] / secs,
-        "requests": r["requests"],
-        "p50_ms": r["p50"] / 1000, "p99_ms": r["p99"] / 1000, "p999_ms": r["p999"] / 1000,
-        "errors": r["connect"] + r["read"] + r["write"] + r["timeout"],
-        "non2xx": r["status"],
-    }
+    result = common.wrk_figures(name, out.stdout, out.stderr)
     log(f"{name}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
         f"p99 {result['p99_ms']:.2f} ms, p99.9 {result['p999_ms']:.2f} ms, "
         f"errors {result['errors']}, non-2xx {result['non2xx']}")
@@ -178,7 +159,7 @@ def body_expr():
 # ---- metrics ------------------------------------------------------------------------
 
 def scrape(base):
-    text = urllib.request.urlopen(f"http://{base}/metrics", timeout=5).read().decode()
+    text = common.metrics_text(base, timeout=5)
     buckets = {}
     for line in text.splitlines():
         m = re.match(r'(\w+)_bucket\{le="([^"]+)"\} (\S+)', line)
@@ -291,11 +272,20 @@ def _index_threads(pid):
     return found
 
 
-def _pidfile(path):
-    try:
-        return int(pathlib.Path(path).read_text().strip())
-    except (OSError, ValueError):
-        return None
+def cpu_ticks(stack, parts=("api", "worker", "redis", "mysql")):
+    """CPU ticks so far of each of `parts`: the api process, the worker process(es),
+    Redis, MariaDB."""
+    got = {}
+    for name, proc in stack.procs.items():
+        part = "api" if name == "api" else "worker"
+        if part in parts:
+            got[part] = got.get(part, 0) + _ticks(f"/proc/{proc.pid}/stat")
+    for name, pidfile in (("redis", DATA / "deps" / "redis" / "redis.pid"),
+                          ("mysql", DATA / "deps" / "mysql" / "mysqld.pid")):
+        pid = read_pid(pidfile)
+        if pid and name in parts:
+            got[name] = _ticks(f"/proc/{pid}/stat")
+    return got
 
 
 class CpuMeter:
@@ -320,16 +310,7 @@ class CpuMeter:
                 seen[1] = ticks
 
     def _snapshot(self):
-        snap = {}
-        for name, proc in self._stack.procs.items():
-            part = "api" if name == "api" else "worker"
-            snap[part] = snap.get(part, 0) + _ticks(f"/proc/{proc.pid}/stat")
-        for name, pidfile in (("redis", DATA / "deps" / "redis" / "redis.pid"),
-                              ("mysql", DATA / "deps" / "mysql" / "mysqld.pid")):
-            pid = _pidfile(pidfile)
-            if pid:
-                snap[name] = _ticks(f"/proc/{pid}/stat")
-        return snap
+        return cpu_ticks(self._stack)
 
     def start(self):
         self._started = False
@@ -405,7 +386,7 @@ def drain_with_cpu(stack, token, count, name):
     backlog = group_lag("persist")
     wait_until("Redis's append-only file rewrite", lambda: "aof_rewrite_in_progress:0" in redis("INFO", "persistence"), 300, 0.2)
     stack.start(name, "worker", WORKER_METRICS_BIND=WORKER_METRICS)
-    wait_until("the draining worker", lambda: _ok(f"http://{WORKER_METRICS}/healthz"), 60, 0.02)
+    wait_until("the draining worker", lambda: http_ok(WORKER_METRICS), 60, 0.02)
     cpu = CpuMeter(stack).start()
     start = time.time()
     wait_until("the backlog to persist", lambda: group_lag("persist") == 0, 600, 0.1)
@@ -432,7 +413,7 @@ def search_only(stack, token, quick):
     lines += ["", "| measure | figure | target |", "|---|---:|---|"] + search_figure_rows(figures)
     lines += ["", "Reproduce: `scripts/bench --search`."]
     text = "\n".join(lines) + "\n"
-    out = ROOT / "bench" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / "search.md").write_text(text)
     (out / "search.json").write_text(json.dumps({"results": results, "figures": figures}, indent=1))
@@ -482,12 +463,8 @@ class Stack:
 
     def stop(self, name):
         p = self.procs.pop(name, None)
-        if p and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        if p:
+            common.stop_process(p, 20)
 
     def stop_all(self):
         for name in list(self.procs):
@@ -540,36 +517,33 @@ def main():
             raise SystemExit(f"bench: {addr} is already taken; stop what listens there, "
                              f"or set {name} to a free port")
 
-    target_dir = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     log("building (release)")
-    subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "chat-system",
-                    "--example", "probe"], cwd=ROOT, check=True)
-    binary = str(target_dir / "release" / "chat-system")
+    release = common.build_release("probe")
+    binary = str(release / "chat-system")
     global BINARY
     BINARY = binary
-    probe_bin = str(target_dir / "release" / "examples" / "probe")
+    probe_bin = str(release / "examples" / "probe")
     if not shutil.which("wrk"):
         log("installing wrk")
         subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-qq",
                         "--no-install-recommends", "wrk"], check=True)
 
     DATA.mkdir(parents=True, exist_ok=True)
-    deps_env = dict(os.environ, DEPS_DIR=str(DATA / "deps"), DEPS_MYSQL_PORT=str(MYSQL_PORT),
-                    DEPS_REDIS_PORT=str(REDIS_PORT), DEPS_MYSQL_PORT_VAR="BENCH_MYSQL_PORT",
-                    DEPS_REDIS_PORT_VAR="BENCH_REDIS_PORT")
-    subprocess.run([ROOT / "scripts" / "deps", "start"], env=deps_env, check=True)
+    deps_env = common.deps_env(DATA / "deps", MYSQL_PORT, REDIS_PORT,
+                               DEPS_MYSQL_PORT_VAR="BENCH_MYSQL_PORT",
+                               DEPS_REDIS_PORT_VAR="BENCH_REDIS_PORT")
+    common.deps("start", deps_env, quiet=False)
     stack = Stack(binary)
     results, figures = [], {}
     try:
         redis("FLUSHALL")
-        run(["mariadb", "--no-defaults", "-h127.0.0.1", f"-P{MYSQL_PORT}", "-uroot", "-e",
-             "DROP DATABASE IF EXISTS chat_bench"])
+        run(common.mariadb_argv(MYSQL_PORT, "-e", "DROP DATABASE IF EXISTS chat_bench"))
         shutil.rmtree(DATA / "search", ignore_errors=True)
         subprocess.run([binary, "migrate"], env=stack.env, check=True)
         stack.start("worker", "worker", WORKER_METRICS_BIND=WORKER_METRICS)
         stack.start("api", "api", BIND=API)
-        wait_until("the api", lambda: _ok(f"http://{API}/healthz"))
-        wait_until("the worker", lambda: _ok(f"http://{WORKER_METRICS}/healthz"))
+        wait_until("the api", lambda: http_ok(API))
+        wait_until("the worker", lambda: http_ok(WORKER_METRICS))
         if args.growth or args.idle_after_load:
             import growth
             this = sys.modules[__name__]
@@ -708,7 +682,7 @@ delay = function() return {delay} end
         figures.update(search_figures)
     finally:
         stack.stop_all()
-        subprocess.run([ROOT / "scripts" / "deps", "stop"], env=deps_env)
+        common.deps("stop", deps_env, check=False, quiet=False)
     if not (args.soak or args.search or args.growth or args.idle_after_load):
         write_results(results, figures, quick)
 
@@ -790,17 +764,10 @@ def soak(stack, base, minutes):
               f"Queue max {queue_max}, at end {samples[-1]['queue']}.", "",
               f"Verdict: {'PASS' if ok else 'FAIL'}. Reproduce: `scripts/bench --soak {minutes:g}`.", ""]
     text = "\n".join(lines)
-    (ROOT / "bench" / "results" / "soak.md").write_text(text)
+    (RESULTS / "soak.md").write_text(text)
     print(text)
     if not ok:
         raise SystemExit(1)
-
-
-def _ok(url):
-    try:
-        return urllib.request.urlopen(url, timeout=1).status == 200
-    except OSError:
-        return False
 
 
 def _port_open(addr):
@@ -837,9 +804,7 @@ def create_call(token, chat, body, prefix=PREFIX, max_entries=100_000_000):
     """The product's create-message script with its KEYS and ARGV for one message, as
     `chat-system create-script` spells them (key names never written here)."""
     env = dict(os.environ, REDIS_PREFIX=prefix, QUEUE_MAX_ENTRIES=str(max_entries))
-    out = subprocess.run([BINARY, "create-script", "--token", token, "--chat", str(chat),
-                          "--body", body], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return common.create_script(BINARY, env, token, chat, body)
 
 
 def evalsha_args(call, sha):
@@ -893,7 +858,7 @@ def write_results(results, f, quick):
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     probe, http_c, redis_c = f.get("probe_ceiling"), f.get("http_ceiling"), f.get("redis_ceiling")
     lines = [f"# Benchmark results — {stamp}{' (quick)' if quick else ''}", "",
-             "Machine: " + run(["sh", "-c", "nproc; free -g | awk '/Mem/{print $2}'"]).replace("\n", " cores, ", 1).strip() + " GiB; "
+             "Machine: " + common.machine_summary() + "; "
              "load from wrk (2 threads) on the same machine, over loopback; "
              f"worker priority: {WORKER_PRIORITY}.", "",
              "| scenario | req/s | vs HTTP+Redis ceiling | p50 ms | p99 ms | p99.9 ms | errors | non-2xx |",
@@ -929,7 +894,7 @@ def write_results(results, f, quick):
               *search_figure_rows(f),
               "", "Reproduce: `scripts/bench" + (" --quick" if quick else "") + "`."]
     text = "\n".join(l for l in lines if l is not None) + "\n"
-    out = ROOT / "bench" / "results"
+    out = RESULTS
     out.mkdir(parents=True, exist_ok=True)
     name = "latest-quick" if quick else "latest"
     (out / f"{name}.md").write_text(text)
