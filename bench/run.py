@@ -139,10 +139,22 @@ request = function() return wrk.format("GET", {path_expr}) end
 {delay}"""
 
 
+def read_cache_lookups():
+    """The API's read-cache lookups so far: (hits, misses)."""
+    found = dict(re.findall(r'^read_cache_lookups_total\{outcome="(\w+)"\} (\S+)$',
+                            common.metrics_text(API, timeout=5), re.M))
+    return float(found.get("hit", 0)), float(found.get("miss", 0))
+
+
 def read_scenario(name, path_expr, seconds):
     """Maximum throughput (64 connections), then latency at a third of it (16
-    connections, paced): a saturated closed loop only measures its own queueing."""
+    connections, paced): a saturated closed loop only measures its own queueing. The
+    saturated run's name carries the share of its reads the API's read cache answered."""
+    before = read_cache_lookups()
     peak = wrk(name, lua_get(path_expr), seconds)
+    hits, misses = (a - b for a, b in zip(read_cache_lookups(), before))
+    if hits + misses:
+        peak["scenario"] += f" (read cache: {hits / (hits + misses):.0%} hits)"
     conns = 16
     delay = max(1, round(conns * 1000 / max(peak["rps"] / 3, 1)))
     paced = wrk(f"{name} at ~{conns * 1000 / delay:,.0f}/s", lua_get(path_expr, delay), seconds, connections=conns)
@@ -185,27 +197,23 @@ def quantile(before, after, metric, q):
     return prev_le
 
 
+def queue_status(tokens=()):
+    """`chat-system queue-status` of the bench stack (key names are never written here)."""
+    env = dict(os.environ, DATABASE_URL=f"mysql://root@127.0.0.1:{MYSQL_PORT}/chat_bench",
+               REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}", REDIS_PREFIX=PREFIX, LOG_LEVEL="warn")
+    return common.queue_status(BINARY, env, tokens)
+
+
 def group_lag(group):
-    out = redis("XINFO", "GROUPS", f"{PREFIX}:q")
-    lines = out.splitlines()
-    # redis-cli prints the nested reply as flat name/value lines.
-    info, current = {}, None
-    for k, v in zip(lines[0::2], lines[1::2]):
-        if k == "name":
-            current = v
-            info[current] = {}
-        elif current:
-            info[current][k] = v
-    g = info.get(group, {})
-    pending = int(g.get("pending", 0))
-    # Redis's own `lag` can be stale or missing once the stream has been trimmed: a
-    # group that has read up to the last entry is not behind, whatever it says.
-    stream = redis("XINFO", "STREAM", f"{PREFIX}:q").splitlines()
-    last = dict(zip(stream[0::2], stream[1::2])).get("last-generated-id")
-    if g.get("last-delivered-id") == last:
-        return pending
-    lag = g.get("lag")
-    return (int(lag) if lag not in (None, "", "(nil)") else 1) + pending
+    """Entries of the stream `group` has not finished with (over every shard)."""
+    g = next((g for g in queue_status()["groups"] if g["name"] == group), None)
+    return 0 if g is None else g["pending"] + g["lag"]
+
+
+def messages_in_chat(token, chat):
+    """The chat's message counter in Redis (0 when it has none yet)."""
+    counters = queue_status([token])["counters"][token]["messages"]
+    return int(counters.get(str(chat)) or 0)
 
 
 def rss_kib(pid):
@@ -602,17 +610,27 @@ def main():
         hot = wrk("create message, one hot chat", lua_post(f'"{base}/1/messages"', body_expr()), d)
         results.append(hot)
         # Top the hot chat up to the search corpus size, then wait for persistence and indexing.
-        have = int(redis("GET", f"{PREFIX}:{{{token}}}:c:1:msgs") or 0)
+        have = messages_in_chat(token, 1)
         if have < search_corpus:
             wrk("(fill the search chat)", lua_post(f'"{base}/1/messages"', body_expr()),
                 max(2, int((search_corpus - have) / max(hot["rps"], 1000) * 1.3) + 1))
         wait_until("the queue to drain", lambda: group_lag("persist") == 0 and group_lag("index") == 0, 300, 0.2)
-        corpus = int(redis("GET", f"{PREFIX}:{{{token}}}:c:1:msgs"))
+        corpus = messages_in_chat(token, 1)
         figures["search_corpus"] = corpus
 
+        # Reads spread evenly over the whole chat (far more than the API's read cache
+        # holds), then over its newest 1,000 messages, where a chat's readers mostly are.
         results += read_scenario("get message", f'"{base}/1/messages/" .. math.random({corpus})', d)
+        figures["get_rps"] = results[-2]["rps"]
+        results += read_scenario("get message, newest 1,000",
+                                 f'"{base}/1/messages/" .. ({corpus} - math.random(1000) + 1)', d)
+        figures["get_recent_rps"] = results[-2]["rps"]
         results += read_scenario("list page (50)",
                                  f'"{base}/1/messages?limit=50&after=" .. math.random({corpus - 50})', d)
+        figures["page_rps"] = results[-2]["rps"]
+        results += read_scenario("list page (50), newest first",
+                                 f'"{base}/1/messages?limit=50&order=desc"', d)
+        figures["page_recent_rps"] = results[-2]["rps"]
         words = ",".join(f'"{w}"' for w in WORDS)
         results += read_scenario(f"search, chat of {corpus:,} messages",
                                  f'(function() local W = {{{words}}} return "{base}/1/messages/search?q=" .. W[math.random(#W)] end)()', d)
@@ -878,6 +896,7 @@ def write_results(results, f, quick):
               f"| Redis ceiling (create script, redis-benchmark 50 clients) | {fmt(redis_c, '/s')} | |",
               f"| HTTP+Redis ceiling (probe) | {fmt(probe, '/s')} | |",
               f"| create message, API alone / HTTP+Redis ceiling | {f['create_alone_rps'] / probe:.0%} | ≥ 60% |" if probe and f.get("create_alone_rps") else "",
+              *read_target_rows(f),
               f"| create message with the worker persisting and indexing beside it / HTTP+Redis ceiling | {f['create_rps'] / probe:.0%} | |" if probe and f.get("create_rps") else "",
               f"| steady: create p99 | {fmt(steady.get('p99_ms'), ' ms', 2)} | ≤ 5 ms |",
               f"| steady: persistence lag p50 / p99 | {fmt(f.get('persist_lag_seconds_p50'), ' ms', 1)} / {fmt(f.get('persist_lag_seconds_p99'), ' ms', 1)} | p99 ≤ 250 ms |",
@@ -901,6 +920,21 @@ def write_results(results, f, quick):
     (out / f"{name}.svg").write_text(chart(results))
     (out / f"{name}.json").write_text(json.dumps({"results": results, "figures": f}, indent=1, default=str))
     print(text)
+
+
+def read_target_rows(f):
+    """Saturated reads against the API-alone create rate of the same run."""
+    alone = f.get("create_alone_rps")
+    if not alone:
+        return []
+    rows = []
+    for key, what, target in (("get_rps", "get message, any of the chat", "≥ 0.5×"),
+                              ("get_recent_rps", "get message, newest 1,000", "≥ 0.5×"),
+                              ("page_rps", "list page (50), anywhere in the chat", "≥ 0.25×"),
+                              ("page_recent_rps", "list page (50), newest first", "≥ 0.25×")):
+        if f.get(key):
+            rows.append(f"| {what} / create message, API alone | {f[key] / alone:.2f}× | {target} |")
+    return rows
 
 
 def chart(results):
