@@ -17,6 +17,11 @@
 //!
 //! A chat with frequent updates has its copies refreshed often, but nothing stale is
 //! served. Copies are bounded in bytes (`READ_CACHE_SIZE`), least recently used first out.
+//!
+//! What it trusts: that Redis keeps its marks. A Redis brought back in an earlier state
+//! (the lost tail of its append-only file, a failover to a lagging replica) can lose the
+//! mark of an update that already reached MySQL; a copy taken before that update may then
+//! be served until it is [`MAX_AGE`] old. `READ_CACHE_SIZE=0` turns the cache off.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
