@@ -126,8 +126,8 @@ def queue_status(binary, env, tokens=()):
     """`chat-system queue-status` as a dict (per shard and totals; counters of `tokens`);
     a failure raises RuntimeError."""
     args = [str(binary), "queue-status"]
-    for token in tokens:
-        args += ["--counters-of", token]
+    # `=`: a token may start with `-`, which would read as an option.
+    args += [f"--counters-of={token}" for token in tokens]
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise RuntimeError(f"queue-status: {out.stderr.strip()[-300:]}")
