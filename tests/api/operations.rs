@@ -59,12 +59,15 @@ async fn with_mysql_down_creates_are_accepted_and_reads_get_a_fast_503() {
     .await;
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
+    app.message(&token, chat, "persisted before").await;
+    app.drain().await;
     app.mysql_proxy.as_ref().unwrap().cut();
 
     // The create path needs Redis only.
     let number = app
         .message(&token, chat, "queued while MySQL is down")
         .await;
+    // A page holding a persisted message needs MySQL: a fast 503.
     let started = Instant::now();
     let reply = app
         .get(&format!("/applications/{token}/chats/{chat}/messages"))
@@ -78,20 +81,27 @@ async fn with_mysql_down_creates_are_accepted_and_reads_get_a_fast_503() {
         started.elapsed() < Duration::from_secs(5),
         "503 must be fast"
     );
-    // A pending message is still served from Redis.
+    // A pending message is still served from Redis, alone or as a page of pending ones.
     let shown = app
         .get(&format!(
             "/applications/{token}/chats/{chat}/messages/{number}"
         ))
         .await;
     assert_eq!(shown.status, 200);
+    let pending_page = app
+        .get(&format!(
+            "/applications/{token}/chats/{chat}/messages?after=1"
+        ))
+        .await;
+    assert_eq!(pending_page.status, 200, "{}", pending_page.body);
+    assert_eq!(pending_page.body[0]["number"], number);
 
     app.mysql_proxy.as_ref().unwrap().restore();
     app.drain().await;
     let listed = app
         .get(&format!("/applications/{token}/chats/{chat}/messages"))
         .await;
-    assert_eq!(listed.body[0]["body"], "queued while MySQL is down");
+    assert_eq!(listed.body[1]["body"], "queued while MySQL is down");
 }
 
 #[tokio::test]
