@@ -53,6 +53,7 @@ pub use keys::{Keys, Shard};
 
 use crate::idempotency::{self, NextAction};
 use crate::resources::{Chat, Message, from_micros, to_micros};
+use crate::store::read_cache::UPDATE_MARK_LIFETIME;
 use chrono::{DateTime, Utc};
 
 /// What a read finds in Redis, in one round trip: the item's pending state, if it is not
@@ -276,8 +277,6 @@ pub enum Enqueued {
 }
 
 /// How long the memory flag outlives the last measure that set it.
-use super::read_cache::UPDATE_MARK_LIFETIME;
-
 const MEMORY_FLAG_TTL_SECONDS: u64 = 5;
 
 impl Queue {
