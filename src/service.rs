@@ -456,17 +456,29 @@ impl Store {
                 self.chat(token, chat).await?;
             }
         }
-        // The persisted part of the window, from this process's copies when it holds
-        // every one of them under the chat's current update mark (see `read_cache`).
+        // The persisted part of the window: nothing to read when every message in it is
+        // pending; else this process's copies, when it holds every one of them under the
+        // chat's current update mark (see `read_cache`); else MySQL. Only rows Redis
+        // showed to be persisted are kept: the row of a message whose update is pending
+        // is older than the mark, and with no counter Redis showed nothing.
         let mark = found.update_mark.clone();
-        let cached = found
-            .last
-            .and_then(|last| request.window(last))
-            .and_then(|(lo, hi)| {
-                let persisted = (lo..=hi).filter(|n| !found.pending.contains_key(n));
+        let persisted: Option<Vec<u64>> =
+            found
+                .last
+                .and_then(|last| request.window(last))
+                .map(|(lo, hi)| {
+                    (lo..=hi)
+                        .filter(|n| !found.pending.contains_key(n))
+                        .collect()
+                });
+        let cached = match &persisted {
+            Some(numbers) if numbers.is_empty() => Some(Vec::new()),
+            Some(numbers) => {
                 self.read_cache
-                    .get_all(app_id, chat, persisted, mark.as_deref())
-            });
+                    .get_all(app_id, chat, numbers.iter().copied(), mark.as_deref())
+            }
+            None => None,
+        };
         assemble(
             &request,
             found,
@@ -475,7 +487,11 @@ impl Store {
                     return Ok(copies);
                 }
                 let rows = mysql::messages_in(&self.mysql, app_id, chat, rows).await?;
-                for m in &rows {
+                for m in rows.iter().filter(|m| {
+                    persisted
+                        .as_ref()
+                        .is_some_and(|numbers| numbers.binary_search(&m.number).is_ok())
+                }) {
                     let key = MessageKey {
                         app_id,
                         chat,

@@ -97,6 +97,7 @@ impl ReadCache {
         } else {
             if let Some(old) = copies.lru.pop(key) {
                 copies.bytes -= old.weight();
+                metrics::gauge!("read_cache_bytes").set(copies.bytes as f64);
             }
             None
         };

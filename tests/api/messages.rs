@@ -370,6 +370,9 @@ async fn an_update_through_any_api_process_is_never_hidden_by_another_ones_copy(
         .unwrap();
     assert_eq!(reply.status(), 200);
     assert_eq!(app.get(&one).await.body["body"], "one, edited", "pending");
+    // A page read while the update is pending reads the old row of message 1 from
+    // MySQL: it must not keep it.
+    assert_eq!(page(&app, &list).await.0[0].1, "one, edited");
     app.drain().await;
     assert_eq!(app.get(&one).await.body["body"], "one, edited", "persisted");
     assert_eq!(app.get(&two).await.body["body"], "two");

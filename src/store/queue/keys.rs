@@ -13,6 +13,7 @@
 //! | `P:{S}:mn:T` | hash | chat number → last message number handed out in it |
 //! | `P:{S}:pc:T` | hash | chat number → its pending record, until persisted |
 //! | `P:{S}:pm:T:C` | hash | message number → its pending record, until persisted |
+//! | `P:{S}:mu:T:C` | string, expires | the entry id of the chat's latest message update (the read cache's mark) |
 //! | `P:{S}:ic:T:K`, `P:{S}:im:T:C:K` | string | an `Idempotency-Key` of a chat or message create |
 //! | `P:{S}:q` | stream | the shard's write queue: one entry per create or update |
 //! | `P:{S}:dlq` | stream | entries no worker could handle, with the reason |
