@@ -36,8 +36,10 @@ pub const UPDATE_MARK_LIFETIME: Duration = Duration::from_secs(3600);
 pub const MAX_AGE: Duration = Duration::from_secs(600);
 const _: () = assert!(MAX_AGE.as_secs() < UPDATE_MARK_LIFETIME.as_secs());
 
-/// Bytes counted for a copy besides its body and mark: the entry, the key, the LRU's links.
-const OVERHEAD: usize = 160;
+/// Bytes counted for a copy besides its body and mark: the entry, the key, the LRU's node
+/// and hash slot, the mark's own allocation and the allocator's rounding (an estimate on
+/// the high side, so that the budget bounds the real memory).
+const OVERHEAD: usize = 256;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub struct MessageKey {
