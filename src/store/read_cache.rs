@@ -30,10 +30,13 @@ use lru::LruCache;
 
 use crate::resources::Message;
 
-/// How long a message update's mark lasts in Redis.
-pub const UPDATE_MARK_LIFETIME: Duration = Duration::from_secs(3600);
-/// The longest a copy is served; it must stay below [`UPDATE_MARK_LIFETIME`].
-pub const MAX_AGE: Duration = Duration::from_secs(600);
+/// How long a message update's mark lasts in Redis. It bounds the marks' memory: one
+/// small key (about 150 bytes) per chat updated in the last two minutes, and writes are
+/// refused with the rest when Redis nears its `maxmemory`.
+pub const UPDATE_MARK_LIFETIME: Duration = Duration::from_secs(120);
+/// The longest a copy is served; it must stay below [`UPDATE_MARK_LIFETIME`]. A hot
+/// message is read from MySQL once a minute per API process.
+pub const MAX_AGE: Duration = Duration::from_secs(60);
 const _: () = assert!(MAX_AGE.as_secs() < UPDATE_MARK_LIFETIME.as_secs());
 
 /// Bytes counted for a copy besides its body and mark: the entry, the key, the LRU's node
