@@ -380,7 +380,8 @@ async fn an_update_through_any_api_process_is_never_hidden_by_another_ones_copy(
         page(&app, &list).await.0,
         [(1, "one, edited".to_owned()), (2, "two".to_owned())]
     );
-    // The chat's update mark outlives every copy taken before it.
+    // The chat's update mark outlives every copy taken before it, and no longer than
+    // its lifetime (which bounds the marks' memory).
     let mark = app.store.queue.keys.message_update_mark(&token, chat);
     let ttl: i64 = redis::cmd("TTL")
         .arg(&mark)
@@ -388,5 +389,9 @@ async fn an_update_through_any_api_process_is_never_hidden_by_another_ones_copy(
         .await
         .unwrap();
     let max_age = chat_system::store::read_cache::MAX_AGE.as_secs() as i64;
-    assert!(ttl > max_age, "mark {mark} expires in {ttl} s");
+    let lifetime = chat_system::store::read_cache::UPDATE_MARK_LIFETIME.as_secs() as i64;
+    assert!(
+        ttl > max_age && ttl <= lifetime,
+        "mark {mark} expires in {ttl} s"
+    );
 }
