@@ -30,6 +30,14 @@ impl Store {
         self.load_application_id(token).await
     }
 
+    /// The application's id as Redis had it cached (`cached`), else from MySQL.
+    async fn app_id_or_load(&self, token: &Token, cached: Option<u64>) -> Result<u64, ApiError> {
+        match cached {
+            Some(id) => Ok(id),
+            None => self.load_application_id(token).await,
+        }
+    }
+
     async fn load_application_id(&self, token: &Token) -> Result<u64, ApiError> {
         let id = mysql::application_id(&self.mysql, token.as_str())
             .await?
@@ -192,10 +200,7 @@ impl Store {
 
     async fn chat_and_app(&self, token: &Token, number: u64) -> Result<(Chat, u64), ApiError> {
         let found = self.queue.lookup_chat(token.as_str(), number).await?;
-        let app_id = match found.app_id {
-            Some(id) => id,
-            None => self.load_application_id(token).await?,
-        };
+        let app_id = self.app_id_or_load(token, found.app_id).await?;
         if let Some(chat) = found.pending {
             return Ok((chat, app_id));
         }
@@ -212,33 +217,13 @@ impl Store {
         chat: u64,
         number: u64,
     ) -> Result<Message, ApiError> {
-        let found = self
-            .queue
-            .lookup_message(token.as_str(), chat, number)
-            .await?;
-        if let Some(message) = found.pending {
-            return Ok(message);
-        }
-        let app_id = match found.app_id {
-            Some(id) => id,
-            None => self.load_application_id(token).await?,
-        };
-        let key = MessageKey {
-            app_id,
-            chat,
-            number,
-        };
-        let mark = found.update_mark;
-        if let Some(message) = self.read_cache.get(&key, mark.as_deref()) {
-            return Ok(message);
-        }
-        let message = mysql::message(&self.mysql, app_id, chat, number)
-            .await?
-            .ok_or_else(|| ApiError::not_found("message"))?;
-        self.read_cache.put(key, mark, message.clone());
-        Ok(message)
+        self.message_and_app(token, chat, number)
+            .await
+            .map(|(message, _)| message)
     }
 
+    /// A message and its application's id: pending in Redis, else this process's copy
+    /// (see `read_cache`), else MySQL (and kept).
     async fn message_and_app(
         &self,
         token: &Token,
@@ -249,16 +234,23 @@ impl Store {
             .queue
             .lookup_message(token.as_str(), chat, number)
             .await?;
-        let app_id = match found.app_id {
-            Some(id) => id,
-            None => self.load_application_id(token).await?,
-        };
+        let app_id = self.app_id_or_load(token, found.app_id).await?;
         if let Some(message) = found.pending {
+            return Ok((message, app_id));
+        }
+        let key = MessageKey {
+            app_id,
+            chat,
+            number,
+        };
+        let mark = found.update_mark;
+        if let Some(message) = self.read_cache.get(&key, mark.as_deref()) {
             return Ok((message, app_id));
         }
         let message = mysql::message(&self.mysql, app_id, chat, number)
             .await?
             .ok_or_else(|| ApiError::not_found("message"))?;
+        self.read_cache.put(key, mark, message.clone());
         Ok((message, app_id))
     }
 
@@ -413,10 +405,7 @@ impl Store {
                 request.limit,
             )
             .await?;
-        let app_id = match found.app_id {
-            Some(id) => id,
-            None => self.load_application_id(token).await?,
-        };
+        let app_id = self.app_id_or_load(token, found.app_id).await?;
         assemble(
             &request,
             found,
@@ -444,10 +433,7 @@ impl Store {
                 request.limit,
             )
             .await?;
-        let app_id = match found.app_id {
-            Some(id) => id,
-            None => self.load_application_id(token).await?,
-        };
+        let app_id = self.app_id_or_load(token, found.app_id).await?;
         match found.chat_exists {
             Some(true) => {}
             Some(false) => return Err(ApiError::not_found("chat")),

@@ -207,7 +207,6 @@ pub async fn run(
         if docs.is_empty() {
             break;
         }
-        let docs: Vec<MessageDoc> = docs.into_iter().map(Into::into).collect();
         refused += copy(es, &target, &docs, &options).await?;
         state.set_cursor(&next);
         state.copied += docs.len() as u64;
@@ -341,7 +340,6 @@ async fn copy_since(
         if docs.is_empty() {
             break;
         }
-        let docs: Vec<MessageDoc> = docs.into_iter().map(Into::into).collect();
         refused += copy(es, target, &docs, options).await?;
         copied += docs.len() as u64;
         cursor = next;

@@ -61,9 +61,7 @@ async fn in_place(db: &MySqlPool, search: &Search, batch: u32) -> Result<(), Sta
             break;
         }
         let n = docs.len() as u64;
-        search
-            .index(docs.into_iter().map(Into::into).collect())
-            .await?;
+        search.index(docs).await?;
         cursor = next;
         progress.advance(n);
     }

@@ -23,7 +23,6 @@ pub mod identity;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use tokio::sync::Semaphore;
 
 use crate::config::SearchConfig;
@@ -32,31 +31,9 @@ use crate::resources::Message;
 use crate::store::mysql::IndexedMessage;
 use identity::{IndexGroup, Membership, Verdict};
 
-/// A message as the index holds it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MessageDoc {
-    pub token: String,
-    pub chat: u64,
-    pub number: u64,
-    pub body: String,
-    pub version: u64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<IndexedMessage> for MessageDoc {
-    fn from(m: IndexedMessage) -> Self {
-        MessageDoc {
-            token: m.token,
-            chat: m.chat,
-            number: m.number,
-            body: m.body,
-            version: m.version,
-            created_at: m.created_at,
-            updated_at: m.updated_at,
-        }
-    }
-}
+/// A message as the index holds it: the persisted message with its application's token,
+/// the row type the index is fed from (`store::mysql::messages_for_index`).
+pub type MessageDoc = IndexedMessage;
 
 impl MessageDoc {
     /// Deterministic document id: re-indexing replaces rather than duplicates.

@@ -74,9 +74,7 @@ impl Worker {
                 break;
             }
             indexed += docs.len() as u64;
-            search
-                .index(docs.into_iter().map(Into::into).collect())
-                .await?;
+            search.index(docs).await?;
             cursor = next;
         }
         self.store.queue.finish_index_catch_up(shard).await?;
