@@ -318,6 +318,16 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::store::coalesce::ReadError> for ApiError {
+    fn from(err: crate::store::coalesce::ReadError) -> Self {
+        if crate::store::mysql_is_down(&err) {
+            Self::Unavailable(Dependency::Mysql, err.into())
+        } else {
+            Self::Internal(err.into())
+        }
+    }
+}
+
 impl From<redis::RedisError> for ApiError {
     fn from(err: redis::RedisError) -> Self {
         if crate::store::redis_is_full(&err) {

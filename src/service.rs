@@ -9,6 +9,7 @@ use crate::domain::{Body, Title, Token};
 use crate::error::{ApiError, Overload};
 use crate::idempotency::{IdempotencyKey, NextAction, fingerprint};
 use crate::resources::{Chat, Message, from_micros, now};
+use crate::store::mysql::MessageRange;
 use crate::store::queue::{
     Allocation, Direction, Enqueued, PageLookup, QueuedMessage, entry_id_of, version_of,
 };
@@ -247,10 +248,12 @@ impl Store {
         if let Some(message) = self.read_cache.get(&key, mark.as_deref()) {
             return Ok((message, app_id));
         }
-        let message = mysql::message(&self.mysql, app_id, chat, number)
+        let message = self
+            .message_reads
+            .one(app_id, chat, number)
             .await?
             .ok_or_else(|| ApiError::not_found("message"))?;
-        self.read_cache.put(key, mark, message.clone());
+        self.read_cache.offer(key, mark, message.clone());
         Ok((message, app_id))
     }
 
@@ -409,7 +412,7 @@ impl Store {
         assemble(
             &request,
             found,
-            |rows| mysql::chats_in(&self.mysql, app_id, rows),
+            |rows| async move { Ok(mysql::chats_in(&self.mysql, app_id, rows).await?) },
             |c| c.number,
         )
         .await
@@ -472,19 +475,22 @@ impl Store {
                 if let Some(copies) = cached {
                     return Ok(copies);
                 }
-                let rows = mysql::messages_in(&self.mysql, app_id, chat, rows).await?;
-                for m in rows.iter().filter(|m| {
-                    persisted
-                        .as_ref()
-                        .is_some_and(|numbers| numbers.binary_search(&m.number).is_ok())
-                }) {
-                    let key = MessageKey {
-                        app_id,
-                        chat,
-                        number: m.number,
-                    };
-                    self.read_cache.put(key, mark.clone(), m.clone());
-                }
+                let (mysql::Rows::Between { lo, hi }, Some(persisted)) = (rows, persisted) else {
+                    // No counter: Redis showed nothing persisted, so nothing is kept.
+                    return Ok(mysql::messages_in(&self.mysql, app_id, chat, rows).await?);
+                };
+                let range = MessageRange {
+                    app_id,
+                    chat,
+                    lo,
+                    hi,
+                };
+                let rows = self.message_reads.range(range).await?;
+                let shown = rows
+                    .iter()
+                    .filter(|m| persisted.binary_search(&m.number).is_ok());
+                self.read_cache
+                    .offer_page(app_id, chat, (lo, hi), mark, shown.cloned());
                 Ok(rows)
             },
             |m| m.number,
@@ -505,7 +511,7 @@ async fn assemble<T, F, Fut>(
 ) -> Result<Page<T>, ApiError>
 where
     F: FnOnce(mysql::Rows) -> Fut,
-    Fut: Future<Output = sqlx::Result<Vec<T>>>,
+    Fut: Future<Output = Result<Vec<T>, ApiError>>,
 {
     let Some(last) = found.last else {
         let limit = request.limit + 1;

@@ -68,6 +68,8 @@ impl ApiServer {
         search: Search,
         config: &ApiConfig,
     ) -> Result<Self, StartError> {
+        // The recorder first: the read cache registers its metrics once, when made.
+        let metrics = http::install_metrics_recorder();
         store.read_cache = Arc::new(ReadCache::new(config.read_cache_size));
         let listener = listen(config.bind).map_err(|source| StartError::Bind {
             addr: config.bind,
@@ -78,7 +80,7 @@ impl ApiServer {
             store,
             search,
             events.clone(),
-            http::install_metrics_recorder(),
+            metrics,
             config.admin_api_key.as_ref(),
         );
         Ok(Self {

@@ -4,9 +4,11 @@
 //! * [`queue`]: everything Redis: key names, the atomic Lua scripts of the create and
 //!   update paths, the pending records that serve reads until a worker has persisted a
 //!   write, and the sharded write queue the workers consume (one Redis or a cluster).
+//! * [`coalesce`]: message reads from MySQL, sharing statements under load.
 //! * [`read_cache`]: an API process's copies of persisted messages, checked against
 //!   Redis on every read.
 
+pub mod coalesce;
 pub mod mysql;
 pub mod queue;
 pub mod read_cache;
@@ -18,6 +20,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 
 use crate::config::StoreConfig;
 
+pub use coalesce::MessageReads;
 pub use queue::Queue;
 pub use read_cache::ReadCache;
 
@@ -30,6 +33,7 @@ pub struct Store {
     pub queue: Arc<Queue>,
     /// Empty (budget 0) unless the process serves the API.
     pub read_cache: Arc<ReadCache>,
+    pub message_reads: MessageReads,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +58,22 @@ impl Store {
     pub async fn connect(config: &StoreConfig) -> Result<Self, ConnectError> {
         let mysql = connect_mysql(config).await?;
         let queue = Arc::new(connect_queue(config).await?);
+        let message_reads = MessageReads::new(mysql.clone(), reads_in_flight(config));
         Ok(Self {
             mysql,
             queue,
             read_cache: Arc::new(ReadCache::new(0)),
+            message_reads,
         })
     }
+}
+
+/// Coalesced message reads out at once: one per core of this process's machine keeps
+/// MySQL busy, and fewer make larger batches under load (measured in
+/// `docs/BENCHMARKS.md`).
+fn reads_in_flight(config: &StoreConfig) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    cores.clamp(1, config.database_pool_size.max(1) as usize)
 }
 
 pub async fn connect_mysql(config: &StoreConfig) -> Result<MySqlPool, ConnectError> {

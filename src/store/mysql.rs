@@ -279,6 +279,56 @@ pub async fn messages_in(
     Ok(found.into_iter().map(Into::into).collect())
 }
 
+/// Which messages of one chat to read: the numbers `lo..=hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageRange {
+    pub app_id: u64,
+    pub chat: u64,
+    pub lo: u64,
+    pub hi: u64,
+}
+
+#[derive(FromRow)]
+struct OwnedMessageRow {
+    application_id: u64,
+    #[sqlx(flatten)]
+    row: MessageRow,
+}
+
+/// The messages of several ranges (of any chats) in one statement, each with its
+/// application's id, in primary-key order. Every range is one interval of the primary
+/// key, so this is one range scan per interval.
+pub async fn messages_in_ranges(
+    db: &MySqlPool,
+    ranges: &[MessageRange],
+) -> sqlx::Result<Vec<(u64, Message)>> {
+    let mut query = QueryBuilder::<MySql>::new(
+        "SELECT application_id, chat_number, number, body, created_at, updated_at \
+         FROM messages WHERE ",
+    );
+    for (i, r) in ranges.iter().enumerate() {
+        if i > 0 {
+            query.push(" OR ");
+        }
+        query
+            .push("(application_id = ")
+            .push_bind(r.app_id)
+            .push(" AND chat_number = ")
+            .push_bind(r.chat)
+            .push(" AND number BETWEEN ")
+            .push_bind(r.lo)
+            .push(" AND ")
+            .push_bind(r.hi)
+            .push(")");
+    }
+    query.push(" ORDER BY application_id, chat_number, number");
+    let rows: Vec<OwnedMessageRow> = query.build_query_as().fetch_all(db).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.application_id, r.row.into()))
+        .collect())
+}
+
 /// Highest persisted chat number of an application (0 when it has none).
 pub async fn max_chat_number(db: &MySqlPool, app_id: u64) -> sqlx::Result<u64> {
     let max: Option<u64> =

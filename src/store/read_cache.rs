@@ -18,6 +18,12 @@
 //! A chat with frequent updates has its copies refreshed often, but nothing stale is
 //! served. Copies are bounded in bytes (`READ_CACHE_SIZE`), least recently used first out.
 //!
+//! Only what is read twice is kept ([`ReadCache::offer`]): a message the second time it
+//! is read from MySQL within the memory of a small admission table, a page the second
+//! time the same window is read. Reads spread over more messages than the cache holds
+//! (a client paging through a long history, reads at random) then cost no copying and
+//! no evictions, and do not push out the messages that are read again and again.
+//!
 //! What it trusts: that Redis keeps its marks. A Redis brought back in an earlier state
 //! (the lost tail of its append-only file, a failover to a lagging replica) can lose the
 //! mark of an update that already reached MySQL; a copy taken before that update may then
@@ -66,12 +72,57 @@ impl Copy {
 struct Copies {
     lru: LruCache<MessageKey, Copy>,
     bytes: usize,
+    /// The admission table: fingerprints of the reads offered lately, one per slot
+    /// (a newer read takes the slot of an older one).
+    seen: Vec<u64>,
+}
+
+impl Copies {
+    /// True when `fingerprint` was offered before and still holds its slot; else it
+    /// takes the slot.
+    fn seen_before(&mut self, fingerprint: u64) -> bool {
+        // The table's length is a power of two.
+        let at = fingerprint as usize & (self.seen.len().max(1) - 1);
+        let Some(slot) = self.seen.get_mut(at) else {
+            return false;
+        };
+        let again = *slot == fingerprint;
+        *slot = fingerprint;
+        again
+    }
+}
+
+/// The admission table's slots for a budget: one per copy the budget can hold at the
+/// most (8 bytes per [`OVERHEAD`] bytes of budget, about 3% more memory), a power of two.
+fn seen_slots(budget: usize) -> usize {
+    if budget == 0 {
+        return 0;
+    }
+    (budget / OVERHEAD).max(1).next_power_of_two()
+}
+
+/// What the admission table remembers of a read: a hash of what identifies it.
+fn fingerprint(parts: [u64; 4]) -> u64 {
+    // FNV-1a over the words, then a finalizer that spreads every bit (SplitMix64's).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        h = (h ^ part).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    // 0 marks an empty slot.
+    (h ^ (h >> 31)).max(1)
 }
 
 /// Thread-safe; one per API process, shared by its requests.
 pub struct ReadCache {
     copies: Mutex<Copies>,
     budget: usize,
+    // Registered once: the registry's look-up of a metric by name costs more than the
+    // rest of a lookup.
+    bytes: metrics::Gauge,
+    hits: metrics::Counter,
+    misses: metrics::Counter,
 }
 
 impl ReadCache {
@@ -81,8 +132,20 @@ impl ReadCache {
             copies: Mutex::new(Copies {
                 lru: LruCache::unbounded(),
                 bytes: 0,
+                seen: vec![0; seen_slots(budget)],
             }),
             budget,
+            bytes: metrics::gauge!("read_cache_bytes"),
+            hits: metrics::counter!("read_cache_lookups_total", "outcome" => "hit"),
+            misses: metrics::counter!("read_cache_lookups_total", "outcome" => "miss"),
+        }
+    }
+
+    fn count(&self, found: bool) {
+        if found {
+            self.hits.increment(1);
+        } else {
+            self.misses.increment(1);
         }
     }
 
@@ -102,13 +165,12 @@ impl ReadCache {
         } else {
             if let Some(old) = copies.lru.pop(key) {
                 copies.bytes -= old.weight();
-                metrics::gauge!("read_cache_bytes").set(copies.bytes as f64);
+                self.bytes.set(copies.bytes as f64);
             }
             None
         };
         drop(copies);
-        let outcome = if found.is_some() { "hit" } else { "miss" };
-        metrics::counter!("read_cache_lookups_total", "outcome" => outcome).increment(1);
+        self.count(found.is_some());
         found
     }
 
@@ -140,34 +202,84 @@ impl ReadCache {
             })
             .collect();
         drop(copies);
-        let outcome = if found.is_some() { "hit" } else { "miss" };
-        metrics::counter!("read_cache_lookups_total", "outcome" => outcome).increment(1);
+        self.count(found.is_some());
         found
+    }
+
+    /// Keeps `message`, read from MySQL after Redis showed the chat's update `mark`, if
+    /// it was offered before (see the module's documentation).
+    pub fn offer(&self, key: MessageKey, mark: Option<String>, message: Message) {
+        if self.admits(fingerprint([key.app_id, key.chat, key.number, 0])) {
+            self.put(key, mark, message);
+        }
+    }
+
+    /// Keeps `messages`, the persisted rows of a page whose window of numbers was
+    /// `lo..=hi`, if the same window was offered before.
+    pub fn offer_page(
+        &self,
+        app_id: u64,
+        chat: u64,
+        (lo, hi): (u64, u64),
+        mark: Option<String>,
+        messages: impl IntoIterator<Item = Message>,
+    ) {
+        // Told apart from a single read's by the last word (a window is never empty).
+        if self.admits(fingerprint([app_id, chat, lo, hi.wrapping_add(1)])) {
+            self.put_all(app_id, chat, mark, messages);
+        }
+    }
+
+    fn admits(&self, fingerprint: u64) -> bool {
+        self.budget > 0 && self.lock().seen_before(fingerprint)
     }
 
     /// Keeps `message`, read from MySQL after Redis showed the chat's update `mark`.
     pub fn put(&self, key: MessageKey, mark: Option<String>, message: Message) {
-        let copy = Copy {
-            message,
-            mark,
-            taken: Instant::now(),
-        };
-        let weight = copy.weight();
-        if weight > self.budget / 8 {
+        self.put_all(key.app_id, key.chat, mark, std::iter::once(message));
+    }
+
+    /// Keeps `messages` of a chat, read from MySQL after Redis showed the chat's update
+    /// `mark` (one lock for a page).
+    pub fn put_all(
+        &self,
+        app_id: u64,
+        chat: u64,
+        mark: Option<String>,
+        messages: impl IntoIterator<Item = Message>,
+    ) {
+        if self.budget == 0 {
             return;
         }
+        let taken = Instant::now();
         let mut copies = self.lock();
-        if let Some(old) = copies.lru.put(key, copy) {
-            copies.bytes -= old.weight();
-        }
-        copies.bytes += weight;
-        while copies.bytes > self.budget {
-            match copies.lru.pop_lru() {
-                Some((_, old)) => copies.bytes -= old.weight(),
-                None => break,
+        for message in messages {
+            let key = MessageKey {
+                app_id,
+                chat,
+                number: message.number,
+            };
+            let copy = Copy {
+                message,
+                mark: mark.clone(),
+                taken,
+            };
+            let weight = copy.weight();
+            if weight > self.budget / 8 {
+                continue;
+            }
+            if let Some(old) = copies.lru.put(key, copy) {
+                copies.bytes -= old.weight();
+            }
+            copies.bytes += weight;
+            while copies.bytes > self.budget {
+                match copies.lru.pop_lru() {
+                    Some((_, old)) => copies.bytes -= old.weight(),
+                    None => break,
+                }
             }
         }
-        metrics::gauge!("read_cache_bytes").set(copies.bytes as f64);
+        self.bytes.set(copies.bytes as f64);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Copies> {
@@ -257,6 +369,36 @@ mod tests {
             cache.get_all(7, 2, 1..=3, Some("5-0")).is_none(),
             "another chat"
         );
+    }
+
+    #[test]
+    fn only_what_is_read_twice_is_kept() {
+        let cache = ReadCache::new(1 << 20);
+        cache.offer(key(1), None, message(1, "once"));
+        assert!(cache.get(&key(1), None).is_none(), "read once");
+        cache.offer(key(1), None, message(1, "twice"));
+        assert_eq!(cache.get(&key(1), None).unwrap().body, "twice");
+        // A page's rows go in when the same window is read again.
+        let page = || (11..=13).map(|n| message(n, "p"));
+        cache.offer_page(7, 1, (11, 13), None, page());
+        assert!(cache.get_all(7, 1, 11..=13, None).is_none(), "window read once");
+        cache.offer_page(7, 1, (11, 14), None, page());
+        assert!(cache.get_all(7, 1, 11..=13, None).is_none(), "another window");
+        cache.offer_page(7, 1, (11, 13), None, page());
+        assert!(cache.get_all(7, 1, 11..=13, None).is_some());
+    }
+
+    #[test]
+    fn a_scan_through_a_long_history_keeps_nothing_and_evicts_nothing() {
+        let cache = ReadCache::new(64 * (OVERHEAD + 1));
+        cache.offer(key(1), None, message(1, "h"));
+        cache.offer(key(1), None, message(1, "h"));
+        for lo in (100..100_000).step_by(50) {
+            let rows = (lo..lo + 50).map(|n| message(n, "s"));
+            cache.offer_page(7, 1, (lo, lo + 49), None, rows);
+        }
+        assert!(cache.get(&key(1), None).is_some(), "the hot copy stayed");
+        assert_eq!(cache.lock().lru.len(), 1);
     }
 
     #[test]

@@ -395,3 +395,54 @@ async fn an_update_through_any_api_process_is_never_hidden_by_another_ones_copy(
         "mark {mark} expires in {ttl} s"
     );
 }
+
+#[tokio::test]
+async fn concurrent_reads_share_statements_and_each_gets_its_own_rows() {
+    use chat_system::store::MessageReads;
+    use chat_system::store::mysql::MessageRange;
+    let mut app = TestApp::spawn().await;
+    let (a, b) = (app.application("a").await, app.application("b").await);
+    let (a_chat, b_chat) = (app.chat(&a).await, app.chat(&b).await);
+    for n in 1..=20 {
+        app.message(&a, a_chat, &format!("a{n}")).await;
+        app.message(&b, b_chat, &format!("b{n}")).await;
+    }
+    app.drain().await;
+    let (a_id, b_id) = (app.application_id(&a).await, app.application_id(&b).await);
+    // One statement out at a time: the reads queued behind it go together.
+    let reads = MessageReads::new(app.store.mysql.clone(), 1);
+    let asked: Vec<(u64, u64, u64, u64)> = (0..64u64)
+        .map(|i| {
+            let (id, chat) = if i % 2 == 0 {
+                (a_id, a_chat)
+            } else {
+                (b_id, b_chat)
+            };
+            let lo = i % 20 + 1;
+            // Single messages, ranges overlapping others, and one past the last row.
+            let hi = if i % 3 == 0 { lo } else { (lo + i % 7).min(25) };
+            (id, chat, lo, hi)
+        })
+        .collect();
+    let answers = futures_util::future::join_all(asked.iter().map(|&(app_id, chat, lo, hi)| {
+        reads.range(MessageRange {
+            app_id,
+            chat,
+            lo,
+            hi,
+        })
+    }))
+    .await;
+    for (&(app_id, _, lo, hi), answer) in asked.iter().zip(answers) {
+        let prefix = if app_id == a_id { "a" } else { "b" };
+        let got: Vec<String> = answer.unwrap().into_iter().map(|m| m.body).collect();
+        let expected: Vec<String> = (lo..=hi.min(20)).map(|n| format!("{prefix}{n}")).collect();
+        assert_eq!(got, expected, "range {lo}..={hi} of {prefix}");
+    }
+    let statements = reads.statements();
+    assert!(
+        statements <= 64 / chat_system::store::coalesce::MAX_BATCH as u64 + 2,
+        "64 reads took {statements} statements"
+    );
+    assert!(reads.one(a_id, a_chat, 21).await.unwrap().is_none());
+}
