@@ -126,24 +126,9 @@ async fn answer(db: &MySqlPool, mut batch: Vec<Read>) {
     let mut ranges: Vec<MessageRange> = batch.iter().map(|read| read.range).collect();
     ranges.resize(batch.len().next_power_of_two(), last.range);
     match mysql::messages_in_ranges(db, &ranges).await {
-        Ok(rows) if batch.len() == 1 => {
-            let rows = rows.into_iter().map(|(_, m)| m).collect();
-            let _ = batch.swap_remove(0).reply.send(Ok(rows));
-        }
         Ok(rows) => {
-            for read in batch {
-                let r = read.range;
-                // Rows are in primary-key order: the range's rows are one run of them.
-                let start = rows.partition_point(|(app, m)| {
-                    (*app, m.chat_number, m.number) < (r.app_id, r.chat, r.lo)
-                });
-                let mine = rows[start..]
-                    .iter()
-                    .take_while(|(app, m)| {
-                        (*app, m.chat_number, m.number) <= (r.app_id, r.chat, r.hi)
-                    })
-                    .map(|(_, m)| m.clone())
-                    .collect();
+            let split = split(rows, &ranges[..batch.len()]);
+            for (read, mine) in batch.into_iter().zip(split) {
                 let _ = read.reply.send(Ok(mine));
             }
         }
@@ -153,5 +138,85 @@ async fn answer(db: &MySqlPool, mut batch: Vec<Read>) {
                 let _ = read.reply.send(Err(err.clone()));
             }
         }
+    }
+}
+
+/// The rows of each of `ranges`, ascending by number, from the rows of all of them in
+/// any order (each with its application's id).
+fn split(mut rows: Vec<(u64, Message)>, ranges: &[MessageRange]) -> Vec<Vec<Message>> {
+    if let [_] = ranges {
+        rows.sort_unstable_by_key(|(_, m)| m.number);
+        return vec![rows.into_iter().map(|(_, m)| m).collect()];
+    }
+    rows.sort_unstable_by_key(|(app, m)| (*app, m.chat_number, m.number));
+    ranges
+        .iter()
+        .map(|r| {
+            // In primary-key order, the range's rows are one run of them.
+            let start = rows.partition_point(|(app, m)| {
+                (*app, m.chat_number, m.number) < (r.app_id, r.chat, r.lo)
+            });
+            rows[start..]
+                .iter()
+                .take_while(|(app, m)| (*app, m.chat_number, m.number) <= (r.app_id, r.chat, r.hi))
+                .map(|(_, m)| m.clone())
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::now;
+
+    fn row(app: u64, chat: u64, number: u64) -> (u64, Message) {
+        let message = Message {
+            number,
+            chat_number: chat,
+            body: format!("{app}/{chat}/{number}"),
+            created_at: now(),
+            updated_at: now(),
+        };
+        (app, message)
+    }
+
+    fn range(app_id: u64, chat: u64, lo: u64, hi: u64) -> MessageRange {
+        MessageRange {
+            app_id,
+            chat,
+            lo,
+            hi,
+        }
+    }
+
+    fn bodies(found: &[Message]) -> Vec<&str> {
+        found.iter().map(|m| m.body.as_str()).collect()
+    }
+
+    #[test]
+    fn each_range_gets_its_rows_whatever_order_they_came_in() {
+        // As MariaDB was seen to answer two single-row ranges of one application: by
+        // number alone.
+        let rows = vec![row(8, 95, 18), row(8, 31, 62)];
+        let ranges = [range(8, 95, 18, 18), range(8, 31, 62, 62)];
+        let found = split(rows, &ranges);
+        assert_eq!(bodies(&found[0]), ["8/95/18"]);
+        assert_eq!(bodies(&found[1]), ["8/31/62"]);
+        // Overlapping ranges share rows; a range past the last row gets what there is.
+        let rows = vec![row(2, 1, 3), row(1, 1, 2), row(2, 1, 2), row(1, 1, 1)];
+        let ranges = [
+            range(1, 1, 1, 2),
+            range(2, 1, 2, 9),
+            range(1, 1, 2, 2),
+            range(3, 1, 1, 1),
+        ];
+        let found = split(rows, &ranges);
+        assert_eq!(bodies(&found[0]), ["1/1/1", "1/1/2"]);
+        assert_eq!(bodies(&found[1]), ["2/1/2", "2/1/3"]);
+        assert_eq!(bodies(&found[2]), ["1/1/2"]);
+        assert!(found[3].is_empty());
+        let one = split(vec![row(1, 1, 5), row(1, 1, 4)], &[range(1, 1, 4, 5)]);
+        assert_eq!(bodies(&one[0]), ["1/1/4", "1/1/5"]);
     }
 }

@@ -381,9 +381,15 @@ mod tests {
         // A page's rows go in when the same window is read again.
         let page = || (11..=13).map(|n| message(n, "p"));
         cache.offer_page(7, 1, (11, 13), None, page());
-        assert!(cache.get_all(7, 1, 11..=13, None).is_none(), "window read once");
+        assert!(
+            cache.get_all(7, 1, 11..=13, None).is_none(),
+            "window read once"
+        );
         cache.offer_page(7, 1, (11, 14), None, page());
-        assert!(cache.get_all(7, 1, 11..=13, None).is_none(), "another window");
+        assert!(
+            cache.get_all(7, 1, 11..=13, None).is_none(),
+            "another window"
+        );
         cache.offer_page(7, 1, (11, 13), None, page());
         assert!(cache.get_all(7, 1, 11..=13, None).is_some());
     }

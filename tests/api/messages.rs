@@ -401,48 +401,80 @@ async fn concurrent_reads_share_statements_and_each_gets_its_own_rows() {
     use chat_system::store::MessageReads;
     use chat_system::store::mysql::MessageRange;
     let mut app = TestApp::spawn().await;
-    let (a, b) = (app.application("a").await, app.application("b").await);
-    let (a_chat, b_chat) = (app.chat(&a).await, app.chat(&b).await);
-    for n in 1..=20 {
-        app.message(&a, a_chat, &format!("a{n}")).await;
-        app.message(&b, b_chat, &format!("b{n}")).await;
+    // Two applications of three chats of 12 messages each.
+    let mut chats = Vec::new();
+    for name in ["a", "b"] {
+        let token = app.application(name).await;
+        for _ in 0..3 {
+            let chat = app.chat(&token).await;
+            for n in 1..=12 {
+                app.message(&token, chat, &format!("{name}{chat}.{n}"))
+                    .await;
+            }
+            chats.push((token.clone(), name, chat));
+        }
     }
     app.drain().await;
-    let (a_id, b_id) = (app.application_id(&a).await, app.application_id(&b).await);
-    // One statement out at a time: the reads queued behind it go together.
-    let reads = MessageReads::new(app.store.mysql.clone(), 1);
-    let asked: Vec<(u64, u64, u64, u64)> = (0..64u64)
+    let mut ids = Vec::new();
+    for (token, name, chat) in &chats {
+        ids.push((app.application_id(token).await, *name, *chat));
+    }
+    // Each chat of `b` made long enough that its rows span pages of the primary key, by
+    // 4,000 more rows written straight to MySQL (never done in production): MariaDB then
+    // reads a few rows by range rather than the table whole.
+    for &(app_id, _, chat) in &ids[3..] {
+        let mut insert = sqlx::QueryBuilder::<sqlx::MySql>::new(
+            "INSERT INTO messages (application_id, chat_number, number, body, version, created_at, updated_at) ",
+        );
+        insert.push_values(13..=4000u64, |mut row, n| {
+            row.push_bind(app_id)
+                .push_bind(chat)
+                .push_bind(n)
+                .push_bind("filler")
+                .push_bind(1u64)
+                .push("NOW(6)")
+                .push("NOW(6)");
+        });
+        insert.build().execute(&app.store.mysql).await.unwrap();
+    }
+    // Reads written from the highest key down.
+    let asked: Vec<(usize, u64, u64)> = (0..64u64)
         .map(|i| {
-            let (id, chat) = if i % 2 == 0 {
-                (a_id, a_chat)
-            } else {
-                (b_id, b_chat)
-            };
-            let lo = i % 20 + 1;
-            // Single messages, ranges overlapping others, and one past the last row.
-            let hi = if i % 3 == 0 { lo } else { (lo + i % 7).min(25) };
-            (id, chat, lo, hi)
+            let which = ids.len() - 1 - (i as usize % ids.len());
+            let lo = 12 - i % 12;
+            // Single messages, and ranges overlapping others.
+            let hi = if i % 3 == 0 { lo } else { (lo + i % 5).min(12) };
+            (which, lo, hi)
         })
         .collect();
-    let answers = futures_util::future::join_all(asked.iter().map(|&(app_id, chat, lo, hi)| {
-        reads.range(MessageRange {
+    let range = |&(which, lo, hi): &(usize, u64, u64)| {
+        let (app_id, _, chat) = ids[which];
+        MessageRange {
             app_id,
             chat,
             lo,
             hi,
-        })
-    }))
-    .await;
-    for (&(app_id, _, lo, hi), answer) in asked.iter().zip(answers) {
-        let prefix = if app_id == a_id { "a" } else { "b" };
+        }
+    };
+    let expected = |&(which, lo, hi): &(usize, u64, u64)| -> Vec<String> {
+        let (_, name, chat) = ids[which];
+        (lo..=hi.min(12))
+            .map(|n| format!("{name}{chat}.{n}"))
+            .collect()
+    };
+    // Through the coalescer, one statement out at a time: the reads queued behind it go
+    // together, and each gets exactly its own rows.
+    let reads = MessageReads::new(app.store.mysql.clone(), 1);
+    let answers = futures_util::future::join_all(asked.iter().map(|a| reads.range(range(a)))).await;
+    for (a, answer) in asked.iter().zip(answers) {
         let got: Vec<String> = answer.unwrap().into_iter().map(|m| m.body).collect();
-        let expected: Vec<String> = (lo..=hi.min(20)).map(|n| format!("{prefix}{n}")).collect();
-        assert_eq!(got, expected, "range {lo}..={hi} of {prefix}");
+        assert_eq!(got, expected(a), "{a:?}");
     }
     let statements = reads.statements();
     assert!(
         statements <= 64 / chat_system::store::coalesce::MAX_BATCH as u64 + 2,
         "64 reads took {statements} statements"
     );
-    assert!(reads.one(a_id, a_chat, 21).await.unwrap().is_none());
+    let (app_id, _, chat) = ids[0];
+    assert!(reads.one(app_id, chat, 13).await.unwrap().is_none());
 }
