@@ -148,17 +148,18 @@ def read_cache_lookups():
     return float(found.get("hit", 0)), float(found.get("miss", 0))
 
 
-def read_scenario(name, path_expr, seconds):
-    """Maximum throughput (64 connections), then latency at a third of it (16
-    connections, paced): a saturated closed loop only measures its own queueing. The
-    saturated run's name carries the share of its reads the API's read cache answered."""
+def read_scenario(name, path_expr, seconds, paced_rate=None):
+    """Maximum throughput (64 connections), then latency at a third of it, or at
+    `paced_rate` requests/s (16 connections, paced): a saturated closed loop only
+    measures its own queueing. The saturated run's name carries the share of its reads
+    the API's read cache answered."""
     before = read_cache_lookups()
     peak = wrk(name, lua_get(path_expr), seconds)
     hits, misses = (a - b for a, b in zip(read_cache_lookups(), before))
     if hits + misses:
         peak["scenario"] += f" (read cache: {hits / (hits + misses):.0%} hits)"
     conns = 16
-    delay = max(1, round(conns * 1000 / max(peak["rps"] / 3, 1)))
+    delay = max(1, round(conns * 1000 / max(paced_rate or peak["rps"] / 3, 1)))
     paced = wrk(f"{name} at ~{conns * 1000 / delay:,.0f}/s", lua_get(path_expr, delay), seconds, connections=conns)
     return [peak, paced]
 
