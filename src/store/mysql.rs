@@ -161,24 +161,6 @@ pub async fn chat(db: &MySqlPool, app_id: u64, number: u64) -> sqlx::Result<Opti
     Ok(row.map(Into::into))
 }
 
-pub async fn message(
-    db: &MySqlPool,
-    app_id: u64,
-    chat: u64,
-    number: u64,
-) -> sqlx::Result<Option<Message>> {
-    let row: Option<MessageRow> = sqlx::query_as(
-        "SELECT chat_number, number, body, created_at, updated_at FROM messages \
-         WHERE application_id = ? AND chat_number = ? AND number = ?",
-    )
-    .bind(app_id)
-    .bind(chat)
-    .bind(number)
-    .fetch_optional(db)
-    .await?;
-    Ok(row.map(Into::into))
-}
-
 /// Up to `limit` messages of a chat whose current content was accepted after `version`,
 /// with their versions, in version order (a subscriber resuming from its last event).
 pub async fn messages_since(
