@@ -310,20 +310,24 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        if crate::store::mysql_is_down(&err) {
-            Self::Unavailable(Dependency::Mysql, err.into())
-        } else {
-            Self::Internal(err.into())
-        }
+        Self::from_mysql(crate::store::mysql_is_down(&err), err.into())
     }
 }
 
+/// A coalesced read's error, shared by the reads of its statement.
 impl From<crate::store::coalesce::ReadError> for ApiError {
     fn from(err: crate::store::coalesce::ReadError) -> Self {
-        if crate::store::mysql_is_down(&err) {
-            Self::Unavailable(Dependency::Mysql, err.into())
+        Self::from_mysql(crate::store::mysql_is_down(&err), err.into())
+    }
+}
+
+impl ApiError {
+    /// A MySQL failure: a 503 when MySQL cannot be reached, else an internal error.
+    fn from_mysql(down: bool, cause: Cause) -> Self {
+        if down {
+            Self::Unavailable(Dependency::Mysql, cause)
         } else {
-            Self::Internal(err.into())
+            Self::Internal(cause)
         }
     }
 }

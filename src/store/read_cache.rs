@@ -64,6 +64,11 @@ struct Copy {
 }
 
 impl Copy {
+    /// Taken under the chat's current update `mark`, and younger than [`MAX_AGE`].
+    fn is_current(&self, mark: Option<&str>) -> bool {
+        self.mark.as_deref() == mark && self.taken.elapsed() < MAX_AGE
+    }
+
     fn weight(&self) -> usize {
         OVERHEAD + self.message.body.len() + self.mark.as_ref().map_or(0, String::len)
     }
@@ -156,10 +161,7 @@ impl ReadCache {
             return None;
         }
         let mut copies = self.lock();
-        let current = copies
-            .lru
-            .get(key)
-            .is_some_and(|c| c.mark.as_deref() == mark && c.taken.elapsed() < MAX_AGE);
+        let current = copies.lru.get(key).is_some_and(|c| c.is_current(mark));
         let found = if current {
             copies.lru.get(key).map(|c| c.message.clone())
         } else {
@@ -197,7 +199,7 @@ impl ReadCache {
                 copies
                     .lru
                     .get(&key)
-                    .filter(|c| c.mark.as_deref() == mark && c.taken.elapsed() < MAX_AGE)
+                    .filter(|c| c.is_current(mark))
                     .map(|c| c.message.clone())
             })
             .collect();
