@@ -88,9 +88,24 @@ pub async fn connect_mysql(config: &StoreConfig) -> Result<MySqlPool, ConnectErr
                 source,
             })?;
     }
+    // A transaction that took rows and then stalled (a frozen process keeps its
+    // connection, so its transaction stays open) would hold every other writer of those
+    // rows, and each worker's periodic work behind them, for InnoDB's default of 50 s. A
+    // lock wait longer than a dependency call may take fails instead, as a transient
+    // error that is retried, so the rest of the queue's work goes on.
+    let lock_wait = config.dependency_timeout.as_secs_f64().ceil().max(1.0) as u64;
     MySqlPoolOptions::new()
         .max_connections(config.database_pool_size)
         .acquire_timeout(config.dependency_timeout)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                let sql = format!("SET SESSION innodb_lock_wait_timeout = {lock_wait}");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
         .map_err(|source| ConnectError::Mysql { url, source })

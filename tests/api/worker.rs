@@ -490,3 +490,29 @@ async fn counts_under_concurrent_workers_only_rise_and_converge_to_the_truth() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_write_held_by_a_stalled_transaction_gives_up_within_the_dependency_timeout() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let id = app.application_id(&token).await;
+    // A transaction that took the application's row and stalled, as a frozen process's
+    // would (its connection stays open).
+    let mut stalled = app.store.mysql.begin().await.unwrap();
+    sqlx::query("UPDATE applications SET chats_count = chats_count WHERE id = ?")
+        .bind(id)
+        .execute(&mut *stalled)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let held = mysql::rename_application(&app.store.mysql, &token, "b", now()).await;
+    let waited = started.elapsed();
+    // Let go before asserting: a test that fails must not leave the row held.
+    stalled.rollback().await.unwrap();
+    let err = held.expect_err("the row is held");
+    // InnoDB's default lock wait is 50 s; the test's dependency timeout is 2 s.
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert!(chat_system::store::mysql_is_transient(&err), "{err}");
+    let renamed = mysql::rename_application(&app.store.mysql, &token, "b", now()).await;
+    assert_eq!(renamed.unwrap().unwrap().name, "b");
+}
