@@ -364,7 +364,16 @@ impl EmbeddedIndex {
     /// One page of matches, ascending `number`: at most `limit + 1` documents, found from
     /// the index alone (see the module documentation), within the search budget.
     pub fn search(&self, query: &SearchQuery) -> Result<Vec<MessageDoc>, SearchError> {
-        self.run(query, &Clock::start(self.budget))
+        self.run(query, &Clock::start(self.budget), 1)
+    }
+
+    /// As [`Self::search`], with the chat's documents shared among `threads` threads.
+    pub fn search_on(
+        &self,
+        query: &SearchQuery,
+        threads: usize,
+    ) -> Result<Vec<MessageDoc>, SearchError> {
+        self.run(query, &Clock::start(self.budget), threads)
     }
 
     /// As [`Self::search`], but gives up after `slice` (`None`), unless the budget ends
@@ -378,7 +387,7 @@ impl EmbeddedIndex {
             return self.search(query).map(Some);
         }
         let clock = Clock::start(slice);
-        match self.run(query, &clock) {
+        match self.run(query, &clock, 1) {
             Err(SearchError::TimedOut(_)) => Ok(None),
             found => found.map(Some),
         }
@@ -407,20 +416,61 @@ impl EmbeddedIndex {
         }
     }
 
-    fn run(&self, query: &SearchQuery, clock: &Clock) -> Result<Vec<MessageDoc>, SearchError> {
+    fn run(
+        &self,
+        query: &SearchQuery,
+        clock: &Clock,
+        threads: usize,
+    ) -> Result<Vec<MessageDoc>, SearchError> {
         let plans: Vec<TermPlan> = query.terms.iter().map(|t| TermPlan::of(t)).collect();
         let wanted = query.limit as usize + 1;
         let searcher = self.reader.searcher();
-        // The `wanted` smallest numbers found so far, largest on top.
-        let mut best = Best {
-            heap: BinaryHeap::with_capacity(wanted + 1),
-            wanted,
+        let segments = searcher.segment_readers();
+        let shares = if threads > 1 {
+            self.shares(segments, query, threads)?
+        } else {
+            vec![
+                (0..segments.len() as u32)
+                    .map(|ordinal| Part {
+                        ordinal,
+                        from: 0,
+                        to: TERMINATED,
+                    })
+                    .collect(),
+            ]
         };
-        for (ordinal, segment) in searcher.segment_readers().iter().enumerate() {
-            self.search_segment(segment, ordinal as u32, query, &plans, clock, &mut best)?;
-        }
-        let mut hits = best.heap.into_vec();
+        let search_share = |share: &[Part]| {
+            // The `wanted` smallest numbers found so far, largest on top.
+            let mut best = Best {
+                heap: BinaryHeap::with_capacity(wanted + 1),
+                wanted,
+            };
+            for part in share {
+                let segment = &segments[part.ordinal as usize];
+                self.search_segment(segment, part, query, &plans, clock, &mut best)?;
+            }
+            Ok::<_, SearchError>(best.heap.into_vec())
+        };
+        let mut hits = match shares.split_first() {
+            Some((own, [])) => search_share(own)?,
+            Some((own, others)) => std::thread::scope(|scope| {
+                let helpers: Vec<_> = others
+                    .iter()
+                    .map(|share| scope.spawn(|| search_share(share)))
+                    .collect();
+                let mut hits = search_share(own)?;
+                for helper in helpers {
+                    let found = helper
+                        .join()
+                        .map_err(|_| failed("a search thread panicked"))??;
+                    hits.extend(found);
+                }
+                Ok::<_, SearchError>(hits)
+            })?,
+            None => Vec::new(),
+        };
         hits.sort_unstable();
+        hits.truncate(wanted);
         let mut found = Vec::with_capacity(hits.len());
         for (_, ordinal, doc) in hits {
             let stored: TantivyDocument = searcher
@@ -433,11 +483,86 @@ impl EmbeddedIndex {
         Ok(found)
     }
 
+    /// The chat's documents cut into `threads` shares of about as many documents each,
+    /// every share a run of parts of segments.
+    fn shares(
+        &self,
+        segments: &[SegmentReader],
+        query: &SearchQuery,
+        threads: usize,
+    ) -> Result<Vec<Vec<Part>>, SearchError> {
+        let f = &self.fields;
+        // Each segment's documents of the chat's application, or of chats of its number
+        // in any application, whichever are fewer: a superset of the chat's documents.
+        let mut docs: Vec<(u32, Vec<DocId>)> = Vec::new();
+        for (ordinal, segment) in segments.iter().enumerate() {
+            let mut shortest: Option<SegmentPostings> = None;
+            for term in [
+                Term::from_field_text(f.token, &query.token),
+                Term::from_field_u64(f.chat, query.chat),
+            ] {
+                let inverted = segment.inverted_index(term.field()).map_err(failed)?;
+                let postings = inverted
+                    .read_postings(&term, IndexRecordOption::Basic)
+                    .map_err(failed)?;
+                match postings {
+                    None => {
+                        shortest = None;
+                        break;
+                    }
+                    Some(p)
+                        if shortest
+                            .as_ref()
+                            .is_none_or(|s| p.doc_freq() < s.doc_freq()) =>
+                    {
+                        shortest = Some(p);
+                    }
+                    Some(_) => {}
+                }
+            }
+            let Some(mut postings) = shortest else {
+                continue;
+            };
+            let mut ids = Vec::with_capacity(postings.doc_freq() as usize);
+            let mut doc = postings.doc();
+            while doc != TERMINATED {
+                ids.push(doc);
+                doc = postings.advance();
+            }
+            docs.push((ordinal as u32, ids));
+        }
+        let total: usize = docs.iter().map(|(_, ids)| ids.len()).sum();
+        let each = total.div_ceil(threads).max(1);
+        let mut shares = vec![Vec::new()];
+        let mut room = each;
+        for (ordinal, ids) in docs {
+            let mut from = 0;
+            while ids.len() - from > room && shares.len() < threads {
+                let cut = from + room;
+                shares.last_mut().unwrap_or(&mut Vec::new()).push(Part {
+                    ordinal,
+                    from: if from == 0 { 0 } else { ids[from] },
+                    to: ids[cut],
+                });
+                shares.push(Vec::new());
+                from = cut;
+                room = each;
+            }
+            room -= ids.len() - from;
+            shares.last_mut().unwrap_or(&mut Vec::new()).push(Part {
+                ordinal,
+                from: if from == 0 { 0 } else { ids[from] },
+                to: TERMINATED,
+            });
+        }
+        Ok(shares)
+    }
+
     /// Adds the matches of one segment to `best`.
     fn search_segment(
         &self,
         segment: &SegmentReader,
-        ordinal: u32,
+        part: &Part,
         query: &SearchQuery,
         plans: &[TermPlan],
         clock: &Clock,
@@ -515,9 +640,12 @@ impl EmbeddedIndex {
         let mut positions = PhraseBuffers::default();
         let mut examined = 0u32;
         let mut doc = lists[0].doc();
+        if doc < part.from {
+            doc = lists[0].seek(part.from);
+        }
         loop {
             doc = intersect(&mut lists, doc, clock)?;
-            if doc == TERMINATED {
+            if doc >= part.to {
                 return Ok(());
             }
             examined += 1;
@@ -533,7 +661,7 @@ impl EmbeddedIndex {
                     .all(|phrase| positions.phrase_at(&mut lists, phrase))
                 && prefixes.iter_mut().all(|prefix| prefix.contains(doc))
             {
-                below = best.offer(number, ordinal, doc);
+                below = best.offer(number, part.ordinal, doc);
             }
             doc = lists[0].advance();
         }
@@ -572,6 +700,13 @@ impl EmbeddedIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The documents `from..to` of one segment.
+struct Part {
+    ordinal: u32,
+    from: DocId,
+    to: DocId,
 }
 
 /// The matches with the smallest numbers found so far (the page and one more).
@@ -667,8 +802,8 @@ impl PhraseBuffers {
     /// offset in the current document: the term is a substring of the folded body.
     ///
     /// This is most of what a search costs when a chat's bodies hold every gram of a term
-    /// but not the term: each gram's positions are read once and tested against a bitset
-    /// of the starts still possible (merging sorted lists branched at every step).
+    /// but not the term: each gram's positions are read once, marked in a bitset of the
+    /// starts they allow, and the bitsets are intersected a word at a time.
     fn phrase_at(&mut self, lists: &mut [SegmentPostings], phrase: &[(u32, usize)]) -> bool {
         // The rarest gram in this document gives the fewest starts.
         let Some(&(first_offset, first)) = phrase.iter().min_by_key(|(_, l)| lists[*l].term_freq())
@@ -679,44 +814,60 @@ impl PhraseBuffers {
         let Some(&last) = self.positions.last() else {
             return false;
         };
-        let words = last as usize / 64 + 1;
+        let Some(last_start) = last.checked_sub(first_offset) else {
+            return false;
+        };
+        let words = last_start as usize / 64 + 1;
         self.starts.clear();
         self.starts.resize(words, 0);
-        let mut any = false;
-        for &p in &self.positions {
-            if let Some(start) = p.checked_sub(first_offset) {
-                let start = start as usize;
-                self.starts[start / 64] |= 1 << (start % 64);
-                any = true;
-            }
-        }
+        mark(&mut self.starts, &self.positions, first_offset);
         for &(offset, list) in phrase {
-            if !any {
-                return false;
-            }
             if list == first && offset == first_offset {
                 continue;
             }
             lists[list].positions(&mut self.positions);
             self.next.clear();
             self.next.resize(words, 0);
-            any = false;
-            for &p in &self.positions {
-                let Some(start) = p.checked_sub(offset) else {
-                    continue;
-                };
-                let (word, bit) = (start as usize / 64, start % 64);
-                let Some(starts) = self.starts.get(word) else {
-                    break; // sorted: past the last possible start
-                };
-                if (starts >> bit) & 1 == 1 {
-                    self.next[word] |= 1 << bit;
-                    any = true;
-                }
+            mark(&mut self.next, &self.positions, offset);
+            let mut any = 0;
+            for (start, next) in self.starts.iter_mut().zip(&self.next) {
+                *start &= next;
+                any |= *start;
             }
-            std::mem::swap(&mut self.starts, &mut self.next);
+            if any == 0 {
+                return false;
+            }
         }
-        any
+        true
+    }
+}
+
+/// Sets the bit of `p - offset` for each sorted position `p` that has one in `bits`.
+///
+/// Positions are sorted, so the bits of one word are gathered in a register and stored
+/// once: setting each bit in memory would chain every position on the one before
+/// through that word.
+fn mark(bits: &mut [u64], positions: &[u32], offset: u32) {
+    let from = positions.partition_point(|&p| p < offset);
+    let mut word = usize::MAX;
+    let mut gathered = 0u64;
+    for &p in &positions[from..] {
+        let start = p - offset;
+        let at = start as usize / 64;
+        if at != word {
+            if let Some(slot) = bits.get_mut(word) {
+                *slot |= gathered;
+            }
+            if at >= bits.len() {
+                return;
+            }
+            word = at;
+            gathered = 0;
+        }
+        gathered |= 1 << (start % 64);
+    }
+    if let Some(slot) = bits.get_mut(word) {
+        *slot |= gathered;
     }
 }
 
@@ -968,6 +1119,51 @@ mod tests {
             numbers(index.search(&query(2, &["x"], 0, 50)).unwrap()),
             [1]
         );
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_search_shared_among_threads_finds_what_one_thread_finds() {
+        let (dir, index) = scratch_index("shared");
+        // Five segments of unequal size; the chat's matches lie in all of them, out of
+        // number order, beside another chat and another application.
+        let mut number = 0;
+        for size in [700u64, 40, 300, 5, 120] {
+            let mut docs = Vec::new();
+            for _ in 0..size {
+                number += 1;
+                let n = (number * 7919) % 1171 + 1;
+                let body = if n % 3 == 0 {
+                    "abcdabcd x"
+                } else {
+                    "abcd cdab y"
+                };
+                docs.push(message(1, n, body));
+                docs.push(message(2, n, "abcdabcd x"));
+                let mut other = message(1, n, "abcdabcd x");
+                other.token = "u".into();
+                docs.push(other);
+            }
+            index.index(docs).unwrap();
+        }
+        for (terms, after, limit) in [
+            (&["abcdabcd"][..], 0, 50),
+            (&["abcdabcd", "x"][..], 100, 7),
+            (&["cdab", "y"][..], 0, 1000),
+            (&["abcdabcd"][..], 1100, 50),
+        ] {
+            let q = query(1, terms, after, limit);
+            let alone = numbers(index.search(&q).unwrap());
+            assert!(!alone.is_empty(), "{terms:?}");
+            for threads in 2..=5 {
+                assert_eq!(
+                    numbers(index.search_on(&q, threads).unwrap()),
+                    alone,
+                    "{terms:?} on {threads}"
+                );
+            }
+        }
         drop(index);
         let _ = std::fs::remove_dir_all(&dir);
     }

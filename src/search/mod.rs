@@ -20,6 +20,7 @@ pub mod fold;
 pub mod grams;
 pub mod identity;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -378,23 +379,41 @@ async fn embedded_search(
     index.mark_heavy(&query);
     metrics::counter!("search_heavy_total").increment(1);
     let index = index.clone();
-    blocking_heavy(move || index.search(&query)).await
+    blocking_heavy(move |threads| index.search_on(&query, threads)).await
 }
 
+/// The most threads one heavy search is shared among.
+const HEAVY_THREADS: usize = 4;
+
 /// Runs a heavy search off the async threads, at most one per two cores at a time
-/// (at least one).
+/// (at least one). A heavy search that no other heavy search waits beside is shared
+/// among the cores (up to [`HEAVY_THREADS`]); otherwise it runs on one, so that however
+/// many heavy searches loop, they keep to their slots.
 async fn blocking_heavy<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SearchError> + Send + 'static,
+    f: impl FnOnce(usize) -> Result<T, SearchError> + Send + 'static,
 ) -> Result<T, SearchError> {
     static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    let slots = SLOTS.get_or_init(|| {
-        Semaphore::new(std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)))
-    });
+    static WANTING: AtomicUsize = AtomicUsize::new(0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let slots = SLOTS.get_or_init(|| Semaphore::new((cores / 2).max(1)));
+    struct Wanting;
+    impl Drop for Wanting {
+        fn drop(&mut self) {
+            WANTING.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    WANTING.fetch_add(1, Ordering::Relaxed);
+    let _wanting = Wanting;
     let _slot = slots
         .acquire()
         .await
         .map_err(|e| SearchError::Failed(e.to_string()))?;
-    tokio::task::spawn_blocking(f)
+    let threads = if WANTING.load(Ordering::Relaxed) == 1 {
+        cores.min(HEAVY_THREADS)
+    } else {
+        1
+    };
+    tokio::task::spawn_blocking(move || f(threads))
         .await
         .map_err(|e| SearchError::Failed(e.to_string()))?
 }
