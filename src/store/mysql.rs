@@ -375,11 +375,12 @@ const MESSAGE_UPSERT_TAIL: &str = " ON DUPLICATE KEY UPDATE \
     version = GREATEST(version, VALUES(version))";
 
 /// One multi-row idempotent upsert of chats.
-pub async fn upsert_chats(
+pub async fn upsert_chats<'a>(
     tx: &mut Transaction<'_, MySql>,
-    chats: &[ChatWrite],
+    chats: impl IntoIterator<Item = &'a ChatWrite>,
 ) -> sqlx::Result<()> {
-    if chats.is_empty() {
+    let mut chats = chats.into_iter().peekable();
+    if chats.peek().is_none() {
         return Ok(());
     }
     let mut query = QueryBuilder::<MySql>::new(
@@ -399,11 +400,12 @@ pub async fn upsert_chats(
 }
 
 /// One multi-row idempotent upsert of messages.
-pub async fn upsert_messages(
+pub async fn upsert_messages<'a>(
     tx: &mut Transaction<'_, MySql>,
-    messages: &[MessageWrite],
+    messages: impl IntoIterator<Item = &'a MessageWrite>,
 ) -> sqlx::Result<()> {
-    if messages.is_empty() {
+    let mut messages = messages.into_iter().peekable();
+    if messages.peek().is_none() {
         return Ok(());
     }
     let mut query = QueryBuilder::<MySql>::new(

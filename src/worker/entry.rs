@@ -25,8 +25,15 @@ impl Entry {
     pub fn parse(item: &Delivered) -> Result<Self, String> {
         let raw = &item.raw;
         let version = version_of(&raw.id).ok_or("the entry id is not a stream id")?;
-        let payload: String = raw.get("e").ok_or("field `e` is missing")?;
-        let w = QueuedWrite::decode(&payload).map_err(|e| e.to_string())?;
+        let payload = match raw.map.get("e") {
+            Some(redis::Value::BulkString(bytes)) => {
+                std::str::from_utf8(bytes).map_err(|_| "field `e` is not UTF-8")?
+            }
+            Some(redis::Value::SimpleString(text)) => text.as_str(),
+            Some(_) => return Err("field `e` is not a string".into()),
+            None => return Err("field `e` is missing".into()),
+        };
+        let w = QueuedWrite::decode(payload).map_err(|e| e.to_string())?;
         let time =
             |us: i64| from_micros(us).ok_or_else(|| format!("timestamp {us} is out of range"));
         let (created_at, updated_at) = (time(w.created_us)?, time(w.updated_us)?);
@@ -160,6 +167,19 @@ mod tests {
             },
         };
         assert!(Entry::parse(&missing).unwrap_err().contains("`e`"));
+        let mut not_text = raw("");
+        not_text
+            .raw
+            .map
+            .insert("e".into(), Value::BulkString(vec![b'm', b'|', 0xff]));
+        assert!(Entry::parse(&not_text).unwrap_err().contains("UTF-8"));
+        let mut not_a_string = raw("");
+        not_a_string.raw.map.insert("e".into(), Value::Int(1));
+        assert!(
+            Entry::parse(&not_a_string)
+                .unwrap_err()
+                .contains("not a string")
+        );
     }
 
     #[test]

@@ -46,11 +46,12 @@ impl Worker {
         Ok(())
     }
 
-    /// Adds the messages of one batch to the index; they are acknowledged once committed.
+    /// Adds the messages of one batch to the index and takes the batch's entries, to
+    /// acknowledge once committed. On an error the batch is left as it was.
     pub(super) async fn index_batch(
         &mut self,
         search: &Search,
-        raw: Vec<Delivered>,
+        raw: &mut Vec<Delivered>,
     ) -> Result<usize, WorkerError> {
         let (items, docs): (Vec<&Delivered>, Vec<MessageDoc>) = raw
             .iter()
@@ -92,7 +93,7 @@ impl Worker {
             }
         }
         let count = raw.len();
-        self.unacked.extend(raw);
+        self.unacked.append(raw);
         self.unacked_since.get_or_insert_with(Instant::now);
         Ok(count)
     }

@@ -49,7 +49,7 @@ impl Worker {
 
     async fn claim_idle_in(&mut self, shard: Shard) -> Result<(), WorkerError> {
         let idle_ms = self.config.claim_idle.as_millis() as u64;
-        let (cursor, claimed) = self
+        let (cursor, mut claimed) = self
             .store
             .queue
             .claim_idle(
@@ -65,7 +65,7 @@ impl Worker {
         if !claimed.is_empty() {
             tracing::info!(count = claimed.len(), shard, "took over idle entries");
             metrics::counter!("worker_claimed_total").increment(claimed.len() as u64);
-            self.process(claimed).await?;
+            self.process(&mut claimed).await?;
         }
         Ok(())
     }

@@ -290,7 +290,7 @@ impl Worker {
                 }
                 let idle = in_hand.is_empty();
                 let oldest = in_hand.iter().filter_map(|d| accepted_ms(d.id())).min();
-                let handled = self.process(in_hand.clone()).await?;
+                let handled = self.process(&mut in_hand).await?;
                 in_hand.clear();
                 self.flush_index(idle).await?;
                 Ok::<(usize, Option<u64>), WorkerError>((handled, oldest))
@@ -339,7 +339,7 @@ impl Worker {
             }
         }
         if !in_hand.is_empty()
-            && let Err(e) = self.process(in_hand).await
+            && let Err(e) = self.process(&mut in_hand).await
         {
             tracing::warn!(error = %e, "could not finish the batch in hand; it will be redelivered");
         }
@@ -362,7 +362,7 @@ impl Worker {
         for shard in shards {
             for from in ["0", ">"] {
                 loop {
-                    let entries = self
+                    let mut entries = self
                         .store
                         .queue
                         .read_group(
@@ -377,7 +377,7 @@ impl Worker {
                     if entries.is_empty() {
                         break;
                     }
-                    total += self.process(entries).await?;
+                    total += self.process(&mut entries).await?;
                 }
             }
         }
@@ -390,12 +390,18 @@ impl Worker {
     }
 
     /// Handles one batch; returns how many entries it acknowledged.
-    async fn process(&mut self, batch: Vec<Delivered>) -> Result<usize, WorkerError> {
+    /// Handles a batch; on success it is emptied, on an error left as it was, to try
+    /// again.
+    async fn process(&mut self, batch: &mut Vec<Delivered>) -> Result<usize, WorkerError> {
         if batch.is_empty() {
             return Ok(0);
         }
         match &self.role {
-            Role::Persist => self.persist_batch(batch).await,
+            Role::Persist => {
+                let handled = self.persist_batch(batch).await?;
+                batch.clear();
+                Ok(handled)
+            }
             Role::Index(search) => {
                 let search = search.clone();
                 self.index_batch(&search, batch).await

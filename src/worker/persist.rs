@@ -13,9 +13,9 @@ use super::{Entry, PERSIST_GROUP, Worker, WorkerError, Write};
 impl Worker {
     /// Persists one batch; returns how many entries it handled (persisted or
     /// dead-lettered).
-    pub(super) async fn persist_batch(&self, raw: Vec<Delivered>) -> Result<usize, WorkerError> {
+    pub(super) async fn persist_batch(&self, raw: &[Delivered]) -> Result<usize, WorkerError> {
         let mut entries = Vec::with_capacity(raw.len());
-        for item in &raw {
+        for item in raw {
             match Entry::parse(item) {
                 Ok(entry) => entries.push(entry),
                 Err(reason) => self.dead_letter(item, &reason).await?,
@@ -56,13 +56,13 @@ impl Worker {
         let mut messages = Vec::new();
         for entry in entries {
             match &entry.write {
-                Write::Chat(c) => chats.push(c.clone()),
-                Write::Message(m) => messages.push(m.clone()),
+                Write::Chat(c) => chats.push(c),
+                Write::Message(m) => messages.push(m),
             }
         }
         let mut tx = self.store.mysql.begin().await?;
-        mysql::upsert_chats(&mut tx, &chats).await?;
-        mysql::upsert_messages(&mut tx, &messages).await?;
+        mysql::upsert_chats(&mut tx, chats).await?;
+        mysql::upsert_messages(&mut tx, messages).await?;
         tx.commit().await
     }
 
