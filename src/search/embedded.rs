@@ -5,7 +5,9 @@
 //! phrase of trigrams (exactly substring containment), a shorter one as a prefix of the
 //! grams. No stored body is read to decide a match; only the page's hits are loaded.
 //! Each search has a time budget: past it, it stops with [`SearchError::TimedOut`]
-//! rather than hold a search slot.
+//! rather than hold a search slot. A search can be shared among threads
+//! ([`EmbeddedIndex::search_on`]): the chat's documents are cut into shares of about
+//! as many documents each, and the shares' best matches are merged.
 //!
 //! Tantivy allows one writer per index: the process that gets it indexes, the others on
 //! the same host only read (their reader reloads when the writer commits). The writer's
@@ -16,7 +18,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,6 +48,8 @@ pub const DEFAULT_BUDGET: Duration = Duration::from_millis(500);
 const HEAVY_FOR: Duration = Duration::from_secs(60);
 /// Heavy chats remembered at most.
 const HEAVY_CHATS: usize = 1024;
+/// Shares per thread of a search shared among threads (see [`EmbeddedIndex::search_on`]).
+const SHARES_PER_THREAD: usize = 4;
 /// Candidates examined between two looks at the clock.
 const CLOCK_EVERY: u32 = 64;
 /// The writer's indexing buffer. It fills only between two commits (a fraction of a
@@ -427,7 +431,7 @@ impl EmbeddedIndex {
         let searcher = self.reader.searcher();
         let segments = searcher.segment_readers();
         let shares = if threads > 1 {
-            self.shares(segments, query, threads)?
+            self.shares(segments, query, threads * SHARES_PER_THREAD)?
         } else {
             vec![
                 (0..segments.len() as u32)
@@ -439,26 +443,27 @@ impl EmbeddedIndex {
                     .collect(),
             ]
         };
-        let search_share = |share: &[Part]| {
+        // Each thread takes the next share not taken yet, so that a thread held up
+        // (by the scheduler, say) leaves its shares to the others.
+        let next = AtomicUsize::new(0);
+        let work = || {
             // The `wanted` smallest numbers found so far, largest on top.
             let mut best = Best {
                 heap: BinaryHeap::with_capacity(wanted + 1),
                 wanted,
             };
-            for part in share {
-                let segment = &segments[part.ordinal as usize];
-                self.search_segment(segment, part, query, &plans, clock, &mut best)?;
+            while let Some(share) = shares.get(next.fetch_add(1, Ordering::Relaxed)) {
+                for part in share {
+                    let segment = &segments[part.ordinal as usize];
+                    self.search_segment(segment, part, query, &plans, clock, &mut best)?;
+                }
             }
             Ok::<_, SearchError>(best.heap.into_vec())
         };
-        let mut hits = match shares.split_first() {
-            Some((own, [])) => search_share(own)?,
-            Some((own, others)) => std::thread::scope(|scope| {
-                let helpers: Vec<_> = others
-                    .iter()
-                    .map(|share| scope.spawn(|| search_share(share)))
-                    .collect();
-                let mut hits = search_share(own)?;
+        let mut hits = if threads > 1 {
+            std::thread::scope(|scope| {
+                let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+                let mut hits = work()?;
                 for helper in helpers {
                     let found = helper
                         .join()
@@ -466,8 +471,9 @@ impl EmbeddedIndex {
                     hits.extend(found);
                 }
                 Ok::<_, SearchError>(hits)
-            })?,
-            None => Vec::new(),
+            })?
+        } else {
+            work()?
         };
         hits.sort_unstable();
         hits.truncate(wanted);
@@ -483,13 +489,13 @@ impl EmbeddedIndex {
         Ok(found)
     }
 
-    /// The chat's documents cut into `threads` shares of about as many documents each,
+    /// The chat's documents cut into `count` shares of about as many documents each,
     /// every share a run of parts of segments.
     fn shares(
         &self,
         segments: &[SegmentReader],
         query: &SearchQuery,
-        threads: usize,
+        count: usize,
     ) -> Result<Vec<Vec<Part>>, SearchError> {
         let f = &self.fields;
         // Each segment's documents of the chat's application, or of chats of its number
@@ -532,12 +538,12 @@ impl EmbeddedIndex {
             docs.push((ordinal as u32, ids));
         }
         let total: usize = docs.iter().map(|(_, ids)| ids.len()).sum();
-        let each = total.div_ceil(threads).max(1);
+        let each = total.div_ceil(count).max(1);
         let mut shares = vec![Vec::new()];
         let mut room = each;
         for (ordinal, ids) in docs {
             let mut from = 0;
-            while ids.len() - from > room && shares.len() < threads {
+            while ids.len() - from > room && shares.len() < count {
                 let cut = from + room;
                 shares.last_mut().unwrap_or(&mut Vec::new()).push(Part {
                     ordinal,

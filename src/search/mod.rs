@@ -360,6 +360,25 @@ impl Search {
 /// heavy, and finishes in the heavy lane.
 const SLICE: Duration = Duration::from_millis(5);
 
+/// Searches of the embedded index under way in this process, in either lane.
+static SEARCHING: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one search under way while it lives.
+struct Searching;
+
+impl Searching {
+    fn start() -> Self {
+        SEARCHING.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Searching {
+    fn drop(&mut self) {
+        SEARCHING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Searches the embedded index in one of two lanes. Every search starts with one slice
 /// of time in the shared slots ([`blocking`]); one that needs more, and every search of
 /// a chat that needed more lately, runs in the heavy lane ([`blocking_heavy`]), which
@@ -369,6 +388,7 @@ async fn embedded_search(
     index: &Arc<embedded::EmbeddedIndex>,
     query: SearchQuery,
 ) -> Result<Vec<MessageDoc>, SearchError> {
+    let _searching = Searching::start();
     let query = Arc::new(query);
     if !index.is_heavy(&query) {
         let (index, query) = (index.clone(), query.clone());
@@ -386,36 +406,33 @@ async fn embedded_search(
 const HEAVY_THREADS: usize = 4;
 
 /// Runs a heavy search off the async threads, at most one per two cores at a time
-/// (at least one). A heavy search that no other heavy search waits beside is shared
-/// among the cores (up to [`HEAVY_THREADS`]); otherwise it runs on one, so that however
-/// many heavy searches loop, they keep to their slots.
+/// (at least one). A heavy search that finds no other search under way is shared among
+/// the cores (up to [`HEAVY_THREADS`]): the cores are spare. Otherwise it runs on one,
+/// so that however many searches run, heavy ones keep to their slots.
 async fn blocking_heavy<T: Send + 'static>(
     f: impl FnOnce(usize) -> Result<T, SearchError> + Send + 'static,
 ) -> Result<T, SearchError> {
     static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    static WANTING: AtomicUsize = AtomicUsize::new(0);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let slots = SLOTS.get_or_init(|| Semaphore::new((cores / 2).max(1)));
-    struct Wanting;
-    impl Drop for Wanting {
-        fn drop(&mut self) {
-            WANTING.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-    WANTING.fetch_add(1, Ordering::Relaxed);
-    let _wanting = Wanting;
     let _slot = slots
         .acquire()
         .await
         .map_err(|e| SearchError::Failed(e.to_string()))?;
-    let threads = if WANTING.load(Ordering::Relaxed) == 1 {
-        cores.min(HEAVY_THREADS)
-    } else {
-        1
-    };
+    let threads = heavy_threads(cores, SEARCHING.load(Ordering::Relaxed));
     tokio::task::spawn_blocking(move || f(threads))
         .await
         .map_err(|e| SearchError::Failed(e.to_string()))?
+}
+
+/// How many threads a heavy search is shared among, with `searching` searches under way
+/// (itself included).
+fn heavy_threads(cores: usize, searching: usize) -> usize {
+    if searching <= 1 {
+        cores.clamp(1, HEAVY_THREADS)
+    } else {
+        1
+    }
 }
 
 /// Runs a call of the embedded index (file I/O, CPU-heavy) off the async threads, at
@@ -442,6 +459,15 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heavy_search_takes_the_cores_only_when_no_other_search_is_under_way() {
+        assert_eq!(heavy_threads(2, 1), 2);
+        assert_eq!(heavy_threads(16, 1), HEAVY_THREADS);
+        assert_eq!(heavy_threads(1, 1), 1);
+        assert_eq!(heavy_threads(2, 2), 1);
+        assert_eq!(heavy_threads(16, 9), 1);
+    }
 
     #[test]
     fn terms_are_split_and_folded() {
