@@ -5,11 +5,11 @@
 
 use std::collections::HashMap;
 
-use redis::AsyncCommands;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
-    StreamPendingReply, StreamRangeReply, StreamReadOptions, StreamReadReply,
+    StreamPendingReply, StreamRangeReply, StreamReadOptions,
 };
+use redis::{AsyncCommands, Value};
 
 use super::{Queue, RedisConn, Shard};
 
@@ -116,20 +116,18 @@ impl Queue {
         }
         let streams: Vec<String> = shards.iter().map(|&s| self.keys.stream(s)).collect();
         let ids = vec![from; shards.len()];
-        let reply: Option<StreamReadReply> = conn.xread_options(&streams, &ids, &options).await?;
+        let reply: Value = conn.xread_options(&streams, &ids, &options).await?;
         let shard_of: HashMap<&str, Shard> = streams
             .iter()
             .map(String::as_str)
             .zip(shards.iter().copied())
             .collect();
-        Ok(reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| {
-                let shard = shard_of.get(k.key.as_str()).copied().unwrap_or_default();
-                k.ids.into_iter().map(move |raw| Delivered { shard, raw })
-            })
-            .collect())
+        let mut delivered = Vec::new();
+        for (key, entries) in stream_read_reply(reply)? {
+            let shard = shard_of.get(key.as_str()).copied().unwrap_or_default();
+            delivered.extend(entries.into_iter().map(|raw| Delivered { shard, raw }));
+        }
+        Ok(delivered)
     }
 
     /// Takes over entries of `group` idle for `min_idle_ms` or more; answers the cursor to
@@ -510,4 +508,163 @@ impl Queue {
 
 fn is_missing_stream(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+}
+
+/// The entries of an `XREAD`/`XREADGROUP` reply by stream key, taken out of the reply
+/// (RESP2 arrays or a RESP3 map). redis-rs's `StreamReadReply` copies the whole reply
+/// before parsing it: every body the worker reads, once more.
+pub(super) fn stream_read_reply(reply: Value) -> redis::RedisResult<Vec<(String, Vec<StreamId>)>> {
+    let unexpected = |what: &str| {
+        redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unexpected stream reply",
+            what.to_owned(),
+        ))
+    };
+    let streams: Vec<(Value, Value)> = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(pairs) => pairs,
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::Array(pair) if pair.len() == 2 => {
+                    let mut pair = pair.into_iter();
+                    Ok((
+                        pair.next().unwrap_or(Value::Nil),
+                        pair.next().unwrap_or(Value::Nil),
+                    ))
+                }
+                _ => Err(unexpected("a stream is not a [key, entries] pair")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(unexpected("not an array or a map of streams")),
+    };
+    let mut out = Vec::with_capacity(streams.len());
+    for (key, entries) in streams {
+        let key: String = redis::from_redis_value(key)?;
+        let entries = match entries {
+            Value::Array(entries) => entries,
+            Value::Nil => Vec::new(),
+            _ => return Err(unexpected("a stream's entries are not an array")),
+        };
+        let mut ids = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Value::Array(parts) = entry else {
+                return Err(unexpected("an entry is not an array"));
+            };
+            let mut parts = parts.into_iter();
+            let id: String = redis::from_redis_value(parts.next().unwrap_or(Value::Nil))?;
+            // An entry deleted while pending comes back with no fields.
+            let fields = match parts.next() {
+                Some(Value::Array(fields)) => fields,
+                Some(Value::Map(pairs)) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                Some(Value::Nil) | None => Vec::new(),
+                Some(_) => return Err(unexpected("an entry's fields are not an array")),
+            };
+            let mut map = HashMap::with_capacity(fields.len() / 2);
+            let mut fields = fields.into_iter();
+            while let (Some(field), Some(value)) = (fields.next(), fields.next()) {
+                map.insert(redis::from_redis_value::<String>(field)?, value);
+            }
+            ids.push(StreamId {
+                id,
+                map,
+                ..StreamId::default()
+            });
+        }
+        out.push((key, ids));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn entry(id: &str, fields: &[&str]) -> Value {
+        Value::Array(vec![
+            bulk(id),
+            Value::Array(fields.iter().map(|f| bulk(f)).collect()),
+        ])
+    }
+
+    /// An entry's id and its fields, sorted.
+    type Entry = (String, Vec<(String, String)>);
+
+    fn read(reply: Value) -> Vec<(String, Vec<Entry>)> {
+        stream_read_reply(reply)
+            .unwrap()
+            .into_iter()
+            .map(|(key, ids)| {
+                let ids = ids
+                    .into_iter()
+                    .map(|id| {
+                        let mut fields: Vec<(String, String)> = id
+                            .map
+                            .iter()
+                            .map(|(k, v)| (k.clone(), redis::from_redis_value_ref(v).unwrap()))
+                            .collect();
+                        fields.sort();
+                        (id.id, fields)
+                    })
+                    .collect();
+                (key, ids)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stream_replies_are_read_in_both_protocols_deleted_entries_included() {
+        let streams = |pair: fn(Value, Value) -> Value| {
+            vec![
+                pair(
+                    bulk("q:0"),
+                    Value::Array(vec![
+                        entry("1-1", &["e", "one", "x", "y"]),
+                        // Deleted while pending: no fields.
+                        Value::Array(vec![bulk("1-2"), Value::Nil]),
+                    ]),
+                ),
+                pair(bulk("q:1"), Value::Array(vec![entry("2-1", &["e", "two"])])),
+            ]
+        };
+        let expected = vec![
+            (
+                "q:0".to_owned(),
+                vec![
+                    (
+                        "1-1".to_owned(),
+                        vec![("e".into(), "one".into()), ("x".into(), "y".into())],
+                    ),
+                    ("1-2".to_owned(), vec![]),
+                ],
+            ),
+            (
+                "q:1".to_owned(),
+                vec![("2-1".to_owned(), vec![("e".into(), "two".into())])],
+            ),
+        ];
+        let resp2 = Value::Array(streams(|k, v| Value::Array(vec![k, v])));
+        assert_eq!(read(resp2), expected);
+        let resp3 = Value::Map(
+            streams(|k, v| Value::Array(vec![k, v]))
+                .into_iter()
+                .map(|pair| match pair {
+                    Value::Array(mut kv) => {
+                        let v = kv.pop().unwrap();
+                        (kv.pop().unwrap(), v)
+                    }
+                    _ => unreachable!(),
+                })
+                .collect(),
+        );
+        assert_eq!(read(resp3), expected);
+        assert!(read(Value::Nil).is_empty());
+        assert!(stream_read_reply(Value::Int(3)).is_err());
+        assert!(stream_read_reply(Value::Array(vec![bulk("lonely")])).is_err());
+    }
 }

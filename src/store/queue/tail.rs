@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::streams::{StreamRangeReply, StreamReadOptions, StreamReadReply};
+use redis::streams::{StreamRangeReply, StreamReadOptions};
 
 use super::{CodecError, Kind, Queue, QueuedWrite, Record, RedisConn, Shard};
 use crate::resources::{Message, from_micros};
@@ -73,12 +73,13 @@ impl Queue {
         let options = StreamReadOptions::default()
             .count(count)
             .block(block.as_millis() as usize);
-        let reply: Option<StreamReadReply> = conn
+        let reply: redis::Value = conn
             .xread_options(&[self.keys.stream(shard)], &[after], &options)
             .await?;
         let mut last = after.to_owned();
         let mut writes = Vec::new();
-        for item in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+        let entries = super::stream::stream_read_reply(reply)?;
+        for item in entries.into_iter().flat_map(|(_, ids)| ids) {
             last.clone_from(&item.id);
             let Some(payload) = item.get::<String>("e") else {
                 continue;
