@@ -88,7 +88,9 @@ pub struct EmbeddedIndex {
     /// `None` while another process holds the writer (or none was asked for).
     writer: Mutex<Option<Writer>>,
     fields: Fields,
-    /// Sweeps of the directory's file cache so far (see [`sweep_file_cache`]).
+    /// Reloads `reader`, one at a time.
+    reloader: Reloader,
+    /// Sweeps of the directory's file cache so far (see [`follow_meta`]).
     sweeps: Arc<AtomicU64>,
     _sweeper: WatchHandle,
     /// How long one search may run.
@@ -124,7 +126,33 @@ fn schema() -> (Schema, Fields) {
     (builder.build(), fields)
 }
 
-/// Keeps the directory's cache of mapped files to the files in use.
+/// Moves the reader to the index's latest commit, one reload at a time.
+///
+/// Tantivy's reload reads the meta file, opens the segments and then swaps the searcher
+/// in, with nothing to order two reloads: one that read the meta file before a commit
+/// could swap its searcher in after a reload that read it after, and the commit's
+/// documents would vanish from searches until the next reload (seen once in the search
+/// property test). Every reload of this process goes through here, under one lock, so
+/// a later reload never sees an earlier commit than the one before it.
+#[derive(Clone)]
+struct Reloader {
+    reader: IndexReader,
+    lock: Arc<Mutex<()>>,
+}
+
+impl Reloader {
+    fn reload(&self) -> Result<(), SearchError> {
+        let _one_at_a_time = self
+            .lock
+            .lock()
+            .map_err(|_| failed("index reload poisoned"))?;
+        self.reader.reload().map_err(failed)
+    }
+}
+
+/// Follows the index's meta file, which changes at every commit and merge: the reader
+/// is reloaded (other processes' commits become visible) and the directory's cache of
+/// mapped files is swept.
 ///
 /// `MmapDirectory` remembers every file it has mapped (path and a weak reference), and
 /// forgets one only when that path is opened again or when its cache is inspected. Each
@@ -133,14 +161,18 @@ fn schema() -> (Schema, Fields) {
 /// (`docs/BENCHMARKS.md`, "The index's file cache grew with every commit"). The cache is
 /// swept (`get_cache_info` drops the dead entries) whenever the index's meta file
 /// changes, which is when readers move to new segments.
-fn sweep_file_cache(
+fn follow_meta(
     directory: MmapDirectory,
+    reloader: Reloader,
 ) -> Result<(Arc<AtomicU64>, WatchHandle), SearchError> {
     let sweeps = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&sweeps);
     let swept = directory.clone();
     let handle = directory
         .watch(WatchCallback::new(move || {
+            if let Err(e) = reloader.reload() {
+                tracing::warn!(error = %e, "could not reload the search index");
+            }
             swept.get_cache_info();
             counted.fetch_add(1, Ordering::Relaxed);
         }))
@@ -174,18 +206,24 @@ impl EmbeddedIndex {
             )),
             e => failed(e),
         })?;
-        let (sweeps, sweeper) = sweep_file_cache(directory)?;
         index.tokenizers().register(TOKENIZER, FoldedGrams);
-        let reader = index
+        // Reloads are this module's (see [`Reloader`]), not Tantivy's own watcher's.
+        let reader: IndexReader = index
             .reader_builder()
-            .reload_policy(ReloadPolicy::OnCommitWithDelay)
+            .reload_policy(ReloadPolicy::Manual)
             .try_into()
             .map_err(failed)?;
+        let reloader = Reloader {
+            reader: reader.clone(),
+            lock: Arc::new(Mutex::new(())),
+        };
+        let (sweeps, sweeper) = follow_meta(directory, reloader.clone())?;
         let this = Self {
             dir: dir.to_owned(),
             membership: OnceLock::new(),
             index,
             reader,
+            reloader,
             writer: Mutex::new(None),
             fields,
             sweeps,
@@ -256,7 +294,7 @@ impl EmbeddedIndex {
                     uncommitted: HashMap::new(),
                 });
                 // What the previous holder committed last.
-                self.reader.reload().map_err(failed)?;
+                self.reloader.reload()?;
                 Ok(true)
             }
             Err(tantivy::TantivyError::LockFailure(..)) => Ok(false),
@@ -327,7 +365,7 @@ impl EmbeddedIndex {
         writer.uncommitted.clear();
         // Under the lock: a concurrent commit that found nothing left to commit (this one
         // took its documents) returns only once they are visible.
-        self.reader.reload().map_err(failed)
+        self.reloader.reload()
     }
 
     /// Adds and commits.
