@@ -59,7 +59,7 @@ pub enum Command {
         #[command(flatten)]
         store: StoreConfig,
         /// Also print the number counters of this application (repeatable).
-        #[arg(long = "counters-of", value_name = "TOKEN")]
+        #[arg(long = "counters-of", value_name = "TOKEN", allow_hyphen_values = true)]
         counters_of: Vec<String>,
     },
     /// Print, as JSON, the create-message script with its `KEYS` and `ARGV` for one
@@ -67,7 +67,8 @@ pub enum Command {
     CreateScript {
         #[command(flatten)]
         store: StoreConfig,
-        #[arg(long)]
+        /// An application token (which may start with `-`).
+        #[arg(long, allow_hyphen_values = true)]
         token: String,
         #[arg(long, default_value_t = 1)]
         chat: u64,
@@ -127,6 +128,21 @@ mod tests {
             };
             let err = Cli::try_parse_from(["chat-system", command, flag, "lots"]).unwrap_err();
             assert!(err.to_string().contains(variable), "{err}");
+        }
+    }
+
+    #[test]
+    fn tokens_may_start_with_a_hyphen() {
+        // Tokens are URL-safe base64: one in 64 starts with `-`.
+        let cli = Cli::try_parse_from(["chat-system", "create-script", "--token", "-9KWJ"]);
+        match cli.map(|c| c.command) {
+            Ok(Some(Command::CreateScript { token, .. })) => assert_eq!(token, "-9KWJ"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["chat-system", "queue-status", "--counters-of", "-x"]);
+        match cli.map(|c| c.command) {
+            Ok(Some(Command::QueueStatus { counters_of, .. })) => assert_eq!(counters_of, ["-x"]),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
