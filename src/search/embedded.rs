@@ -131,9 +131,10 @@ fn schema() -> (Schema, Fields) {
 /// Tantivy's reload reads the meta file, opens the segments and then swaps the searcher
 /// in, with nothing to order two reloads: one that read the meta file before a commit
 /// could swap its searcher in after a reload that read it after, and the commit's
-/// documents would vanish from searches until the next reload (seen once in the search
-/// property test). Every reload of this process goes through here, under one lock, so
-/// a later reload never sees an earlier commit than the one before it.
+/// documents would vanish from searches until the next reload (the likely cause of one
+/// failure of the search property test). Every reload of this process goes through
+/// here, under one lock, so a later reload never sees an earlier commit than the one
+/// before it.
 #[derive(Clone)]
 struct Reloader {
     reader: IndexReader,
