@@ -578,28 +578,33 @@ impl EmbeddedIndex {
         }
         let total: usize = docs.iter().map(|(_, ids)| ids.len()).sum();
         let each = total.div_ceil(count).max(1);
-        let mut shares = vec![Vec::new()];
+        let mut shares = Vec::with_capacity(count);
+        let mut share = Vec::new();
         let mut room = each;
         for (ordinal, ids) in docs {
+            let start = |i: usize| if i == 0 { 0 } else { ids[i] };
             let mut from = 0;
-            while ids.len() - from > room && shares.len() < count {
+            while ids.len() - from > room && shares.len() + 1 < count {
                 let cut = from + room;
-                shares.last_mut().unwrap_or(&mut Vec::new()).push(Part {
-                    ordinal,
-                    from: if from == 0 { 0 } else { ids[from] },
-                    to: ids[cut],
-                });
-                shares.push(Vec::new());
+                if cut > from {
+                    share.push(Part {
+                        ordinal,
+                        from: start(from),
+                        to: ids[cut],
+                    });
+                }
+                shares.push(std::mem::take(&mut share));
                 from = cut;
                 room = each;
             }
-            room -= ids.len() - from;
-            shares.last_mut().unwrap_or(&mut Vec::new()).push(Part {
+            room = room.saturating_sub(ids.len() - from);
+            share.push(Part {
                 ordinal,
-                from: if from == 0 { 0 } else { ids[from] },
+                from: start(from),
                 to: TERMINATED,
             });
         }
+        shares.push(share);
         Ok(shares)
     }
 

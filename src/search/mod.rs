@@ -412,14 +412,17 @@ const HEAVY_THREADS: usize = 4;
 async fn blocking_heavy<T: Send + 'static>(
     f: impl FnOnce(usize) -> Result<T, SearchError> + Send + 'static,
 ) -> Result<T, SearchError> {
-    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let slots = SLOTS.get_or_init(|| Semaphore::new((cores / 2).max(1)));
+    // The cores, read once (on Linux, from the cgroup's files), and the lane's slots.
+    static LANE: OnceLock<(usize, Semaphore)> = OnceLock::new();
+    let (cores, slots) = LANE.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores, Semaphore::new((cores / 2).max(1)))
+    });
     let _slot = slots
         .acquire()
         .await
         .map_err(|e| SearchError::Failed(e.to_string()))?;
-    let threads = heavy_threads(cores, SEARCHING.load(Ordering::Relaxed));
+    let threads = heavy_threads(*cores, SEARCHING.load(Ordering::Relaxed));
     tokio::task::spawn_blocking(move || f(threads))
         .await
         .map_err(|e| SearchError::Failed(e.to_string()))?
