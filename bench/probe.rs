@@ -65,6 +65,7 @@ async fn main() {
         redis_shards: 16,
         redis_prefix: prefix.clone(),
         dependency_timeout: std::time::Duration::from_secs(2),
+        database_idle_timeout: std::time::Duration::from_secs(10),
         queue_max_entries: u64::MAX,
         queue_max_memory: None,
     };

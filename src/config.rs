@@ -63,6 +63,13 @@ pub struct StoreConfig {
     #[arg(long, env = "DEPENDENCY_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub dependency_timeout: Duration,
 
+    /// MySQL closes a connection of this process idle this long (`wait_timeout`, whole
+    /// seconds), rolling back a transaction left open by a stalled process (a frozen
+    /// worker keeps its connection): its rows are free again for the other workers. The
+    /// pool closes its own idle connections before then.
+    #[arg(long, env = "DATABASE_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_idle_timeout)]
+    pub database_idle_timeout: Duration,
+
     /// Creates and updates are refused (503, `Retry-After`) while the write queue holds
     /// this many entries not yet persisted.
     #[arg(long, env = "QUEUE_MAX_ENTRIES", default_value_t = 1_000_000,
@@ -473,6 +480,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A duration of whole seconds from 2 s to a year: MySQL's `wait_timeout` takes whole
+/// seconds up to a year, and the pool closes idle connections at half of it.
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 || !(2..=365 * 24 * 3600).contains(&d.as_secs()) {
+        return Err(format!("`{s}` must be whole seconds from 2s to 525600m"));
+    }
+    Ok(d)
+}
+
 /// Parses `512mb`, `2gb`, `64kb` or a bare number of bytes (units are powers of 1024,
 /// as in Redis's configuration).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -534,6 +551,15 @@ mod tests {
         assert_eq!(parse_timeout("300ms"), Ok(Duration::from_millis(300)));
         assert!(parse_timeout("0s").is_err());
         assert!(parse_timeout("0").is_err());
+    }
+
+    #[test]
+    fn the_database_idle_timeout_is_whole_seconds_mysql_takes() {
+        assert_eq!(parse_idle_timeout("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_idle_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_idle_timeout("1s").is_err());
+        assert!(parse_idle_timeout("2500ms").is_err());
+        assert!(parse_idle_timeout("525601m").is_err());
     }
 
     #[test]

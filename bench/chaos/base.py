@@ -30,6 +30,9 @@ GRACE = 3.0  # after a dependency is back, clients may still see 503s this long
 HEADER_READ_TIMEOUT = 5.0  # the API closes a connection without a whole request head then
 INDEX_LAG_MAX = 5.0  # past this lag the stream is trimmed past the (frozen) indexer
 CLAIM_IDLE = 2.0  # a frozen or dead consumer's entries are taken over after this
+# MySQL rolls back a transaction a frozen worker left open after this (its rows, and the
+# entries they hold back, are free again).
+DATABASE_IDLE_TIMEOUT = 5.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PROBLEM_TYPE = re.compile(r'"type"\s*:\s*"([^"]*)"')
 

@@ -12,7 +12,7 @@ import common
 from common import http_get
 
 from .base import (APIS, CLAIM_IDLE, CLUSTER_PORT, DATA, DEPS_DIR, FIRST_WORKER_METRICS_PORT,
-                   HEADER_READ_TIMEOUT, INDEX_LAG_MAX, MASTERS, MYSQL_PORT, PIDFILE, PREFIX,
+                   DATABASE_IDLE_TIMEOUT, HEADER_READ_TIMEOUT, INDEX_LAG_MAX, MASTERS, MYSQL_PORT, PIDFILE, PREFIX,
                    REDIS_PORT, RUN, log)
 
 # ---- dependencies ---------------------------------------------------------------------
@@ -195,6 +195,7 @@ class Stack:
             WORKER_CLAIM_IDLE=f"{CLAIM_IDLE:.0f}s",
             HEADER_READ_TIMEOUT=f"{HEADER_READ_TIMEOUT:.0f}s",
             INDEX_LAG_MAX=f"{INDEX_LAG_MAX:.0f}s",
+            DATABASE_IDLE_TIMEOUT=f"{DATABASE_IDLE_TIMEOUT:.0f}s",
             COUNTS_SYNC_INTERVAL="1s",
             NO_COLOR="1",  # plain log files (tracing-subscriber honours it)
         )

@@ -15,6 +15,7 @@ pub mod read_cache;
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 
@@ -89,17 +90,24 @@ pub async fn connect_mysql(config: &StoreConfig) -> Result<MySqlPool, ConnectErr
             })?;
     }
     // A transaction that took rows and then stalled (a frozen process keeps its
-    // connection, so its transaction stays open) would hold every other writer of those
-    // rows, and each worker's periodic work behind them, for InnoDB's default of 50 s. A
-    // lock wait longer than a dependency call may take fails instead, as a transient
-    // error that is retried, so the rest of the queue's work goes on.
+    // connection, so its transaction stays open) holds every other writer of those rows.
+    // Two bounds: a lock wait longer than a dependency call may take fails (rather than
+    // after InnoDB's 50 s), as a transient error that is retried; and the server closes a
+    // connection idle for `DATABASE_IDLE_TIMEOUT`, which rolls the stalled transaction
+    // back, so that the rows' other writers (a worker taking over the frozen one's
+    // entries) get through at last. The pool closes its idle connections first: the
+    // server never closes one under it, short of a stall.
     let lock_wait = config.dependency_timeout.as_secs_f64().ceil().max(1.0) as u64;
+    let idle = config.database_idle_timeout.as_secs().max(2);
     MySqlPoolOptions::new()
         .max_connections(config.database_pool_size)
         .acquire_timeout(config.dependency_timeout)
+        .idle_timeout(Duration::from_secs(idle / 2))
         .after_connect(move |conn, _| {
             Box::pin(async move {
-                let sql = format!("SET SESSION innodb_lock_wait_timeout = {lock_wait}");
+                let sql = format!(
+                    "SET SESSION innodb_lock_wait_timeout = {lock_wait}, SESSION wait_timeout = {idle}"
+                );
                 sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                     .execute(conn)
                     .await?;
@@ -161,7 +169,10 @@ pub async fn connect_redis(config: &StoreConfig) -> Result<queue::RedisConn, Con
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
-/// True when the error means MySQL cannot be reached (rather than a bad statement).
+/// True when the error means MySQL cannot be reached (rather than a bad statement),
+/// or closed the connection: MariaDB just closes it (an I/O error here); MySQL 8 says
+/// why first, 4031 for an idle connection (`DATABASE_IDLE_TIMEOUT`, after a stall), and
+/// both say 1927 for one killed by an operator.
 pub fn mysql_is_down(err: &sqlx::Error) -> bool {
     matches!(
         err,
@@ -171,17 +182,19 @@ pub fn mysql_is_down(err: &sqlx::Error) -> bool {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Protocol(_)
-    )
+    ) || mysql_error_number(err).is_some_and(|n| matches!(n, 1927 | 4031))
+}
+
+fn mysql_error_number(err: &sqlx::Error) -> Option<u16> {
+    err.as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .map(|e| e.number())
 }
 
 /// True when retrying the same statement later can succeed: MySQL is down, or the
 /// statement lost a deadlock or a lock wait to a concurrent transaction.
 pub fn mysql_is_transient(err: &sqlx::Error) -> bool {
-    mysql_is_down(err)
-        || err
-            .as_database_error()
-            .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
-            .is_some_and(|e| matches!(e.number(), 1205 | 1213))
+    mysql_is_down(err) || mysql_error_number(err).is_some_and(|n| matches!(n, 1205 | 1213))
 }
 
 /// True when Redis refused a write because it is at its `maxmemory` (`OOM`). With

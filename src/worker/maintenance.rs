@@ -21,20 +21,25 @@ const TRIM_MAX_CALLS: usize = 200;
 
 impl Worker {
     /// The periodic work of this consumer: the maintaining persister claims, trims and
-    /// measures; the indexer claims and catches up.
+    /// measures; the indexer claims and catches up. Each part runs whatever became of
+    /// the one before: entries that cannot be taken over yet (their rows held by a
+    /// frozen worker's transaction, say) must not keep the stream from being trimmed
+    /// past an indexer, nor the queue from being measured.
     pub(super) async fn periodic(&mut self) -> Result<(), WorkerError> {
+        let mut outcome = Ok(());
         match &self.role {
             Role::Persist if self.maintenance => {
-                self.claim_idle().await?;
-                self.trim_and_measure().await
+                first_error(&mut outcome, self.claim_idle().await);
+                first_error(&mut outcome, self.trim_and_measure().await);
             }
-            Role::Persist => Ok(()),
+            Role::Persist => {}
             Role::Index(search) => {
                 let search = search.clone();
-                self.claim_idle().await?;
-                self.catch_up_index(&search).await.map(drop)
+                first_error(&mut outcome, self.claim_idle().await);
+                first_error(&mut outcome, self.catch_up_index(&search).await.map(drop));
             }
         }
+        outcome
     }
 
     /// Takes over entries other consumers left idle too long, in every shard, and

@@ -101,6 +101,8 @@ pub struct Options {
     pub keep_alive_timeout: Option<Duration>,
     pub max_connections: Option<u32>,
     pub events_max_subscribers: Option<u32>,
+    /// `DATABASE_IDLE_TIMEOUT` (default 30 s).
+    pub database_idle_timeout: Option<Duration>,
 }
 
 pub struct TestApp {
@@ -175,6 +177,9 @@ impl TestApp {
             redis_shards: 16,
             redis_prefix: prefix.clone(),
             dependency_timeout: Duration::from_secs(2),
+            database_idle_timeout: options
+                .database_idle_timeout
+                .unwrap_or(Duration::from_secs(30)),
             queue_max_entries: options.queue_max_entries.unwrap_or(1_000_000),
             queue_max_memory: None,
         };
@@ -454,7 +459,10 @@ async fn leftovers(config: &StoreConfig) -> Result<(), String> {
 async fn cleanup(database: String, prefix: String) {
     use sqlx::Connection;
     if let Ok(mut conn) = sqlx::MySqlConnection::connect(&mysql_server_url()).await {
-        let sql = format!("DROP DATABASE IF EXISTS `{database}`");
+        // A transaction of the test's own runtime, blocked in this drop, may still hold
+        // the database: the drop gives up after a while rather than waiting for ever.
+        let sql =
+            format!("SET SESSION lock_wait_timeout = 30; DROP DATABASE IF EXISTS `{database}`");
         let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&mut conn)
             .await;
@@ -498,16 +506,29 @@ async fn cleanup(database: String, prefix: String) {
 }
 
 /// Polls `check` every 20 ms until it returns true; fails the test after `limit`.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(within(limit, check).await, "timed out waiting for: {what}");
+}
+
+/// Polls `check` every 20 ms until it returns true, for at most `limit`: whether it did.
+/// For a test that must let something go (a held lock) before it fails.
+pub async fn within<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let deadline = Instant::now() + limit;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    true
 }
 
 /// A Redis server of one test's own (the shared one cannot be filled up or reconfigured),

@@ -12,7 +12,7 @@ use chat_system::store::queue::RedisConn;
 use chat_system::worker::Role;
 use redis::AsyncCommands;
 
-use crate::helpers::{TestApp, eventually, worker_config};
+use crate::helpers::{Options, TestApp, eventually, within, worker_config};
 
 #[tokio::test]
 async fn counts_converge_within_the_sync_interval() {
@@ -277,25 +277,9 @@ async fn entries_left_by_a_dead_consumer_are_taken_over() {
 #[tokio::test]
 async fn the_stream_is_trimmed_behind_every_group_however_long_it_grew() {
     let app = TestApp::spawn().await;
-    let stream = app.store.queue.keys.stream(0);
-    let mut redis = app.redis().await;
     // 60,000 entries every group has already acknowledged: far more than one
     // approximate trim call removes (10,000).
-    app.store
-        .queue
-        .inject_raw_entries(0, 0..60_000)
-        .await
-        .unwrap();
-    for group in ["persist", "index"] {
-        let _: () = redis::cmd("XGROUP")
-            .arg("SETID")
-            .arg(&stream)
-            .arg(group)
-            .arg("$")
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-    }
+    acknowledged_entries(&app, 0, 60_000).await;
     let _stop = app.spawn_worker().await;
     // The first trim runs a second after the worker starts, and must finish the job.
     eventually(
@@ -515,4 +499,131 @@ async fn a_write_held_by_a_stalled_transaction_gives_up_within_the_dependency_ti
     assert!(chat_system::store::mysql_is_transient(&err), "{err}");
     let renamed = mysql::rename_application(&app.store.mysql, &token, "b", now()).await;
     assert_eq!(renamed.unwrap().unwrap().name, "b");
+}
+
+/// Adds `count` entries to a shard's stream that every group is done with.
+async fn acknowledged_entries(app: &TestApp, shard: usize, count: u32) {
+    let stream = app.store.queue.keys.stream(shard);
+    app.store
+        .queue
+        .inject_raw_entries(shard, 0..count)
+        .await
+        .unwrap();
+    for group in ["persist", "index"] {
+        let _: () = redis::cmd("XGROUP")
+            .arg("SETID")
+            .arg(&stream)
+            .arg(group)
+            .arg("$")
+            .query_async(&mut app.redis().await)
+            .await
+            .unwrap();
+    }
+}
+
+/// What a worker stopped mid-batch (`SIGSTOP`) leaves behind: a chat and its messages
+/// delivered to a consumer that never acknowledges them, and an open transaction that
+/// holds the first message's row. Before them in the same shard, `acked` entries every
+/// group is done with. Returns the stalled transaction.
+async fn frozen_mid_batch(
+    app: &TestApp,
+    acked: u32,
+    messages: usize,
+) -> sqlx::Transaction<'static, sqlx::MySql> {
+    let token = app.application("a").await;
+    let id = app.application_id(&token).await;
+    let keys = app.store.queue.keys.clone();
+    let shard = keys.shard_of(&token);
+    let stream = keys.stream(shard);
+    if acked > 0 {
+        acknowledged_entries(app, shard, acked).await;
+    }
+    let chat = app.chat(&token).await;
+    for i in 0..messages {
+        app.message(&token, chat, &format!("m{i}")).await;
+    }
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&["GROUP", "persist", "frozen", "COUNT", "1000", "STREAMS"])
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut app.redis().await)
+        .await
+        .unwrap();
+    let mut stalled = app.store.mysql.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO messages (application_id, chat_number, number, body, version, created_at, updated_at) \
+         VALUES (?, ?, 1, 'm0', 0, NOW(), NOW())",
+    )
+    .bind(id)
+    .bind(chat)
+    .execute(&mut *stalled)
+    .await
+    .unwrap();
+    stalled
+}
+
+#[tokio::test]
+async fn entries_a_frozen_transaction_holds_back_do_not_stop_the_stream_being_trimmed() {
+    let app = TestApp::spawn().await; // DATABASE_IDLE_TIMEOUT = 30s: the hold outlasts the test
+    let stalled = frozen_mid_batch(&app, 20_000, 5).await;
+    let _worker = app.spawn_worker().await; // WORKER_CLAIM_IDLE = 1s
+    // Taking the entries over fails (each try waits 2 s for the held row); the stream is
+    // trimmed all the same, up to them.
+    let trimmed = within(Duration::from_secs(8), || async {
+        app.stream_len().await < 1_000
+    })
+    .await;
+    let persisted_meanwhile = app.scalar("SELECT COUNT(*) FROM messages").await;
+    stalled.rollback().await.unwrap();
+    assert!(trimmed, "the stream was not trimmed up to the held entries");
+    assert_eq!(persisted_meanwhile, 0);
+    eventually(
+        Duration::from_secs(10),
+        "the held entries to be persisted once the row is free",
+        || async {
+            app.scalar("SELECT COUNT(*) FROM messages").await == 5 && app.unpersisted().await == 0
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_transaction_left_open_by_a_frozen_worker_is_rolled_back_and_its_entries_taken_over() {
+    let app = TestApp::with(Options {
+        database_idle_timeout: Some(Duration::from_secs(3)),
+        ..Options::default()
+    })
+    .await;
+    let stalled = frozen_mid_batch(&app, 0, 5).await;
+    let _worker = app.spawn_worker().await; // WORKER_CLAIM_IDLE = 1s
+    // Nothing lets the stalled transaction go but the server's idle timeout.
+    let taken_over = within(Duration::from_secs(15), || async {
+        app.scalar("SELECT COUNT(*) FROM messages").await == 5 && app.unpersisted().await == 0
+    })
+    .await;
+    let committed = stalled.commit().await;
+    assert!(taken_over, "the entries were not taken over and persisted");
+    assert!(
+        committed.is_err(),
+        "the server rolled the stalled transaction back"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_the_server_closed_counts_as_mysql_down() {
+    let app = TestApp::spawn().await;
+    let mut victim = app.store.mysql.acquire().await.unwrap();
+    let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+        .fetch_one(&mut *victim)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("KILL CONNECTION {id}")))
+        .execute(&app.store.mysql)
+        .await
+        .unwrap();
+    let err = sqlx::query("SELECT 1")
+        .execute(&mut *victim)
+        .await
+        .unwrap_err();
+    assert!(chat_system::store::mysql_is_down(&err), "{err:?}");
 }
