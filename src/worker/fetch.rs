@@ -120,11 +120,14 @@ impl Fetcher {
                     from = ">";
                     backoff = Duration::from_millis(100);
                 }
-                Ok(entries) => {
+                Ok(mut entries) => {
                     backoff = Duration::from_millis(100);
-                    for chunk in entries.chunks(self.batch.max(1)) {
+                    // A read of several shards holds up to a batch from each: handed
+                    // over a batch at a time, moved rather than copied.
+                    while !entries.is_empty() {
+                        let chunk = take_batch(&mut entries, self.batch);
                         tokio::select! {
-                            sent = self.tx.send(chunk.to_vec()) => if sent.is_err() { return },
+                            sent = self.tx.send(chunk) => if sent.is_err() { return },
                             _ = shutdown.changed() => return,
                         }
                     }
@@ -144,5 +147,34 @@ impl Fetcher {
                 }
             }
         }
+    }
+}
+
+/// The first `batch` entries (at least one), moved out of `entries`: what is left is the
+/// rest, in order.
+fn take_batch<T>(entries: &mut Vec<T>, batch: usize) -> Vec<T> {
+    let rest = entries.split_off(batch.max(1).min(entries.len()));
+    std::mem::replace(entries, rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_batch;
+
+    #[test]
+    fn a_read_is_handed_over_a_batch_at_a_time_in_order() {
+        let mut entries: Vec<u32> = (0..2_500).collect();
+        let mut batches = Vec::new();
+        while !entries.is_empty() {
+            batches.push(take_batch(&mut entries, 1_000));
+        }
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1_000, 1_000, 500]
+        );
+        assert!(batches.concat().into_iter().eq(0..2_500));
+        let mut one = vec![7, 8];
+        assert_eq!(take_batch(&mut one, 0), [7]);
+        assert_eq!(one, [8]);
     }
 }
