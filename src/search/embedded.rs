@@ -30,8 +30,8 @@ use tantivy::schema::{
     TextOptions, Value,
 };
 use tantivy::{
-    DocAddress, DocId, DocSet, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher,
-    SegmentReader, TERMINATED, TantivyDocument, Term,
+    DocAddress, DocId, DocSet, Index, IndexReader, IndexWriter, InvertedIndexReader, ReloadPolicy,
+    Searcher, SegmentReader, TERMINATED, TantivyDocument, Term,
 };
 
 use super::grams::{FoldedGrams, TermPlan};
@@ -314,6 +314,13 @@ impl EmbeddedIndex {
             }
         }
         let searcher = self.reader.searcher();
+        // Each segment's id field, looked up once per call rather than once per document.
+        let ids = searcher
+            .segment_readers()
+            .iter()
+            .map(|segment| segment.inverted_index(self.fields.id))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(failed)?;
         let mut guard = self
             .writer
             .lock()
@@ -325,7 +332,7 @@ impl EmbeddedIndex {
             let id_term = Term::from_field_text(self.fields.id, &id);
             let known = match writer.uncommitted.get(&id) {
                 Some(version) => Some(*version),
-                None => self.indexed_version(&searcher, &id_term)?,
+                None => self.indexed_version(&searcher, &ids, &id_term)?,
             };
             match known {
                 Some(version) if version >= doc.version => continue,
@@ -377,10 +384,15 @@ impl EmbeddedIndex {
 
     /// The version of the live indexed document with this id, if any. A term-dictionary
     /// lookup per segment: most ids (new messages) stop there.
-    fn indexed_version(&self, searcher: &Searcher, id: &Term) -> Result<Option<u64>, SearchError> {
+    fn indexed_version(
+        &self,
+        searcher: &Searcher,
+        ids: &[Arc<InvertedIndexReader>],
+        id: &Term,
+    ) -> Result<Option<u64>, SearchError> {
         let mut found = None;
-        for (ordinal, segment) in searcher.segment_readers().iter().enumerate() {
-            let inverted = segment.inverted_index(self.fields.id).map_err(failed)?;
+        for (ordinal, (segment, inverted)) in searcher.segment_readers().iter().zip(ids).enumerate()
+        {
             let Some(mut postings) = inverted
                 .read_postings(id, IndexRecordOption::Basic)
                 .map_err(failed)?
