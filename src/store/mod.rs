@@ -170,9 +170,9 @@ pub async fn connect_redis(config: &StoreConfig) -> Result<queue::RedisConn, Con
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
 /// True when the error means MySQL cannot be reached (rather than a bad statement),
-/// or closed the connection: MariaDB just closes it (an I/O error here); MySQL 8 says
-/// why first, 4031 for an idle connection (`DATABASE_IDLE_TIMEOUT`, after a stall), and
-/// both say 1927 for one killed by an operator.
+/// or closed the connection. An idle connection it closes (`DATABASE_IDLE_TIMEOUT`,
+/// after a stall) is an I/O error here on MariaDB, and error 4031 on MySQL 8, which
+/// says why first; MariaDB's error for a connection killed by an operator is 1927.
 pub fn mysql_is_down(err: &sqlx::Error) -> bool {
     matches!(
         err,
