@@ -120,12 +120,9 @@ impl Fetcher {
                     from = ">";
                     backoff = Duration::from_millis(100);
                 }
-                Ok(mut entries) => {
+                Ok(entries) => {
                     backoff = Duration::from_millis(100);
-                    // A read of several shards holds up to a batch from each: handed
-                    // over a batch at a time, moved rather than copied.
-                    while !entries.is_empty() {
-                        let chunk = take_batch(&mut entries, self.batch);
+                    for chunk in batches(entries, self.batch) {
                         tokio::select! {
                             sent = self.tx.send(chunk) => if sent.is_err() { return },
                             _ = shutdown.changed() => return,
@@ -150,31 +147,29 @@ impl Fetcher {
     }
 }
 
-/// The first `batch` entries (at least one), moved out of `entries`: what is left is the
-/// rest, in order.
-fn take_batch<T>(entries: &mut Vec<T>, batch: usize) -> Vec<T> {
-    let rest = entries.split_off(batch.max(1).min(entries.len()));
-    std::mem::replace(entries, rest)
+/// A read of several shards holds up to a batch from each: it is handed over a batch
+/// (at least one entry) at a time, in order, the entries moved rather than copied.
+fn batches<T>(entries: Vec<T>, batch: usize) -> impl Iterator<Item = Vec<T>> {
+    let mut entries = entries.into_iter();
+    std::iter::from_fn(move || {
+        let chunk: Vec<T> = entries.by_ref().take(batch.max(1)).collect();
+        (!chunk.is_empty()).then_some(chunk)
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::take_batch;
+    use super::batches;
 
     #[test]
     fn a_read_is_handed_over_a_batch_at_a_time_in_order() {
-        let mut entries: Vec<u32> = (0..2_500).collect();
-        let mut batches = Vec::new();
-        while !entries.is_empty() {
-            batches.push(take_batch(&mut entries, 1_000));
-        }
+        let handed: Vec<Vec<u32>> = batches((0..2_500).collect(), 1_000).collect();
         assert_eq!(
-            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            handed.iter().map(Vec::len).collect::<Vec<_>>(),
             [1_000, 1_000, 500]
         );
-        assert!(batches.concat().into_iter().eq(0..2_500));
-        let mut one = vec![7, 8];
-        assert_eq!(take_batch(&mut one, 0), [7]);
-        assert_eq!(one, [8]);
+        assert!(handed.concat().into_iter().eq(0..2_500));
+        assert_eq!(batches(vec![7, 8], 0).collect::<Vec<_>>(), [[7], [8]]);
+        assert_eq!(batches(Vec::<u32>::new(), 10).count(), 0);
     }
 }
