@@ -2,7 +2,7 @@
 
 use crate::resources::from_micros;
 use crate::store::mysql::{ChatWrite, MessageWrite};
-use crate::store::queue::stream::{Delivered, Release};
+use crate::store::queue::stream::{self, Delivered, Release};
 use crate::store::queue::{Keys, Kind, QueuedWrite, Shard, version_of};
 
 /// One accepted write, ready to persist.
@@ -25,15 +25,7 @@ impl Entry {
     pub fn parse(item: &Delivered) -> Result<Self, String> {
         let raw = &item.raw;
         let version = version_of(&raw.id).ok_or("the entry id is not a stream id")?;
-        let payload = match raw.map.get("e") {
-            Some(redis::Value::BulkString(bytes)) => {
-                std::str::from_utf8(bytes).map_err(|_| "field `e` is not UTF-8")?
-            }
-            Some(redis::Value::SimpleString(text)) => text.as_str(),
-            Some(_) => return Err("field `e` is not a string".into()),
-            None => return Err("field `e` is missing".into()),
-        };
-        let w = QueuedWrite::decode(payload).map_err(|e| e.to_string())?;
+        let w = QueuedWrite::decode(stream::payload(raw)?).map_err(|e| e.to_string())?;
         let time =
             |us: i64| from_micros(us).ok_or_else(|| format!("timestamp {us} is out of range"));
         let (created_at, updated_at) = (time(w.created_us)?, time(w.updated_us)?);

@@ -506,6 +506,19 @@ impl Queue {
     }
 }
 
+/// An entry's payload (its field `e`, as the create scripts write it), read in place; the
+/// error says why there is none.
+pub fn payload(entry: &StreamId) -> Result<&str, &'static str> {
+    match entry.map.get("e") {
+        Some(Value::BulkString(bytes)) => {
+            std::str::from_utf8(bytes).map_err(|_| "field `e` is not UTF-8")
+        }
+        Some(Value::SimpleString(text)) => Ok(text),
+        Some(_) => Err("field `e` is not a string"),
+        None => Err("field `e` is missing"),
+    }
+}
+
 fn is_missing_stream(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
 }

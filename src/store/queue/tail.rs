@@ -81,10 +81,10 @@ impl Queue {
         let entries = super::stream::stream_read_reply(reply)?;
         for item in entries.into_iter().flat_map(|(_, ids)| ids) {
             last.clone_from(&item.id);
-            let Some(payload) = item.get::<String>("e") else {
+            let Ok(payload) = super::stream::payload(&item) else {
                 continue;
             };
-            if let Some(write) = QueuedWrite::decode(&payload)
+            if let Some(write) = QueuedWrite::decode(payload)
                 .ok()
                 .and_then(|w| QueuedMessage::from_entry(item.id.clone(), w))
             {
