@@ -83,6 +83,13 @@ def redis(*args):
     return common.redis_cli(REDIS_PORT, *args).strip()
 
 
+def redis_commands():
+    """Redis's `INFO commandstats` since the last `CONFIG RESETSTAT`: (command, calls,
+    µs), most µs first."""
+    found = re.findall(r"^cmdstat_([^:]+):calls=(\d+),usec=(\d+)", redis("INFO", "commandstats"), re.M)
+    return sorted(((name, int(calls), int(usec)) for name, calls, usec in found), key=lambda c: -c[2])
+
+
 def wait_until(what, check, limit=60.0, every=0.05):
     deadline = time.time() + limit
     while time.time() < deadline:
@@ -398,6 +405,7 @@ def drain_with_cpu(stack, token, count, name):
     wait_until("Redis's append-only file rewrite", lambda: "aof_rewrite_in_progress:0" in redis("INFO", "persistence"), 300, 0.2)
     stack.start(name, "worker", WORKER_METRICS_BIND=WORKER_METRICS)
     wait_until("the draining worker", lambda: http_ok(WORKER_METRICS), 60, 0.02)
+    redis("CONFIG", "RESETSTAT")
     cpu = CpuMeter(stack).start()
     start = time.time()
     wait_until("the backlog to persist", lambda: group_lag("persist") == 0, 600, 0.1)
@@ -407,6 +415,8 @@ def drain_with_cpu(stack, token, count, name):
     per_message = cpu.per_message(backlog)
     log(f"backlog: persisted at {backlog / persisted_s:,.0f}/s, indexed at {backlog / indexed_s:,.0f}/s")
     log_cpu("backlog drain", per_message)
+    log("Redis commands per message, backlog drain (calls, µs in Redis): " + ", ".join(
+        f"{name} {calls / backlog:.3f}, {usec / backlog:.2f} µs" for name, calls, usec in redis_commands()[:8]))
     return backlog / persisted_s, backlog / indexed_s, per_message, backlog
 
 

@@ -627,3 +627,68 @@ async fn a_connection_the_server_closed_counts_as_mysql_down() {
         .unwrap_err();
     assert!(chat_system::store::mysql_is_down(&err), "{err:?}");
 }
+
+#[tokio::test]
+async fn persisting_releases_each_pending_record_only_at_the_version_it_holds() {
+    use chat_system::store::queue::stream::Release;
+    use std::collections::HashMap;
+    let app = TestApp::spawn().await;
+    app.allow_leftovers(); // No worker: the entries stay queued.
+    let token = app.application("a").await;
+    let (one, two) = (app.chat(&token).await, app.chat(&token).await);
+    for body in ["m1", "m2", "m3"] {
+        app.message(&token, one, body).await;
+    }
+    app.message(&token, two, "n1").await;
+    let keys = &app.store.queue.keys;
+    let (hash_one, hash_two) = (
+        keys.message_records(&token, one),
+        keys.message_records(&token, two),
+    );
+    let conn = app.redis().await;
+    let records = |hash: String| {
+        let mut conn = conn.clone();
+        async move {
+            let all: HashMap<u64, String> = conn.hgetall(&hash).await.unwrap();
+            all
+        }
+    };
+    let before_one = records(hash_one.clone()).await;
+    let before_two = records(hash_two.clone()).await;
+    assert_eq!(before_one.len(), 3);
+    // A record holds `<version>|…`; the version is its stream entry's id.
+    let version =
+        |all: &HashMap<u64, String>, n: u64| all[&n].split('|').next().unwrap().to_owned();
+    let release = |hash: &str, field: u64, version: String| Release {
+        hash: hash.to_owned(),
+        field,
+        version,
+    };
+    let v3 = version(&before_one, 3);
+    let releases = vec![
+        release(&hash_one, 1, version(&before_one, 1)),
+        // Replaced by a later update: its record holds another version.
+        release(&hash_one, 2, "1-0".into()),
+        release(&hash_two, 1, version(&before_two, 1)),
+        // A version that is only the start of the record's own.
+        release(&hash_one, 3, v3[..v3.len() - 1].to_owned()),
+        // The same record twice in one batch (a create and its update, say).
+        release(&hash_one, 1, version(&before_one, 1)),
+    ];
+    app.store
+        .queue
+        .release_pending(keys.shard_of(&token), &releases)
+        .await
+        .unwrap();
+    let after_one = records(hash_one.clone()).await;
+    assert_eq!(
+        after_one
+            .keys()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [2, 3].into(),
+        "only record 1 of chat one goes"
+    );
+    assert_eq!(after_one[&2], before_one[&2]);
+    assert!(records(hash_two.clone()).await.is_empty());
+}

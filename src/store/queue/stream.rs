@@ -205,9 +205,15 @@ impl Queue {
     ) -> redis::RedisResult<()> {
         let _ = shard;
         for chunk in records.chunks(1_000) {
+            // Each hash once, with its records in their order (the sort is stable).
+            let mut chunk: Vec<&Release> = chunk.iter().collect();
+            chunk.sort_by(|a, b| a.hash.cmp(&b.hash));
             let mut invocation = self.scripts.release_pending.prepare_invoke();
-            for r in chunk {
-                invocation.key(&r.hash).arg(r.field).arg(&r.version);
+            for same in chunk.chunk_by(|a, b| a.hash == b.hash) {
+                invocation.key(&same[0].hash).arg(same.len());
+                for r in same {
+                    invocation.arg(r.field).arg(&r.version);
+                }
             }
             let _: i64 = invocation.invoke_async(&mut self.conn()).await?;
         }

@@ -1,15 +1,37 @@
 -- Deletes each pending record whose version is the one just persisted; a record that a
 -- later update has replaced stays until that update is persisted too.
--- KEYS: the records hashes (one per record, repeated as needed; all of one shard).
--- ARGV: for the i-th key, 2i-1 the record's field and 2i the persisted version.
+-- KEYS: the records hashes, each once (all of one shard).
+-- ARGV: for each key in turn, the number n of its records, then n pairs of the record's
+--       field and the persisted version.
+-- A hash of several records takes one HMGET and at most one HDEL for all of them.
 -- Answers how many records were deleted.
-local released = 0
-for i, key in ipairs(KEYS) do
-  local field, version = ARGV[2 * i - 1], ARGV[2 * i]
-  local record = redis.call('HGET', key, field)
-  if record and string.sub(record, 1, #version + 1) == version .. '|' then
-    redis.call('HDEL', key, field)
-    released = released + 1
+
+-- The record starts with `version|` (compared in place, without building strings).
+local function holds(record, version)
+  return record and string.byte(record, #version + 1) == 124
+    and string.find(record, version, 1, true) == 1
+end
+
+local released, at = 0, 1
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[at])
+  if n == 1 then
+    local field = ARGV[at + 1]
+    if holds(redis.call('HGET', key, field), ARGV[at + 2]) then
+      released = released + redis.call('HDEL', key, field)
+    end
+  else
+    local fields = {}
+    for j = 1, n do fields[j] = ARGV[at + 2 * j - 1] end
+    local records = redis.call('HMGET', key, unpack(fields))
+    local gone = {}
+    for j = 1, n do
+      if holds(records[j], ARGV[at + 2 * j]) then gone[#gone + 1] = fields[j] end
+    end
+    if #gone > 0 then
+      released = released + redis.call('HDEL', key, unpack(gone))
+    end
   end
+  at = at + 2 * n + 1
 end
 return released
