@@ -395,6 +395,50 @@ def search_section(stack, d):
     return results, figures
 
 
+def group_lags():
+    """(persist, index): entries each group has not finished with, from one status."""
+    groups = {g["name"]: g["pending"] + g["lag"] for g in queue_status()["groups"]}
+    return groups.get("persist", 0), groups.get("index", 0)
+
+
+def slope(points):
+    """Least-squares slope of (t, y) points; 0 for fewer than two."""
+    if len(points) < 2:
+        return 0.0
+    mt = statistics.fmean(t for t, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (y - my) for t, y in points) / var if var else 0.0
+
+
+def sustained(base, probe, seconds):
+    """Creates offered at half the HTTP+Redis probe's rate for `seconds`, the worker
+    persisting and indexing beside the API: the rate the whole system keeps up with.
+
+    Both groups' queues are sampled every 0.5 s. Over the second half of the run (the
+    first is warm-up), a queue growing by g entries/s means that the system finishes g/s
+    fewer messages than it accepts: the sustained rate is the accepted rate less the
+    growth of the faster-growing queue. wrk paces each connection (10 ms between a reply
+    and the next request), with enough connections for the offered rate."""
+    offered = probe * 0.5
+    delay = 10
+    conns = max(8, round(offered * (delay + 2) / 1000))
+    samples = []
+    sampler = _Sampler(lambda: samples.append((time.time(), *group_lags())))
+    result = wrk(f"sustained: creates offered at ~{offered:,.0f}/s (0.5× probe) for {seconds}s",
+                 lua_post(f'"{base}/" .. math.random(1000) .. "/messages"', body_expr(), delay_ms=delay),
+                 seconds, connections=conns)
+    sampler.stop()
+    late = [s for s in samples if samples and s[0] >= samples[0][0] + seconds / 2]
+    growth = {"persist": slope([(t, p) for t, p, _ in late]), "index": slope([(t, i) for t, _, i in late])}
+    held = max(0.0, result["rps"] - max(0.0, *growth.values()))
+    log(f"sustained: accepted {result['rps']:,.0f}/s; queues grew by {growth['persist']:,.0f}/s (persist) and "
+        f"{growth['index']:,.0f}/s (index) over the last {seconds / 2:g}s; persisted and indexed {held:,.0f}/s "
+        f"= {held / probe:.2f}× probe")
+    return {"result": result, "rps": held, "ratio": held / probe, "growth_persist": growth["persist"],
+            "growth_index": growth["index"], "queue_end": samples[-1][1:] if samples else None}
+
+
 def drain_with_cpu(stack, token, count, name):
     """Stops the worker, queues `count` messages, starts a worker and times the drain,
     with the CPU each part spends per message. Returns (persist/s, index/s, cpu, backlog)."""
@@ -402,6 +446,9 @@ def drain_with_cpu(stack, token, count, name):
     log(f"queueing a backlog of {count:,} messages")
     fill_backlog(token, count)
     backlog = group_lag("persist")
+    left = {g["name"]: g["pending"] for g in queue_status()["groups"]}
+    log(f"backlog: {backlog:,} entries; delivered to the stopped worker and not acknowledged: "
+        + ", ".join(f"{n} {p:,}" for n, p in sorted(left.items())))
     wait_until("Redis's append-only file rewrite", lambda: "aof_rewrite_in_progress:0" in redis("INFO", "persistence"), 300, 0.2)
     stack.start(name, "worker", WORKER_METRICS_BIND=WORKER_METRICS)
     wait_until("the draining worker", lambda: http_ok(WORKER_METRICS), 60, 0.02)
@@ -439,6 +486,14 @@ def search_only(stack, token, quick):
     (out / "search.md").write_text(text)
     (out / "search.json").write_text(json.dumps({"results": results, "figures": figures}, indent=1))
     print(text)
+
+
+def sustained_row(held):
+    if not held:
+        return ""
+    return (f"| sustained: creates persisted and indexed / HTTP+Redis ceiling (accepted "
+            f"{held['result']['rps']:,.0f}/s; queues grew {held['growth_persist']:,.0f}/s persist, "
+            f"{held['growth_index']:,.0f}/s index) | {held['ratio']:.2f}× | ≥ 0.5× |")
 
 
 def search_figure_rows(f):
@@ -698,6 +753,12 @@ delay = function() return {delay} end
 """
         results.append(wrk(f"mixed 70/20/10 at ~{conns * 1000 / delay:,.0f}/s", mixed_lua, d * 2, connections=conns))
 
+        # Sustained: creates offered at half the probe's rate, persisted and indexed beside.
+        wait_until("the queue to drain", lambda: group_lag("persist") == 0 and group_lag("index") == 0, 300, 0.2)
+        held = sustained(base, figures.get("probe_ceiling") or figures["create_alone_rps"], steady_s // 2)
+        results.append(held["result"])
+        figures["sustained"] = held
+
         figures["rss_api"] = rss_kib(stack.procs["api"].pid)
         figures["rss_worker_load"] = rss_kib(stack.procs["worker"].pid)
 
@@ -919,6 +980,7 @@ def write_results(results, f, quick):
               f"| create message, API alone / HTTP+Redis ceiling | {f['create_alone_rps'] / probe:.0%} | ≥ 60% |" if probe and f.get("create_alone_rps") else "",
               *read_target_rows(f),
               f"| create message with the worker persisting and indexing beside it / HTTP+Redis ceiling | {f['create_rps'] / probe:.0%} | |" if probe and f.get("create_rps") else "",
+              sustained_row(f.get("sustained")),
               f"| steady: create p99 | {fmt(steady.get('p99_ms'), ' ms', 2)} | ≤ 5 ms |",
               f"| steady: persistence lag p50 / p99 | {fmt(f.get('persist_lag_seconds_p50'), ' ms', 1)} / {fmt(f.get('persist_lag_seconds_p99'), ' ms', 1)} | p99 ≤ 250 ms |",
               f"| steady: indexing lag p50 / p99 | {fmt(f.get('index_lag_seconds_p50'), ' ms', 1)} / {fmt(f.get('index_lag_seconds_p99'), ' ms', 1)} | p99 ≤ 1 s |",

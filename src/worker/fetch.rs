@@ -84,7 +84,20 @@ impl Inbox {
         }
         batch
     }
+
+    /// Once the shutdown has begun: the next batch of what the fetchers read ahead. What
+    /// they read is pending under this process's consumer name, which no later process
+    /// has, so left unhandled it would wait `WORKER_CLAIM_IDLE` to be taken over. Each
+    /// fetcher hands over the read under way (it blocks `FETCH_BLOCK` at most) and
+    /// stops; empty once every fetcher has stopped and nothing is left, or after
+    /// `REST_WAIT`.
+    pub async fn rest(&self, max: usize) -> Vec<Delivered> {
+        self.next(max, REST_WAIT).await
+    }
 }
+
+/// Longest a stopping consumer waits for the fetchers' last reads.
+const REST_WAIT: Duration = Duration::from_secs(5);
 
 struct Fetcher {
     store: Store,
@@ -122,10 +135,11 @@ impl Fetcher {
                 }
                 Ok(entries) => {
                     backoff = Duration::from_millis(100);
+                    // Handed over even once the shutdown has begun: the consumers finish
+                    // what was read before they stop (`Inbox::rest`).
                     for chunk in batches(entries, self.batch) {
-                        tokio::select! {
-                            sent = self.tx.send(chunk) => if sent.is_err() { return },
-                            _ = shutdown.changed() => return,
+                        if self.tx.send(chunk).await.is_err() {
+                            return;
                         }
                     }
                     // Own entries are read again from the start until none is left:

@@ -230,8 +230,8 @@ impl Worker {
         }
     }
 
-    /// Runs until `shutdown` turns true; the batch in hand is finished and acknowledged
-    /// first.
+    /// Runs until `shutdown` turns true; the batch in hand, and whatever else this
+    /// process has read from the queue, is finished and acknowledged first.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let inbox = match self.inbox.clone() {
             Some(inbox) => inbox,
@@ -338,10 +338,19 @@ impl Worker {
                 }
             }
         }
-        if !in_hand.is_empty()
-            && let Err(e) = self.process(&mut in_hand).await
-        {
-            tracing::warn!(error = %e, "could not finish the batch in hand; it will be redelivered");
+        // The batch in hand, then what the fetchers read ahead (see `Inbox::rest`).
+        loop {
+            if in_hand.is_empty() {
+                in_hand = inbox.rest(self.config.batch_size).await;
+            }
+            if in_hand.is_empty() {
+                break;
+            }
+            if let Err(e) = self.process(&mut in_hand).await {
+                tracing::warn!(error = %e, "could not finish the entries read; they will be taken over");
+                break;
+            }
+            in_hand.clear();
         }
         if let Err(e) = self.flush_index(true).await {
             tracing::warn!(error = %e, "could not commit the last indexed entries; they will be redelivered");

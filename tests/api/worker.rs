@@ -692,3 +692,57 @@ async fn persisting_releases_each_pending_record_only_at_the_version_it_holds() 
     assert_eq!(after_one[&2], before_one[&2]);
     assert!(records(hash_two.clone()).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_stopping_worker_finishes_what_it_read_ahead_and_leaves_nothing_pending() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    for i in 0..300 {
+        app.message(&token, chat, &format!("m{i}")).await;
+    }
+    // Batches of 5: the fetcher reads ahead of the consumer by several batches.
+    let config = chat_system::config::WorkerConfig {
+        batch_size: 5,
+        ..worker_config()
+    };
+    let worker = build_worker(app.store.clone(), &app.store_config, &config, Role::Persist)
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(worker.run(stopped));
+    eventually(
+        Duration::from_secs(10),
+        "a first batch persisted",
+        || async { app.unpersisted().await < 300 },
+    )
+    .await;
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    // What it had read is persisted and acknowledged: nothing waits for
+    // WORKER_CLAIM_IDLE under the name of a process that is gone.
+    let status = app.store.queue.status(&[]).await.unwrap();
+    let persist = status
+        .groups
+        .iter()
+        .find(|g| g.name == chat_system::worker::PERSIST_GROUP)
+        .unwrap();
+    assert_eq!(
+        persist.pending, 0,
+        "entries left pending by the stopped worker"
+    );
+    // Every message is persisted or not read yet: none was acknowledged unpersisted.
+    let persisted = app.scalar("SELECT COUNT(*) FROM messages").await as u64;
+    let unread = persist.lag;
+    assert_eq!(persisted + unread, 300);
+    assert!(persisted > 5, "only the batch in hand was persisted");
+    let _worker = app.spawn_worker().await;
+    eventually(
+        Duration::from_secs(10),
+        "the rest to be persisted",
+        || async {
+            app.scalar("SELECT COUNT(*) FROM messages").await == 300 && app.unpersisted().await == 0
+        },
+    )
+    .await;
+}
