@@ -6,10 +6,10 @@
 -- A hash of several records takes one HMGET and at most one HDEL for all of them.
 -- Answers how many records were deleted.
 
--- The record starts with `version|` (compared in place, without building strings).
+-- The record starts with `version|`.
 local function holds(record, version)
   return record and string.byte(record, #version + 1) == 124
-    and string.find(record, version, 1, true) == 1
+    and string.sub(record, 1, #version) == version
 end
 
 local released, at = 0, 1
