@@ -698,14 +698,44 @@ async fn persisting_releases_each_pending_record_only_at_the_version_it_holds() 
     assert!(records(hash_two.clone()).await.is_empty());
 }
 
-#[tokio::test]
-async fn a_stopping_worker_finishes_what_it_read_ahead_and_leaves_nothing_pending() {
+/// An application whose one chat has 300 messages queued, none persisted.
+async fn three_hundred_queued() -> TestApp {
     let app = TestApp::spawn().await;
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     for i in 0..300 {
         app.message(&token, chat, &format!("m{i}")).await;
     }
+    app
+}
+
+/// A group's entries delivered and not acknowledged, and not delivered yet.
+async fn group_state(app: &TestApp, group: &str) -> (u64, u64) {
+    let status = app.store.queue.status(&[]).await.unwrap();
+    let g = status.groups.into_iter().find(|g| g.name == group).unwrap();
+    (g.pending, g.lag)
+}
+
+/// Every message is persisted or not read yet: none was acknowledged unpersisted. Then a
+/// worker persists the rest.
+async fn none_acknowledged_unpersisted(app: &TestApp) {
+    let (_, unread) = group_state(app, chat_system::worker::PERSIST_GROUP).await;
+    let persisted = app.scalar("SELECT COUNT(*) FROM messages").await as u64;
+    assert_eq!(persisted + unread, 300);
+    let _worker = app.spawn_worker().await;
+    eventually(
+        Duration::from_secs(10),
+        "the rest to be persisted",
+        || async {
+            app.scalar("SELECT COUNT(*) FROM messages").await == 300 && app.unpersisted().await == 0
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_stopping_worker_finishes_what_it_read_ahead_and_leaves_nothing_pending() {
+    let app = three_hundred_queued().await;
     // The persisting consumer, slower than its fetcher (a transaction per batch), always
     // has entries read ahead when it stops: without the drain at shutdown, 25 are left
     // pending. The indexing one is faster, and may have none; its run checks that the
@@ -725,53 +755,30 @@ async fn a_stopping_worker_finishes_what_it_read_ahead_and_leaves_nothing_pendin
             .unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let running = tokio::spawn(worker.run(stopped));
-        let unfinished = || async {
-            let status = app.store.queue.status(&[]).await.unwrap();
-            let g = status.groups.into_iter().find(|g| g.name == group).unwrap();
-            (g.pending, g.lag)
-        };
         // Stopped as soon as the fetcher has read ahead (two reads or more), however far
         // the consumer has got.
         eventually(
             Duration::from_secs(10),
             "the fetcher to read ahead",
-            || async { unfinished().await.1 <= 290 },
+            || async { group_state(&app, group).await.1 <= 290 },
         )
         .await;
         stop.send(true).unwrap();
         running.await.unwrap();
         // What it had read is handled and acknowledged: nothing waits for
         // WORKER_CLAIM_IDLE under the name of a process that is gone.
-        let (pending, unread) = unfinished().await;
+        let (pending, _) = group_state(&app, group).await;
         assert_eq!(
             pending, 0,
             "{group}: entries left pending by the stopped worker"
         );
-        if matches!(group, "persist") {
-            // Every message is persisted or not read yet: none acknowledged unpersisted.
-            let persisted = app.scalar("SELECT COUNT(*) FROM messages").await as u64;
-            assert_eq!(persisted + unread, 300);
-        }
     }
-    let _worker = app.spawn_worker().await;
-    eventually(
-        Duration::from_secs(10),
-        "the rest to be persisted",
-        || async {
-            app.scalar("SELECT COUNT(*) FROM messages").await == 300 && app.unpersisted().await == 0
-        },
-    )
-    .await;
+    none_acknowledged_unpersisted(&app).await;
 }
 
 #[tokio::test]
 async fn a_stopping_worker_process_with_several_consumers_leaves_nothing_pending() {
-    let app = TestApp::spawn().await;
-    let token = app.application("a").await;
-    let chat = app.chat(&token).await;
-    for i in 0..300 {
-        app.message(&token, chat, &format!("m{i}")).await;
-    }
+    let app = three_hundred_queued().await;
     // As `chat-system worker` runs them: three persisting consumers share one inbox.
     let config = chat_system::config::WorkerConfig {
         batch_size: 5,
@@ -788,15 +795,6 @@ async fn a_stopping_worker_process_with_several_consumers_leaves_nothing_pending
     )
     .await
     .unwrap();
-    let persist_group = || async {
-        let status = app.store.queue.status(&[]).await.unwrap();
-        let g = status
-            .groups
-            .into_iter()
-            .find(|g| g.name == chat_system::worker::PERSIST_GROUP)
-            .unwrap();
-        (g.pending, g.lag)
-    };
     // A few batches in, the fetchers have filled the inbox ahead of the consumers.
     eventually(
         Duration::from_secs(10),
@@ -812,16 +810,5 @@ async fn a_stopping_worker_process_with_several_consumers_leaves_nothing_pending
     for group in &status.groups {
         assert_eq!(group.pending, 0, "{}: entries left pending", group.name);
     }
-    let (_, unread) = persist_group().await;
-    let persisted = app.scalar("SELECT COUNT(*) FROM messages").await as u64;
-    assert_eq!(persisted + unread, 300);
-    let _worker = app.spawn_worker().await;
-    eventually(
-        Duration::from_secs(10),
-        "the rest to be persisted",
-        || async {
-            app.scalar("SELECT COUNT(*) FROM messages").await == 300 && app.unpersisted().await == 0
-        },
-    )
-    .await;
+    none_acknowledged_unpersisted(&app).await;
 }
