@@ -580,9 +580,7 @@ async fn entries_a_frozen_transaction_holds_back_do_not_stop_the_stream_being_tr
     eventually(
         Duration::from_secs(10),
         "the held entries to be persisted once the row is free",
-        || async {
-            app.scalar("SELECT COUNT(*) FROM messages").await == 5 && app.unpersisted().await == 0
-        },
+        || async { all_persisted(&app, 5).await },
     )
     .await;
 }
@@ -598,7 +596,7 @@ async fn a_transaction_left_open_by_a_frozen_worker_is_rolled_back_and_its_entri
     let _worker = app.spawn_worker().await; // WORKER_CLAIM_IDLE = 1s
     // Nothing lets the stalled transaction go but the server's idle timeout.
     let taken_over = within(Duration::from_secs(15), || async {
-        app.scalar("SELECT COUNT(*) FROM messages").await == 5 && app.unpersisted().await == 0
+        all_persisted(&app, 5).await
     })
     .await;
     let committed = stalled.commit().await;
@@ -698,6 +696,11 @@ async fn persisting_releases_each_pending_record_only_at_the_version_it_holds() 
     assert!(records(hash_two.clone()).await.is_empty());
 }
 
+/// Whether exactly `messages` messages are persisted and nothing is left to persist.
+async fn all_persisted(app: &TestApp, messages: i64) -> bool {
+    app.scalar("SELECT COUNT(*) FROM messages").await == messages && app.unpersisted().await == 0
+}
+
 /// An application whose one chat has 300 messages queued, none persisted.
 async fn three_hundred_queued() -> TestApp {
     let app = TestApp::spawn().await;
@@ -726,9 +729,7 @@ async fn none_acknowledged_unpersisted(app: &TestApp) {
     eventually(
         Duration::from_secs(10),
         "the rest to be persisted",
-        || async {
-            app.scalar("SELECT COUNT(*) FROM messages").await == 300 && app.unpersisted().await == 0
-        },
+        || async { all_persisted(app, 300).await },
     )
     .await;
 }
