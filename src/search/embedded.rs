@@ -8,6 +8,8 @@
 //! rather than hold a search slot. A search can be shared among threads
 //! ([`EmbeddedIndex::search_on`]): the chat's documents are cut into shares of about
 //! as many documents each, and the shares' best matches are merged.
+//! A complete scan of a part of a segment that tested many candidates keeps its
+//! matches in the [`super::matches`] cache, which answers the same search again.
 //!
 //! Tantivy allows one writer per index: the process that gets it indexes, the others on
 //! the same host only read (their reader reloads when the writer commits). The writer's
@@ -36,6 +38,7 @@ use tantivy::{
 
 use super::grams::{FoldedGrams, TermPlan};
 use super::identity::Membership;
+use super::matches::{self, Asked, MatchCache, PartKey};
 use super::{MessageDoc, SearchError, SearchQuery};
 use crate::resources::{from_micros, to_micros};
 
@@ -97,6 +100,8 @@ pub struct EmbeddedIndex {
     budget: Duration,
     /// Chats whose searches took longer than a slice lately, and when.
     heavy: Mutex<HashMap<(String, u64), Instant>>,
+    /// The matches of heavy scans, per part of a segment.
+    matches: MatchCache,
 }
 
 /// The index writer and the versions of the documents added since its last commit
@@ -231,6 +236,7 @@ impl EmbeddedIndex {
             _sweeper: sweeper,
             budget: DEFAULT_BUDGET,
             heavy: Mutex::new(HashMap::new()),
+            matches: MatchCache::new(matches::BUDGET),
         };
         if writer && !this.try_take_writer()? {
             tracing::warn!(dir = %dir.display(), "another process holds the search index writer; this one only reads");
@@ -478,6 +484,11 @@ impl EmbeddedIndex {
         threads: usize,
     ) -> Result<Vec<MessageDoc>, SearchError> {
         let plans: Vec<TermPlan> = query.terms.iter().map(|t| TermPlan::of(t)).collect();
+        let search = Search {
+            query,
+            plans: &plans,
+            asked: Arc::new(Asked::new(&query.token, query.chat, &query.terms)),
+        };
         let wanted = query.limit as usize + 1;
         let searcher = self.reader.searcher();
         let segments = searcher.segment_readers();
@@ -506,7 +517,7 @@ impl EmbeddedIndex {
             while let Some(share) = shares.get(next.fetch_add(1, Ordering::Relaxed)) {
                 for part in share {
                     let segment = &segments[part.ordinal as usize];
-                    self.search_segment(segment, part, query, &plans, clock, &mut best)?;
+                    self.search_segment(segment, part, &search, clock, &mut best)?;
                 }
             }
             Ok::<_, SearchError>(best.heap.into_vec())
@@ -620,17 +631,42 @@ impl EmbeddedIndex {
         Ok(shares)
     }
 
-    /// Adds the matches of one segment to `best`.
+    /// Adds the matches of one part of a segment to `best`: from the match cache when
+    /// a complete scan of the part was kept, else by scanning it.
     fn search_segment(
         &self,
         segment: &SegmentReader,
         part: &Part,
-        query: &SearchQuery,
-        plans: &[TermPlan],
+        search: &Search,
         clock: &Clock,
         best: &mut Best,
     ) -> Result<(), SearchError> {
         let f = &self.fields;
+        let &Search {
+            query,
+            plans,
+            ref asked,
+        } = search;
+        let numbers = segment.fast_fields().u64("number").map_err(failed)?;
+        let key = PartKey {
+            segment: segment.segment_id(),
+            from: part.from,
+            to: part.to,
+            asked: Arc::clone(asked),
+        };
+        if let Some(kept) = self.matches.get(&key) {
+            let mut below = best.below();
+            for &doc in kept.iter() {
+                if !segment.is_deleted(doc)
+                    && let Some(number) = numbers.first(doc)
+                    && number > query.after
+                    && number < below
+                {
+                    below = best.offer(number, part.ordinal, doc);
+                }
+            }
+            return Ok(());
+        }
         let basic = IndexRecordOption::Basic;
         let body = segment.inverted_index(f.body).map_err(failed)?;
         // The documents of the chat: every candidate is in each of these lists.
@@ -697,10 +733,12 @@ impl EmbeddedIndex {
                 }
             }
         }
-        let numbers = segment.fast_fields().u64("number").map_err(failed)?;
         let mut below = best.below();
         let mut positions = PhraseBuffers::default();
         let mut examined = 0u32;
+        // Every match of the part, until a candidate goes untested because its number
+        // is outside the page: then the scan is not complete, and is not kept.
+        let mut complete = Some(Vec::new());
         let mut doc = lists[0].doc();
         if doc < part.from {
             doc = lists[0].seek(part.from);
@@ -708,22 +746,33 @@ impl EmbeddedIndex {
         loop {
             doc = intersect(&mut lists, doc, clock)?;
             if doc >= part.to {
+                if let Some(found) = complete
+                    && examined >= matches::MIN_CANDIDATES
+                {
+                    self.matches.keep(key, &found);
+                }
                 return Ok(());
             }
             examined += 1;
             if examined.is_multiple_of(CLOCK_EVERY) {
                 clock.check()?;
             }
-            if !segment.is_deleted(doc)
-                && let Some(number) = numbers.first(doc)
-                && number > query.after
-                && number < below
-                && phrases
-                    .iter()
-                    .all(|phrase| positions.phrase_at(&mut lists, phrase))
-                && prefixes.iter_mut().all(|prefix| prefix.contains(doc))
-            {
-                below = best.offer(number, part.ordinal, doc);
+            if !segment.is_deleted(doc) {
+                match numbers.first(doc) {
+                    Some(number) if number > query.after && number < below => {
+                        if phrases
+                            .iter()
+                            .all(|phrase| positions.phrase_at(&mut lists, phrase))
+                            && prefixes.iter_mut().all(|prefix| prefix.contains(doc))
+                        {
+                            if let Some(found) = &mut complete {
+                                found.push(doc);
+                            }
+                            below = best.offer(number, part.ordinal, doc);
+                        }
+                    }
+                    _ => complete = None,
+                }
             }
             doc = lists[0].advance();
         }
@@ -749,6 +798,11 @@ impl EmbeddedIndex {
         })
     }
 
+    /// The match cache of this index's searches (for tests and tools).
+    pub fn match_cache(&self) -> &MatchCache {
+        &self.matches
+    }
+
     /// How many times the file cache has been swept (for tests and tools).
     pub fn file_cache_sweeps(&self) -> u64 {
         self.sweeps.load(Ordering::Relaxed)
@@ -762,6 +816,15 @@ impl EmbeddedIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// One search, as each part of it is searched.
+struct Search<'a> {
+    query: &'a SearchQuery,
+    /// How each term is looked up.
+    plans: &'a [TermPlan],
+    /// What the match cache knows the search by.
+    asked: Arc<Asked>,
 }
 
 /// The documents `from..to` of one segment.
@@ -1226,6 +1289,64 @@ mod tests {
                 );
             }
         }
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// 3,000 bodies of the chat that hold every gram of `abcdabcd` but not the term,
+    /// and the term itself in the bodies of the numbers `matching`, in one segment.
+    fn heavy_chat(matching: impl Fn(u64) -> bool) -> (std::path::PathBuf, EmbeddedIndex) {
+        let (dir, index) = scratch_index(&format!("heavy-{}", matching(0)));
+        let docs = (1..=3000)
+            .map(|n| {
+                let body = if matching(n) {
+                    "abcd abcdabcd"
+                } else {
+                    "abcd cdab abcd cdab"
+                };
+                message(1, n, body)
+            })
+            .collect();
+        index.index(docs).unwrap();
+        (dir, index)
+    }
+
+    #[test]
+    fn a_complete_heavy_scan_is_kept_and_answers_the_same_search_again() {
+        let (dir, index) = heavy_chat(|n| n == 500 || n == 1500);
+        let cache = index.match_cache();
+        let q = query(1, &["abcdabcd"], 0, 50);
+        assert_eq!(numbers(index.search(&q).unwrap()), [500, 1500]);
+        assert_eq!(cache.usage().0, 1);
+        assert_eq!(cache.hits(), 0);
+        assert_eq!(numbers(index.search(&q).unwrap()), [500, 1500]);
+        assert_eq!(cache.hits(), 1);
+        // A search shared among threads keeps its parts, and finds the same again.
+        assert_eq!(numbers(index.search_on(&q, 2).unwrap()), [500, 1500]);
+        let parts = cache.usage().0 - 1;
+        assert!(parts > 1, "{parts} parts kept");
+        assert_eq!(numbers(index.search_on(&q, 2).unwrap()), [500, 1500]);
+        assert_eq!(cache.hits(), 1 + parts as u64);
+        // A replaced version is left out of what was kept; a newer segment is scanned.
+        let mut replaced = message(1, 500, "no longer");
+        replaced.version += 1;
+        index
+            .index(vec![replaced, message(1, 3500, "abcdabcd")])
+            .unwrap();
+        assert_eq!(numbers(index.search(&q).unwrap()), [1500, 3500]);
+        assert_eq!(cache.hits(), 2 + parts as u64);
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_scan_that_stopped_testing_at_a_full_page_is_not_kept() {
+        let (dir, index) = heavy_chat(|n| n % 10 == 0);
+        let first = query(1, &["abcdabcd"], 0, 4);
+        assert_eq!(numbers(index.search(&first).unwrap()), [10, 20, 30, 40, 50]);
+        let next = query(1, &["abcdabcd"], 50, 4);
+        assert_eq!(numbers(index.search(&next).unwrap()), [60, 70, 80, 90, 100]);
+        assert_eq!(index.match_cache().usage(), (0, 0));
         drop(index);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -19,6 +19,7 @@ pub mod embedded;
 pub mod fold;
 pub mod grams;
 pub mod identity;
+pub mod matches;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
