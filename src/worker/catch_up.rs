@@ -14,6 +14,8 @@
 //! 3. the catch-up mark is removed. A worker that dies during step 2 finds the mark at
 //!    its next start and does step 2 again.
 
+use futures_util::future::join_all;
+
 use crate::search::Search;
 use crate::store::mysql::{self, MessageCursor};
 use crate::store::queue::{Shard, version_of};
@@ -26,10 +28,29 @@ const CATCH_UP_BATCH: u32 = 5_000;
 impl Worker {
     /// Index role: catches up from MySQL in every shard whose stream was trimmed past
     /// this group. Returns the number of messages indexed from MySQL.
+    ///
+    /// Every shard's marks are read at once, one round trip in all (read shard after
+    /// shard, they held up the indexer, the group's one consumer, for up to half a
+    /// second at every round under load); only a shard with a mark is then caught up.
     pub(super) async fn catch_up_index(&mut self, search: &Search) -> Result<u64, WorkerError> {
+        let queue = &self.store.queue;
+        let marks = join_all(queue.keys.shards().map(|shard| async move {
+            let marks = async {
+                let in_progress = queue.index_catch_up_in_progress(shard).await?;
+                let gap = in_progress.is_none() && queue.index_gap_marked(shard).await?;
+                Ok::<_, redis::RedisError>((in_progress, gap))
+            };
+            (shard, marks.await)
+        }))
+        .await;
         let (mut indexed, mut outcome) = (0, Ok(()));
-        for shard in self.store.queue.keys.shards() {
-            match self.catch_up_shard(search, shard).await {
+        for (shard, marks) in marks {
+            let result = match marks {
+                Ok((None, false)) => Ok(0),
+                Ok((in_progress, _)) => self.catch_up_shard(search, shard, in_progress).await,
+                Err(e) => Err(e.into()),
+            };
+            match result {
                 Ok(n) => indexed += n,
                 Err(e) => super::maintenance::first_error(&mut outcome, Err(e)),
             }
@@ -37,9 +58,16 @@ impl Worker {
         outcome.map(|()| indexed)
     }
 
-    async fn catch_up_shard(&mut self, search: &Search, shard: Shard) -> Result<u64, WorkerError> {
+    /// Catches up one shard: `in_progress` is where a catch-up already under way
+    /// starts; without one, the shard's gap mark (if still there) starts one.
+    async fn catch_up_shard(
+        &mut self,
+        search: &Search,
+        shard: Shard,
+        in_progress: Option<String>,
+    ) -> Result<u64, WorkerError> {
         let queue = &self.store.queue;
-        let from = match queue.index_catch_up_in_progress(shard).await? {
+        let from = match in_progress {
             Some(from) => from,
             None => {
                 if !queue.index_gap_marked(shard).await? {

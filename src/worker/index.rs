@@ -31,7 +31,9 @@ impl Worker {
         if !due {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         search.commit().await?;
+        metrics::histogram!("search_index_commit_seconds").record(started.elapsed().as_secs_f64());
         let mut by_shard: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
         for item in &self.unacked {
             by_shard.entry(item.shard).or_default().push(item.id());

@@ -219,7 +219,12 @@ impl Worker {
     /// backlog, up to `INDEX_YIELD_MAX`.
     async fn yield_to_persistence(&self, shutdown: &mut watch::Receiver<bool>) {
         if matches!(self.role, Role::Index(_)) {
+            let started = tokio::time::Instant::now();
             self.backlog.wait_out(INDEX_YIELD_MAX, shutdown).await;
+            let waited = started.elapsed();
+            if !waited.is_zero() {
+                metrics::histogram!("worker_index_yield_seconds").record(waited.as_secs_f64());
+            }
         }
     }
 
