@@ -606,8 +606,9 @@ def sustained_row(first):
     if not first:
         return ""
     held = first.get("held")
-    kept = (f"kept up with {held['fraction']:g}× ({held['result']['rps']:,.0f}/s accepted)" if held
-            else f"kept up with none of {', '.join(f'{f:g}×' for f in SUSTAINED_FRACTIONS)}")
+    kept = (f"the queues kept up with what was accepted when offered {held['fraction']:g}× "
+            f"({held['result']['rps']:,.0f}/s)" if held
+            else f"the queues grew at each of {', '.join(f'{f:g}×' for f in SUSTAINED_FRACTIONS)}")
     return (f"| sustained: creates persisted and indexed / HTTP+Redis ceiling, offered 0.5× (accepted "
             f"{first['result']['rps']:,.0f}/s; queues grew {first['growth_persist']:,.0f}/s persist, "
             f"{first['growth_index']:,.0f}/s index); {kept} | {first['ratio']:.2f}× | ≥ 0.5× |")
