@@ -483,6 +483,17 @@ impl EmbeddedIndex {
         clock: &Clock,
         threads: usize,
     ) -> Result<Vec<MessageDoc>, SearchError> {
+        self.run_on(self.reader.searcher(), query, clock, threads)
+    }
+
+    /// [`Self::run`] on one snapshot of the index.
+    fn run_on(
+        &self,
+        searcher: Searcher,
+        query: &SearchQuery,
+        clock: &Clock,
+        threads: usize,
+    ) -> Result<Vec<MessageDoc>, SearchError> {
         let plans: Vec<TermPlan> = query.terms.iter().map(|t| TermPlan::of(t)).collect();
         let search = Search {
             query,
@@ -490,7 +501,6 @@ impl EmbeddedIndex {
             asked: Arc::new(Asked::new(&query.token, query.chat, &query.terms)),
         };
         let wanted = query.limit as usize + 1;
-        let searcher = self.reader.searcher();
         let segments = searcher.segment_readers();
         let shares = if threads > 1 {
             self.shares(segments, query, threads * SHARES_PER_THREAD)?
@@ -757,7 +767,11 @@ impl EmbeddedIndex {
             if examined.is_multiple_of(CLOCK_EVERY) {
                 clock.check()?;
             }
-            if !segment.is_deleted(doc) {
+            let live = !segment.is_deleted(doc);
+            // While the scan is complete, a deleted document is tested too: what is kept
+            // must hold for every snapshot of the segment, and a search on an older one
+            // (begun before the commit that deleted it) still has it live.
+            if live || complete.is_some() {
                 match numbers.first(doc) {
                     Some(number) if number > query.after && number < below => {
                         if phrases
@@ -768,7 +782,9 @@ impl EmbeddedIndex {
                             if let Some(found) = &mut complete {
                                 found.push(doc);
                             }
-                            below = best.offer(number, part.ordinal, doc);
+                            if live {
+                                below = best.offer(number, part.ordinal, doc);
+                            }
                         }
                     }
                     _ => complete = None,
@@ -1335,6 +1351,26 @@ mod tests {
             .unwrap();
         assert_eq!(numbers(index.search(&q).unwrap()), [1500, 3500]);
         assert_eq!(cache.hits(), 2 + parts as u64);
+        drop(index);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_a_newer_snapshot_kept_serves_a_search_on_an_older_one() {
+        let (dir, index) = heavy_chat(|n| n == 500 || n == 1500);
+        let q = query(1, &["abcdabcd"], 0, 50);
+        // A search that took its snapshot before message 500 was replaced...
+        let older = index.reader.searcher();
+        let mut replaced = message(1, 500, "no longer");
+        replaced.version += 1;
+        index.index(vec![replaced]).unwrap();
+        // ...reaches the segment after a search on the newer snapshot kept its matches.
+        assert_eq!(numbers(index.search(&q).unwrap()), [1500]);
+        assert_eq!(index.match_cache().usage().0, 1);
+        let clock = Clock::start(Duration::from_secs(5));
+        let found = index.run_on(older, &q, &clock, 1).unwrap();
+        assert_eq!(index.match_cache().hits(), 1);
+        assert_eq!(numbers(found), [500, 1500]);
         drop(index);
         let _ = std::fs::remove_dir_all(&dir);
     }

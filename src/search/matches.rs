@@ -13,7 +13,9 @@
 //! Only what is costly and complete is kept ([`MIN_CANDIDATES`], [`MatchCache::keep`]):
 //! a scan that tested every candidate of its part, at least that many, and found few
 //! enough matches. A scan that stopped testing once its page was full knows only the
-//! first matches, and is not kept. A search with a term never seen (an attacker varying
+//! first matches, and is not kept. While it may be kept, a scan tests deleted documents
+//! too (and keeps those that match): a search that took its snapshot before their
+//! deletion still has them live, and checks the deletions of its own snapshot. A search with a term never seen (an attacker varying
 //! the term, say) costs what it costs without the cache: the cache spares repeats
 //! (clients polling a search, many users searching the same words, pages after the
 //! first), not the first search of a term.
