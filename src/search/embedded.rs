@@ -1311,8 +1311,11 @@ mod tests {
 
     /// 3,000 bodies of the chat that hold every gram of `abcdabcd` but not the term,
     /// and the term itself in the bodies of the numbers `matching`, in one segment.
-    fn heavy_chat(matching: impl Fn(u64) -> bool) -> (std::path::PathBuf, EmbeddedIndex) {
-        let (dir, index) = scratch_index(&format!("heavy-{}", matching(0)));
+    fn heavy_chat(
+        name: &str,
+        matching: impl Fn(u64) -> bool,
+    ) -> (std::path::PathBuf, EmbeddedIndex) {
+        let (dir, index) = scratch_index(name);
         let docs = (1..=3000)
             .map(|n| {
                 let body = if matching(n) {
@@ -1329,7 +1332,7 @@ mod tests {
 
     #[test]
     fn a_complete_heavy_scan_is_kept_and_answers_the_same_search_again() {
-        let (dir, index) = heavy_chat(|n| n == 500 || n == 1500);
+        let (dir, index) = heavy_chat("heavy-kept", |n| n == 500 || n == 1500);
         let cache = index.match_cache();
         let q = query(1, &["abcdabcd"], 0, 50);
         assert_eq!(numbers(index.search(&q).unwrap()), [500, 1500]);
@@ -1357,7 +1360,7 @@ mod tests {
 
     #[test]
     fn what_a_newer_snapshot_kept_serves_a_search_on_an_older_one() {
-        let (dir, index) = heavy_chat(|n| n == 500 || n == 1500);
+        let (dir, index) = heavy_chat("heavy-older", |n| n == 500 || n == 1500);
         let q = query(1, &["abcdabcd"], 0, 50);
         // A search that took its snapshot before message 500 was replaced...
         let older = index.reader.searcher();
@@ -1377,7 +1380,7 @@ mod tests {
 
     #[test]
     fn a_scan_that_stopped_testing_at_a_full_page_is_not_kept() {
-        let (dir, index) = heavy_chat(|n| n % 10 == 0);
+        let (dir, index) = heavy_chat("heavy-full-page", |n| n % 10 == 0);
         let first = query(1, &["abcdabcd"], 0, 4);
         assert_eq!(numbers(index.search(&first).unwrap()), [10, 20, 30, 40, 50]);
         let next = query(1, &["abcdabcd"], 50, 4);

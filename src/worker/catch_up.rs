@@ -59,20 +59,17 @@ impl Worker {
     }
 
     /// Catches up one shard: `in_progress` is where a catch-up already under way
-    /// starts; without one, the shard's gap mark (if still there) starts one.
+    /// starts; without one, the shard had a gap mark when its marks were read, and the
+    /// catch-up script starts one if the mark is still there.
     async fn catch_up_shard(
         &mut self,
         search: &Search,
         shard: Shard,
         in_progress: Option<String>,
     ) -> Result<u64, WorkerError> {
-        let queue = &self.store.queue;
         let from = match in_progress {
             Some(from) => from,
             None => {
-                if !queue.index_gap_marked(shard).await? {
-                    return Ok(0);
-                }
                 // What this worker holds was read before the reset: commit and
                 // acknowledge it first.
                 self.flush_index(true).await?;

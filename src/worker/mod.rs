@@ -104,15 +104,23 @@ impl Backlog {
             .is_some_and(|at| at.elapsed() < recent)
     }
 
-    /// Waits while the backlog is active, for at most `max` or until shutdown.
-    async fn wait_out(&self, max: Duration, shutdown: &mut watch::Receiver<bool>) {
+    /// Waits while the backlog is active, for at most `max` or until shutdown; how long,
+    /// when it waited at all.
+    async fn wait_out(
+        &self,
+        max: Duration,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Duration> {
         let started = tokio::time::Instant::now();
+        let mut waited = false;
         while self.active(BACKLOG_RECENT) && started.elapsed() < max && !*shutdown.borrow() {
+            waited = true;
             tokio::select! {
                 _ = tokio::time::sleep(INDEX_YIELD_STEP) => {}
                 _ = shutdown.changed() => {}
             }
         }
+        waited.then(|| started.elapsed())
     }
 }
 
@@ -218,13 +226,10 @@ impl Worker {
     /// Index role: waits while this process's persisting consumers work through a
     /// backlog, up to `INDEX_YIELD_MAX`.
     async fn yield_to_persistence(&self, shutdown: &mut watch::Receiver<bool>) {
-        if matches!(self.role, Role::Index(_)) {
-            let started = tokio::time::Instant::now();
-            self.backlog.wait_out(INDEX_YIELD_MAX, shutdown).await;
-            let waited = started.elapsed();
-            if !waited.is_zero() {
-                metrics::histogram!("worker_index_yield_seconds").record(waited.as_secs_f64());
-            }
+        if matches!(self.role, Role::Index(_))
+            && let Some(waited) = self.backlog.wait_out(INDEX_YIELD_MAX, shutdown).await
+        {
+            metrics::histogram!("worker_index_yield_seconds").record(waited.as_secs_f64());
         }
     }
 
