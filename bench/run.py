@@ -13,7 +13,8 @@ BENCH_WORKER_PRIORITY=normal to measure without it, or nice10 for `nice -n 10`.
 `--search` runs only the search section (also part of the full run): the adversarial
 chat (20,000 messages of `"abcd cdab "` × 200, searched for `abcdabcd`, alone and while a
 search of another application is measured beside 8 looping ones), and the drain of a
-backlog with the CPU each part of the system spends per message.
+backlog with the CPU each part of the system spends per message. `--drain N` runs only
+the drain, of N messages, with its progress every half second.
 
 Ports (all on 127.0.0.1), each overridable when taken: BENCH_MYSQL_PORT (default 24306)
 and BENCH_REDIS_PORT (24379) for the private MariaDB and Redis, BENCH_API_PORT (3100),
@@ -569,16 +570,55 @@ def drain_with_cpu(stack, token, count, name):
     wait_until("the draining worker", lambda: http_ok(WORKER_METRICS), 60, 0.02)
     cpu = CpuMeter(stack).start()
     start = time.time()
-    wait_until("the backlog to persist", lambda: group_lag("persist") == 0, 600, 0.1)
-    persisted_s = time.time() - start
-    wait_until("the backlog to be indexed", lambda: group_lag("index") == 0, 900, 0.2)
-    indexed_s = time.time() - start
+    persisted_s, timeline = None, []
+    # Both groups from one status every 0.1 s: each status is a process of its own,
+    # whose CPU the drain would otherwise share.
+    while True:
+        elapsed = time.time() - start
+        persist, index = group_lags()
+        timeline.append((elapsed, persist, index))
+        if persist == 0 and persisted_s is None:
+            persisted_s = elapsed
+        if persist == 0 and index == 0:
+            indexed_s = elapsed
+            break
+        if elapsed > 900:
+            raise SystemExit("bench: timed out waiting for the backlog to be persisted and indexed")
+        time.sleep(0.1)
     per_message = cpu.per_message(backlog)
     log(f"backlog: persisted at {backlog / persisted_s:,.0f}/s, indexed at {backlog / indexed_s:,.0f}/s")
     log_cpu("backlog drain", per_message)
     log("Redis commands per message, backlog drain (calls, µs in Redis): " + ", ".join(
         f"{name} {calls / backlog:.3f}, {usec / backlog:.2f} µs" for name, calls, usec in redis_commands()[:8]))
+    DRAIN_TIMELINE[:] = timeline
     return backlog / persisted_s, backlog / indexed_s, per_message, backlog
+
+
+# The last drain's progress: (seconds since the draining worker started, entries the
+# persisting group has left, entries the indexing group has left).
+DRAIN_TIMELINE = []
+
+
+def drain_only(stack, token, count):
+    """`--drain N`: a backlog of N messages drained by a fresh worker, with the CPU per
+    message and the drain's progress, written to bench/results/drain.md."""
+    persist_rps, index_rps, cpu, backlog = drain_with_cpu(stack, token, count, "worker")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Backlog drain — {stamp}", "", "| measure | figure | target |", "|---|---:|---|"]
+    lines += search_figure_rows(dict(drain_persist_rps=persist_rps, drain_index_rps=index_rps,
+                                     cpu_drain=cpu, backlog=backlog), searched=False)
+    lines += ["", "Progress, every half second: entries left to persist and to index.", "",
+              "| s | to persist | to index |", "|---:|---:|---:|"]
+    shown = -1
+    for t, persist, index in DRAIN_TIMELINE:
+        if int(t * 2) != shown or (persist == 0 and index == 0):
+            shown = int(t * 2)
+            lines.append(f"| {t:.1f} | {persist:,} | {index:,} |")
+    lines += ["", f"Reproduce: `scripts/bench --drain {count}`."]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "drain.md").write_text(text)
+    print(text)
 
 
 def search_only(stack, token, quick):
@@ -614,13 +654,13 @@ def sustained_row(first):
             f"{first['growth_index']:,.0f}/s index); {kept} | {first['ratio']:.2f}× | ≥ 0.5× |")
 
 
-def search_figure_rows(f):
+def search_figure_rows(f, searched=True):
     rows = [f"| search, adversarial chat alone, q=abcdabcd again and again: p99 | "
             f"{fmt(f.get('adversarial_p99_ms'), ' ms', 2)} | ≤ 10 ms |",
             f"| search, adversarial chat alone, a new query each search: p99 | "
             f"{fmt(f.get('adversarial_new_terms_p99_ms'), ' ms', 2)} | ≤ 10 ms |",
             f"| search in another application, 8 adversarial searches looping: p99 | "
-            f"{fmt(f.get('normal_beside_adversarial_p99_ms'), ' ms', 2)} | ≤ 10 ms |"]
+            f"{fmt(f.get('normal_beside_adversarial_p99_ms'), ' ms', 2)} | ≤ 10 ms |"] if searched else []
     if f.get("drain_index_rps"):
         rows.append(f"| backlog of {f.get('backlog', 0):,}: persisted / indexed | {fmt(f.get('drain_persist_rps'), '/s')} / "
                     f"{fmt(f.get('drain_index_rps'), '/s')} | indexed ≥ 60,000/s |")
@@ -677,6 +717,9 @@ def main():
     parser.add_argument("--search", action="store_true",
                         help="instead: only the search section (adversarial chat, backlog drain "
                              "with CPU per message); bench/results/search.md")
+    parser.add_argument("--drain", type=int, metavar="N",
+                        help="instead: only the drain of a backlog of N messages (e.g. 1000000) by a "
+                             "fresh worker, with its progress and the CPU per message; bench/results/drain.md")
     parser.add_argument("--growth", action="store_true",
                         help="instead: the scenarios on a small and on a bulk-loaded grown database "
                              "(bench/growth.py); bench/results/growth.md")
@@ -696,6 +739,8 @@ def main():
     parser.add_argument("--idle-limit", type=int, default=300, metavar="SECONDS",
                         help="--idle-after-load waits at most this long for the system to be idle (300)")
     args = parser.parse_args()
+    if args.drain is not None and args.drain < 1:
+        raise SystemExit("bench: --drain needs a number of messages of at least 1")
     if args.growth and not (args.growth_apps > 10 and args.growth_chats >= args.growth_apps
                             and args.growth_messages >= args.growth_chats):
         raise SystemExit("bench: --growth needs more than 10 applications, at least one chat per "
@@ -763,6 +808,8 @@ def main():
             return soak(stack, base, args.soak)
         if args.search:
             return search_only(stack, token, quick)
+        if args.drain is not None:
+            return drain_only(stack, token, args.drain)
 
         # Ceilings, same machine, same run.
         results.append(wrk("ceiling: HTTP (GET /healthz)", lua_get('"/healthz"'), d))
@@ -913,7 +960,7 @@ delay = function() return {delay} end
     finally:
         stack.stop_all()
         common.deps("stop", deps_env, check=False, quiet=False)
-    if not (args.soak or args.search or args.growth or args.idle_after_load):
+    if not (args.soak or args.search or args.drain is not None or args.growth or args.idle_after_load):
         write_results(results, figures, quick)
 
 

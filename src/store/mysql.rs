@@ -379,23 +379,22 @@ pub async fn upsert_chats<'a>(
     tx: &mut Transaction<'_, MySql>,
     chats: impl IntoIterator<Item = &'a ChatWrite>,
 ) -> sqlx::Result<()> {
-    let mut chats = chats.into_iter().peekable();
-    if chats.peek().is_none() {
-        return Ok(());
+    let chats: Vec<&ChatWrite> = chats.into_iter().collect();
+    for chats in statement_chunks(&chats) {
+        let mut query = QueryBuilder::<MySql>::new(
+            "INSERT INTO chats (application_id, number, title, version, created_at, updated_at) ",
+        );
+        query.push_values(chats, |mut row, c| {
+            row.push_bind(c.app_id)
+                .push_bind(c.number)
+                .push_bind(c.title.as_deref())
+                .push_bind(c.version)
+                .push_bind(naive(c.created_at))
+                .push_bind(naive(c.updated_at));
+        });
+        query.push(CHAT_UPSERT_TAIL);
+        query.build().execute(&mut **tx).await?;
     }
-    let mut query = QueryBuilder::<MySql>::new(
-        "INSERT INTO chats (application_id, number, title, version, created_at, updated_at) ",
-    );
-    query.push_values(chats, |mut row, c| {
-        row.push_bind(c.app_id)
-            .push_bind(c.number)
-            .push_bind(c.title.as_deref())
-            .push_bind(c.version)
-            .push_bind(naive(c.created_at))
-            .push_bind(naive(c.updated_at));
-    });
-    query.push(CHAT_UPSERT_TAIL);
-    query.build().execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -404,25 +403,51 @@ pub async fn upsert_messages<'a>(
     tx: &mut Transaction<'_, MySql>,
     messages: impl IntoIterator<Item = &'a MessageWrite>,
 ) -> sqlx::Result<()> {
-    let mut messages = messages.into_iter().peekable();
-    if messages.peek().is_none() {
-        return Ok(());
+    let messages: Vec<&MessageWrite> = messages.into_iter().collect();
+    for messages in statement_chunks(&messages) {
+        let mut query = QueryBuilder::<MySql>::new(
+            "INSERT INTO messages (application_id, chat_number, number, body, version, created_at, updated_at) ",
+        );
+        query.push_values(messages, |mut row, m| {
+            row.push_bind(m.app_id)
+                .push_bind(m.chat_number)
+                .push_bind(m.number)
+                .push_bind(m.body.as_str())
+                .push_bind(m.version)
+                .push_bind(naive(m.created_at))
+                .push_bind(naive(m.updated_at));
+        });
+        query.push(MESSAGE_UPSERT_TAIL);
+        query.build().execute(&mut **tx).await?;
     }
-    let mut query = QueryBuilder::<MySql>::new(
-        "INSERT INTO messages (application_id, chat_number, number, body, version, created_at, updated_at) ",
-    );
-    query.push_values(messages, |mut row, m| {
-        row.push_bind(m.app_id)
-            .push_bind(m.chat_number)
-            .push_bind(m.number)
-            .push_bind(m.body.as_str())
-            .push_bind(m.version)
-            .push_bind(naive(m.created_at))
-            .push_bind(naive(m.updated_at));
-    });
-    query.push(MESSAGE_UPSERT_TAIL);
-    query.build().execute(&mut **tx).await?;
     Ok(())
+}
+
+/// Most rows in one multi-row statement.
+const MAX_ROWS_PER_STATEMENT: usize = 512;
+
+/// Splits rows into statements of a power of two rows each (largest first, at most
+/// [`MAX_ROWS_PER_STATEMENT`]): 100 rows go as 64, 32 and 4.
+///
+/// Each distinct number of rows is a distinct statement, which a connection prepares
+/// (MySQL parses and plans it) before its first run and then keeps in its cache of
+/// prepared statements. One statement per batch, of whatever size the batch had, made
+/// MySQL prepare a new statement for nearly every batch at a steady load, where batches
+/// are small and of every size: creates paced at 7,000/s cost MySQL 37 µs of CPU each,
+/// 17 µs with statements from this short ladder, which a connection prepares once each
+/// (`docs/BENCHMARKS.md`, "What the profiles showed", 17).
+fn statement_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut left = rows;
+    std::iter::from_fn(move || {
+        let n = left.len().min(MAX_ROWS_PER_STATEMENT);
+        if n == 0 {
+            return None;
+        }
+        let size = 1 << n.ilog2();
+        let (chunk, rest) = left.split_at(size);
+        left = rest;
+        Some(chunk)
+    })
 }
 
 // ---- counts -------------------------------------------------------------------------
@@ -483,14 +508,14 @@ const MESSAGES_COUNT: CountColumns<2> = CountColumns {
     child_key: ["application_id", "chat_number"],
 };
 
-/// Two statements per `COUNT_SYNC_BATCH` parents: the lock-free read of each parent's
-/// highest child number, then one `UPDATE` that raises every count to it.
+/// For each statement's worth of parents ([`statement_chunks`]): the lock-free read of
+/// each parent's highest child number, then an `UPDATE` that raises every count to it.
 async fn sync_counts<const N: usize>(
     db: &MySqlPool,
     columns: &CountColumns<N>,
     parents: &[[u64; N]],
 ) -> sqlx::Result<()> {
-    for parents in parents.chunks(COUNT_SYNC_BATCH) {
+    for parents in statement_chunks(parents) {
         // SELECT k1, k2, (SELECT MAX(number) FROM child WHERE c1 = k1 AND c2 = k2) UNION ALL ...
         let mut read = QueryBuilder::<MySql>::new("");
         for (i, key) in parents.iter().enumerate() {
@@ -516,36 +541,45 @@ async fn sync_counts<const N: usize>(
             .zip(maxima)
             .filter_map(|(key, max)| Some((key, max?)))
             .collect();
-        if found.is_empty() {
-            continue;
+        for found in statement_chunks(&found) {
+            raise_counts(db, columns, found).await?;
         }
-        // UPDATE parent p JOIN (SELECT ? k0, ? k1, ? m UNION ALL ...) v ON p.key = v.k...
-        // SET p.count = GREATEST(p.count, v.m)
-        let mut write = QueryBuilder::<MySql>::new("UPDATE ");
-        write.push(columns.parent_table).push(" p JOIN (");
-        for (i, (key, max)) in found.iter().enumerate() {
-            write.push(if i > 0 {
-                " UNION ALL SELECT "
-            } else {
-                "SELECT "
-            });
-            for (j, value) in key.iter().enumerate() {
-                write.push_bind(*value).push(format!(" AS k{j}, "));
-            }
-            write.push_bind(*max).push(" AS m");
-        }
-        write.push(") v ON ");
-        for (j, column) in columns.parent_key.iter().enumerate() {
-            write
-                .push(if j > 0 { " AND " } else { "" })
-                .push(format!("p.{column} = v.k{j}"));
-        }
-        write.push(format!(
-            " SET p.{count} = GREATEST(p.{count}, v.m)",
-            count = columns.count
-        ));
-        write.build().execute(db).await?;
     }
+    Ok(())
+}
+
+/// Raises each parent's count to the maximum found for it.
+async fn raise_counts<const N: usize>(
+    db: &MySqlPool,
+    columns: &CountColumns<N>,
+    found: &[(&[u64; N], u64)],
+) -> sqlx::Result<()> {
+    // UPDATE parent p JOIN (SELECT ? k0, ? k1, ? m UNION ALL ...) v ON p.key = v.k...
+    // SET p.count = GREATEST(p.count, v.m)
+    let mut write = QueryBuilder::<MySql>::new("UPDATE ");
+    write.push(columns.parent_table).push(" p JOIN (");
+    for (i, (key, max)) in found.iter().enumerate() {
+        write.push(if i > 0 {
+            " UNION ALL SELECT "
+        } else {
+            "SELECT "
+        });
+        for (j, value) in key.iter().enumerate() {
+            write.push_bind(*value).push(format!(" AS k{j}, "));
+        }
+        write.push_bind(*max).push(" AS m");
+    }
+    write.push(") v ON ");
+    for (j, column) in columns.parent_key.iter().enumerate() {
+        write
+            .push(if j > 0 { " AND " } else { "" })
+            .push(format!("p.{column} = v.k{j}"));
+    }
+    write.push(format!(
+        " SET p.{count} = GREATEST(p.{count}, v.m)",
+        count = columns.count
+    ));
+    write.build().execute(db).await?;
     Ok(())
 }
 
@@ -647,4 +681,29 @@ pub async fn count_messages(db: &MySqlPool) -> sqlx::Result<u64> {
         .fetch_one(db)
         .await?;
     Ok(n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_go_in_statements_of_a_few_sizes_covering_every_row_once() {
+        let sizes = |n: usize| {
+            let rows: Vec<usize> = (0..n).collect();
+            let chunks: Vec<&[usize]> = statement_chunks(&rows).collect();
+            assert_eq!(chunks.concat(), rows, "{n} rows");
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
+        };
+        assert!(sizes(0).is_empty());
+        assert_eq!(sizes(1), [1]);
+        assert_eq!(sizes(100), [64, 32, 4]);
+        assert_eq!(sizes(1000), [512, 256, 128, 64, 32, 8]);
+        assert_eq!(sizes(1100), [512, 512, 64, 8, 4]);
+        let mut seen = std::collections::BTreeSet::new();
+        for n in 0..=2000 {
+            seen.extend(sizes(n));
+        }
+        assert_eq!(seen.len(), 10, "1, 2, 4, ... 512: {seen:?}");
+    }
 }

@@ -235,8 +235,8 @@ impl Worker {
         }
     }
 
-    /// Refreshes the parents' counts: two statements per `COUNT_SYNC_BATCH` parents of each
-    /// kind. Repeating it is harmless (counts only rise).
+    /// Refreshes the parents' counts, each kind of parent with a read and an update per
+    /// statement's worth of parents. Repeating it is harmless (counts only rise).
     pub(super) async fn refresh_counts(&self, members: &[String]) -> Result<(), sqlx::Error> {
         let (mut apps, mut chats) = (Vec::new(), Vec::new());
         for member in members {

@@ -191,6 +191,57 @@ async fn upserts_keep_the_highest_version_whatever_the_order_and_repeat_harmless
     assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 1);
 }
 
+/// Statements this session has prepared so far.
+async fn prepared_statements(conn: &mut sqlx::MySqlConnection) -> u64 {
+    let (_, count): (String, String) =
+        sqlx::query_as("SHOW SESSION STATUS LIKE 'Com_stmt_prepare'")
+            .fetch_one(conn)
+            .await
+            .unwrap();
+    count.parse().unwrap()
+}
+
+#[tokio::test]
+async fn batches_of_every_size_reuse_a_few_prepared_statements() {
+    let app = TestApp::spawn().await;
+    let token = app.application("a").await;
+    let app_id = app.application_id(&token).await;
+    let at = now();
+    let message = |number: u64| MessageWrite {
+        app_id,
+        chat_number: 1,
+        number,
+        body: format!("m{number}"),
+        version: 1,
+        created_at: at,
+        updated_at: at,
+    };
+    // One connection, so that its session's count of prepared statements tells.
+    let mut conn = app.store.mysql.acquire().await.unwrap();
+    prepared_statements(&mut conn).await;
+    let before = prepared_statements(&mut conn).await;
+    let (mut next, sizes) = (1, 1..=300u64);
+    for size in sizes.clone() {
+        let batch: Vec<MessageWrite> = (next..next + size).map(message).collect();
+        next += size;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+        mysql::upsert_messages(&mut tx, &batch).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    // A statement per batch size would be 300 statements, each prepared on first use
+    // (and again whenever the connection's cache of 100 had dropped it).
+    let statements = prepared_statements(&mut conn).await - before;
+    assert!(
+        statements <= 9,
+        "{statements} statements prepared for batches of 1 to 300 rows"
+    );
+    let rows: u64 = sizes.sum();
+    assert_eq!(
+        app.scalar("SELECT COUNT(*) FROM messages").await,
+        rows as i64
+    );
+}
+
 #[tokio::test]
 async fn a_count_sync_neither_waits_for_nor_blocks_a_batch_being_persisted() {
     let mut app = TestApp::spawn().await;
