@@ -14,7 +14,9 @@ BENCH_WORKER_PRIORITY=normal to measure without it, or nice10 for `nice -n 10`.
 chat (20,000 messages of `"abcd cdab "` × 200, searched for `abcdabcd`, alone and while a
 search of another application is measured beside 8 looping ones), and the drain of a
 backlog with the CPU each part of the system spends per message. `--drain N` runs only
-the drain, of N messages, with its progress every half second.
+the drain, of N messages, with its progress every half second. `--serve-paced RATE`
+offers creates at RATE per second for 20 s to `chat-system serve` and reports what each
+cost: CPU by part, Redis commands, MariaDB statements.
 
 Ports (all on 127.0.0.1), each overridable when taken: BENCH_MYSQL_PORT (default 24306)
 and BENCH_REDIS_PORT (24379) for the private MariaDB and Redis, BENCH_API_PORT (3100),
@@ -594,6 +596,53 @@ def drain_with_cpu(stack, token, count, name):
     return backlog / persisted_s, backlog / indexed_s, per_message, backlog
 
 
+def mysql_counters(names):
+    """MariaDB's global status counters of these names."""
+    out = run(common.mariadb_argv(MYSQL_PORT, "-N", "-e", "SHOW GLOBAL STATUS WHERE Variable_name IN ("
+                                  + ", ".join(f"'{n}'" for n in names) + ")"))
+    return {name: int(value) for name, value in (line.split("\t") for line in out.splitlines() if line)}
+
+
+def serve_paced(stack, base, rate, seconds=20):
+    """`--serve-paced RATE`: creates offered at RATE per second for `seconds` to
+    `chat-system serve`, then drained; the CPU each create cost every part, Redis's
+    commands and MariaDB's statements per create. bench/results/serve-paced.md."""
+    stack.stop("api")
+    stack.stop("worker")
+    stack.start("serve", "serve", BIND=API)
+    wait_until("chat-system serve", lambda: http_ok(API))
+    time.sleep(2)  # the worker's first reads
+    redis("CONFIG", "RESETSTAT")
+    statements = ("Com_stmt_prepare", "Com_stmt_execute", "Com_commit")
+    before = mysql_counters(statements)
+    cpu = CpuMeter(stack).start()
+    lua = lua_post_paced(f'"{base}/" .. math.random(1000) .. "/messages"', body_expr(), rate / 2)
+    result = wrk(f"create message, offered {rate:,}/s to chat-system serve", lua, seconds)
+    wait_until("the queues to drain", lambda: group_lags() == (0, 0), 300, 0.2)
+    accepted = result["requests"]
+    per_create = cpu.per_message(accepted)
+    per_create["serve: other threads (API, persist, queue, documents)"] = per_create.pop(
+        "worker: other threads (persist, queue, documents)")
+    after = mysql_counters(statements)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Creates paced to chat-system serve — {stamp}", "",
+             f"Offered {rate:,}/s for {seconds} s: {result['rps']:,.0f}/s accepted, p50 {result['p50_ms']:.2f} ms, "
+             f"p99 {result['p99_ms']:.2f} ms, p99.9 {result['p999_ms']:.2f} ms, errors {result['errors']}, "
+             f"non-2xx {result['non2xx']}; all persisted and indexed before the figures were taken.", "",
+             "| CPU per create | µs |", "|---|---:|"]
+    lines += [f"| {part} | {us:,.1f} |" for part, us in per_create.items()]
+    lines += ["", "| Redis command | calls per create | µs per create |", "|---|---:|---:|"]
+    lines += [f"| {name} | {calls / accepted:.3f} | {usec / accepted:.2f} |" for name, calls, usec in redis_commands()[:10]]
+    lines += ["", "| MariaDB | count | per transaction |", "|---|---:|---:|"]
+    commits = max(after["Com_commit"] - before["Com_commit"], 1)
+    lines += [f"| {name} | {after[name] - before[name]:,} | {(after[name] - before[name]) / commits:.2f} |" for name in statements]
+    lines += ["", f"Reproduce: `scripts/bench --serve-paced {rate}`."]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve-paced.md").write_text(text)
+    print(text)
+
+
 # The last drain's progress: (seconds since the draining worker started, entries the
 # persisting group has left, entries the indexing group has left).
 DRAIN_TIMELINE = []
@@ -720,6 +769,10 @@ def main():
     parser.add_argument("--drain", type=int, metavar="N",
                         help="instead: only the drain of a backlog of N messages (e.g. 1000000) by a "
                              "fresh worker, with its progress and the CPU per message; bench/results/drain.md")
+    parser.add_argument("--serve-paced", type=int, metavar="RATE",
+                        help="instead: creates offered at RATE per second (e.g. 7000) for 20 s to chat-system "
+                             "serve, with the CPU, Redis commands and MariaDB statements per create; "
+                             "bench/results/serve-paced.md")
     parser.add_argument("--growth", action="store_true",
                         help="instead: the scenarios on a small and on a bulk-loaded grown database "
                              "(bench/growth.py); bench/results/growth.md")
@@ -741,6 +794,8 @@ def main():
     args = parser.parse_args()
     if args.drain is not None and args.drain < 1:
         raise SystemExit("bench: --drain needs a number of messages of at least 1")
+    if args.serve_paced is not None and args.serve_paced < 2:
+        raise SystemExit("bench: --serve-paced needs a rate of at least 2 creates per second")
     if args.growth and not (args.growth_apps > 10 and args.growth_chats >= args.growth_apps
                             and args.growth_messages >= args.growth_chats):
         raise SystemExit("bench: --growth needs more than 10 applications, at least one chat per "
@@ -810,6 +865,8 @@ def main():
             return search_only(stack, token, quick)
         if args.drain is not None:
             return drain_only(stack, token, args.drain)
+        if args.serve_paced is not None:
+            return serve_paced(stack, base, args.serve_paced)
 
         # Ceilings, same machine, same run.
         results.append(wrk("ceiling: HTTP (GET /healthz)", lua_get('"/healthz"'), d))
@@ -960,7 +1017,7 @@ delay = function() return {delay} end
     finally:
         stack.stop_all()
         common.deps("stop", deps_env, check=False, quiet=False)
-    if not (args.soak or args.search or args.drain is not None or args.growth or args.idle_after_load):
+    if not (args.soak or args.search or args.drain is not None or args.serve_paced is not None or args.growth or args.idle_after_load):
         write_results(results, figures, quick)
 
 

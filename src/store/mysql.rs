@@ -433,9 +433,9 @@ const MAX_ROWS_PER_STATEMENT: usize = 512;
 /// (MySQL parses and plans it) before its first run and then keeps in its cache of
 /// prepared statements. One statement per batch, of whatever size the batch had, made
 /// MySQL prepare a new statement for nearly every batch at a steady load, where batches
-/// are small and of every size: creates paced at 7,000/s cost MySQL 37 µs of CPU each,
-/// 17 µs with statements from this short ladder, which a connection prepares once each
-/// (`docs/BENCHMARKS.md`, "What the profiles showed", 17).
+/// are small and of every size: creates paced at 7,000/s cost MySQL 35 µs of CPU each
+/// on average, 21 µs with statements from this short ladder, which a connection
+/// prepares once each (`docs/BENCHMARKS.md`, "What the profiles showed", 17).
 fn statement_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
     let mut left = rows;
     std::iter::from_fn(move || {
