@@ -206,7 +206,8 @@ pub struct WorkerConfig {
     )]
     pub concurrency: usize,
 
-    /// Longest wait for new queue entries before a read returns.
+    /// After a read of less than a batch, how long the worker waits before it reads the
+    /// queue again: at a steady load, the entries of each interval go in one batch.
     #[arg(long, env = "WORKER_BATCH_WAIT", value_name = "WORKER_BATCH_WAIT", default_value = "50ms", value_parser = parse_duration)]
     pub batch_wait: Duration,
 

@@ -176,6 +176,7 @@ pub async fn spawn_workers(
         crate::worker::PERSIST_GROUP,
         &format!("{base}-persist"),
         config.batch_size,
+        config.batch_wait,
         shutdown,
     )
     .await

@@ -33,12 +33,14 @@ pub struct Inbox {
 
 impl Inbox {
     /// Starts the fetchers of `group` for `consumer`, reading up to `batch` entries per
-    /// read, until `shutdown`.
+    /// read, until `shutdown`. After a read of less than a batch, a fetcher waits `pace`
+    /// before it reads again (see [`Fetcher::run`]).
     pub async fn spawn(
         store: &Store,
         group: &'static str,
         consumer: &str,
         batch: usize,
+        pace: Duration,
         shutdown: &watch::Receiver<bool>,
     ) -> redis::RedisResult<Self> {
         let queue = &store.queue;
@@ -58,6 +60,7 @@ impl Inbox {
                 consumer: consumer.to_owned(),
                 shards,
                 batch,
+                pace,
                 tx: tx.clone(),
             };
             tokio::spawn(fetcher.run(shutdown.clone()));
@@ -106,6 +109,7 @@ struct Fetcher {
     consumer: String,
     shards: Vec<Shard>,
     batch: usize,
+    pace: Duration,
     tx: mpsc::Sender<Vec<Delivered>>,
 }
 
@@ -135,6 +139,7 @@ impl Fetcher {
                 }
                 Ok(entries) => {
                     backoff = Duration::from_millis(100);
+                    let pause = pause_after(entries.len(), self.batch, from, self.pace);
                     // Handed over even once the shutdown has begun: the consumers finish
                     // what was read before they stop (`Inbox::rest`).
                     for chunk in batches(entries, self.batch) {
@@ -146,6 +151,12 @@ impl Fetcher {
                     // consumers acknowledge them meanwhile.
                     if from == "0" {
                         from = ">";
+                    }
+                    if let Some(pause) = pause {
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = shutdown.changed() => {}
+                        }
                     }
                 }
                 Err(e) => {
@@ -161,6 +172,19 @@ impl Fetcher {
     }
 }
 
+/// How long a fetcher waits before its next read, after a read of `read` entries.
+///
+/// A read of less than a batch means the queue keeps up. Read again at once, the next
+/// read would block until the next entry and bring it alone: a read, a batch, a MySQL
+/// transaction, an acknowledgement and an index addition per few entries, each costing
+/// about as much as a full one. Waiting `pace` first lets the entries of the interval
+/// gather in the stream, and one read brings them all, to one batch. A full read (a
+/// backlog), or a read of this consumer's own pending entries, is followed by the next
+/// at once.
+fn pause_after(read: usize, batch: usize, from: &str, pace: Duration) -> Option<Duration> {
+    (from == ">" && read < batch && !pace.is_zero()).then_some(pace)
+}
+
 /// A read of several shards holds up to a batch from each: it is handed over a batch
 /// (at least one entry) at a time, in order, the entries moved rather than copied.
 fn batches<T>(entries: Vec<T>, batch: usize) -> impl Iterator<Item = Vec<T>> {
@@ -173,7 +197,27 @@ fn batches<T>(entries: Vec<T>, batch: usize) -> impl Iterator<Item = Vec<T>> {
 
 #[cfg(test)]
 mod tests {
-    use super::batches;
+    use super::{batches, pause_after};
+    use std::time::Duration;
+
+    #[test]
+    fn a_fetcher_waits_after_a_partial_read_of_new_entries_only() {
+        let pace = Duration::from_millis(50);
+        assert_eq!(pause_after(1, 1_000, ">", pace), Some(pace));
+        assert_eq!(pause_after(999, 1_000, ">", pace), Some(pace));
+        assert_eq!(pause_after(1_000, 1_000, ">", pace), None, "a backlog");
+        assert_eq!(
+            pause_after(5_000, 1_000, ">", pace),
+            None,
+            "a backlog in several shards"
+        );
+        assert_eq!(
+            pause_after(3, 1_000, "0", pace),
+            None,
+            "own pending entries"
+        );
+        assert_eq!(pause_after(3, 1_000, ">", Duration::ZERO), None);
+    }
 
     #[test]
     fn a_read_is_handed_over_a_batch_at_a_time_in_order() {

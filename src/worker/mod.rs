@@ -251,6 +251,7 @@ impl Worker {
                     self.group(),
                     &self.consumer,
                     self.config.batch_size,
+                    self.config.batch_wait,
                     &shutdown,
                 )
                 .await;
@@ -276,7 +277,6 @@ impl Worker {
         let (mut last_periodic, mut last_counts) = (Instant::now(), Instant::now());
         while !*shutdown.borrow() {
             self.yield_to_persistence(&mut shutdown).await;
-            let step_started = Instant::now();
             let result = async {
                 // Periodic work that fails (a shard's Redis down, say) is logged and
                 // tried again next round; it does not hold up the batches.
@@ -314,18 +314,6 @@ impl Worker {
                         && is_backlog(handled, self.config.batch_size, oldest, now_ms())
                     {
                         self.backlog.mark();
-                    }
-                    // A partial batch means the queue is keeping up: linger until the
-                    // batch wait is over, so that the next batch is a bigger one. Many
-                    // tiny transactions (several consumers each taking a few entries as
-                    // they arrive) cost far more CPU per entry, and it is taken from the
-                    // API's latency. A full batch means a backlog: read again at once.
-                    if handled > 0 && handled < self.config.batch_size {
-                        let until = step_started + self.config.batch_wait;
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(until.into()) => {}
-                            _ = shutdown.changed() => {}
-                        }
                     }
                 }
                 Err(e) => {

@@ -191,6 +191,48 @@ async fn upserts_keep_the_highest_version_whatever_the_order_and_repeat_harmless
     assert_eq!(app.scalar("SELECT COUNT(*) FROM messages").await, 1);
 }
 
+#[tokio::test]
+async fn a_steady_trickle_is_read_in_a_few_large_batches() {
+    let app = TestApp::spawn().await;
+    // The entries are read here, not persisted.
+    app.allow_leftovers();
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let pace = Duration::from_millis(250);
+    let inbox = chat_system::worker::Inbox::spawn(
+        &app.store,
+        chat_system::worker::PERSIST_GROUP,
+        "trickle",
+        1_000,
+        pace,
+        &shutdown,
+    )
+    .await
+    .unwrap();
+    // The chat's create, then 60 messages, one every 10 ms or so (with the request's
+    // own time): about a second.
+    let reading = tokio::spawn(async move {
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < 61 {
+            let batch = inbox.next(1_000, Duration::from_secs(5)).await;
+            assert!(!batch.is_empty(), "read {sizes:?}, then nothing for 5 s");
+            sizes.push(batch.len());
+        }
+        sizes
+    });
+    for i in 0..60 {
+        app.message(&token, chat, &format!("m{i}")).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sizes = tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .expect("every entry read within 10 s")
+        .unwrap();
+    // Read again at once after each read, each read would bring an entry or two.
+    assert!(sizes.len() <= 10, "{} batches: {sizes:?}", sizes.len());
+}
+
 /// Statements this session has prepared so far.
 async fn prepared_statements(conn: &mut sqlx::MySqlConnection) -> u64 {
     let (_, count): (String, String) =
