@@ -558,7 +558,9 @@ def sustained(base, probe, seconds):
 
 def drain_with_cpu(stack, token, count, name):
     """Stops the worker, queues `count` messages, starts a worker and times the drain,
-    with the CPU each part spends per message. Returns (persist/s, index/s, cpu, backlog)."""
+    with the CPU each part spends per message. Returns (persist/s, index/s, cpu, backlog,
+    progress): progress is (seconds since the draining worker started, entries the
+    persisting group has left, entries the indexing group has left), every 0.1 s."""
     stack.stop("worker")
     log(f"queueing a backlog of {count:,} messages")
     fill_backlog(token, count)
@@ -576,8 +578,8 @@ def drain_with_cpu(stack, token, count, name):
     # Both groups from one status every 0.1 s: each status is a process of its own,
     # whose CPU the drain would otherwise share.
     while True:
-        elapsed = time.time() - start
         persist, index = group_lags()
+        elapsed = time.time() - start  # when the status was known
         timeline.append((elapsed, persist, index))
         if persist == 0 and persisted_s is None:
             persisted_s = elapsed
@@ -592,8 +594,7 @@ def drain_with_cpu(stack, token, count, name):
     log_cpu("backlog drain", per_message)
     log("Redis commands per message, backlog drain (calls, µs in Redis): " + ", ".join(
         f"{name} {calls / backlog:.3f}, {usec / backlog:.2f} µs" for name, calls, usec in redis_commands()[:8]))
-    DRAIN_TIMELINE[:] = timeline
-    return backlog / persisted_s, backlog / indexed_s, per_message, backlog
+    return backlog / persisted_s, backlog / indexed_s, per_message, backlog, timeline
 
 
 def mysql_counters(names):
@@ -643,15 +644,10 @@ def serve_paced(stack, base, rate, seconds=20):
     print(text)
 
 
-# The last drain's progress: (seconds since the draining worker started, entries the
-# persisting group has left, entries the indexing group has left).
-DRAIN_TIMELINE = []
-
-
 def drain_only(stack, token, count):
     """`--drain N`: a backlog of N messages drained by a fresh worker, with the CPU per
     message and the drain's progress, written to bench/results/drain.md."""
-    persist_rps, index_rps, cpu, backlog = drain_with_cpu(stack, token, count, "worker")
+    persist_rps, index_rps, cpu, backlog, progress = drain_with_cpu(stack, token, count, "worker")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Backlog drain — {stamp}", "", "| measure | figure | target |", "|---|---:|---|"]
     lines += search_figure_rows(dict(drain_persist_rps=persist_rps, drain_index_rps=index_rps,
@@ -659,7 +655,7 @@ def drain_only(stack, token, count):
     lines += ["", "Progress, every half second: entries left to persist and to index.", "",
               "| s | to persist | to index |", "|---:|---:|---:|"]
     shown = -1
-    for t, persist, index in DRAIN_TIMELINE:
+    for t, persist, index in progress:
         if int(t * 2) != shown or (persist == 0 and index == 0):
             shown = int(t * 2)
             lines.append(f"| {t:.1f} | {persist:,} | {index:,} |")
@@ -674,7 +670,7 @@ def search_only(stack, token, quick):
     """`--search`: the search section and a backlog drain, written to bench/results/search.md."""
     d = 4 if quick else 10
     results, figures = search_section(stack, d)
-    persist_rps, index_rps, cpu, backlog = drain_with_cpu(stack, token, 200_000, "worker")
+    persist_rps, index_rps, cpu, backlog, _ = drain_with_cpu(stack, token, 200_000, "worker")
     figures.update(drain_persist_rps=persist_rps, drain_index_rps=index_rps, cpu_drain=cpu, backlog=backlog)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Search benchmark — {stamp}", "",
@@ -1003,7 +999,7 @@ delay = function() return {delay} end
         figures["redis_bytes_64k"] = queued_bytes(token, 200, "b" * 65_535)
         log(f"Redis per queued message: {figures['redis_bytes_100']:,.0f} B (100-byte body), "
             f"{figures['redis_bytes_64k']:,.0f} B (65,535-byte body)")
-        persist_rps, index_rps, cpu_drain, backlog = drain_with_cpu(stack, token, backlog, "worker2")
+        persist_rps, index_rps, cpu_drain, backlog, _ = drain_with_cpu(stack, token, backlog, "worker2")
         figures["drain_persist_rps"] = persist_rps
         figures["drain_index_rps"] = index_rps
         figures["cpu_drain"] = cpu_drain
