@@ -44,6 +44,8 @@ fn main() {
     let index = EmbeddedIndex::open(&dir, true).expect("open the index");
     let at = chrono::Utc::now();
     let (cpu, started) = (cpu_seconds(), Instant::now());
+    let commit_every: u64 =
+        std::env::var("COMMIT_EVERY").map_or(COMMIT_EVERY, |c| c.parse().expect("COMMIT_EVERY"));
     let mut number = 0;
     while number < count {
         let docs = (number + 1..=(number + BATCH).min(count))
@@ -59,7 +61,7 @@ fn main() {
             .collect::<Vec<_>>();
         number += docs.len() as u64;
         index.add(docs).expect("add");
-        if number % COMMIT_EVERY == 0 || number == count {
+        if number % commit_every == 0 || number == count {
             index.commit().expect("commit");
         }
     }

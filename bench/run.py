@@ -16,7 +16,8 @@ search of another application is measured beside 8 looping ones), and the drain 
 backlog with the CPU each part of the system spends per message. `--drain N` runs only
 the drain, of N messages, with its progress every half second. `--serve-paced RATE`
 offers creates at RATE per second for 20 s to `chat-system serve` and reports what each
-cost: CPU by part, Redis commands, MariaDB statements.
+cost: CPU by part, Redis commands, MariaDB statements. BENCH_BINARY runs another build
+of `chat-system` (a path) on the same stack, to compare two builds in alternated runs.
 
 Ports (all on 127.0.0.1), each overridable when taken: BENCH_MYSQL_PORT (default 24306)
 and BENCH_REDIS_PORT (24379) for the private MariaDB and Redis, BENCH_API_PORT (3100),
@@ -812,7 +813,9 @@ def main():
 
     log("building (release)")
     release = common.build_release("probe")
-    binary = str(release / "chat-system")
+    # BENCH_BINARY runs another build of chat-system on the same stack and scripts: two
+    # builds compared in alternated runs (this machine's speed moves between runs).
+    binary = os.environ.get("BENCH_BINARY") or str(release / "chat-system")
     global BINARY
     BINARY = binary
     probe_bin = str(release / "examples" / "probe")

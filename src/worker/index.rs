@@ -13,7 +13,26 @@ use super::{Entry, INDEX_GROUP, Role, Worker, WorkerError, Write};
 /// The embedded index commits (and the `index` group acknowledges) at most this often:
 /// a commit per small batch would cost more than the indexing itself.
 const INDEX_COMMIT_EVERY: Duration = Duration::from_millis(200);
-const INDEX_COMMIT_MAX_PENDING: usize = 50_000;
+/// How often it commits while working through a backlog (full batches of old entries):
+/// each commit writes a segment, which merges later write again, so fewer, larger
+/// segments cost less CPU per message (in-process, 1,000,000 messages committed every
+/// 20,000: 13.2 µs each; every 100,000: 11.1 µs). The backlog's messages are seconds
+/// late already; this adds at most a second.
+const INDEX_COMMIT_BEHIND: Duration = Duration::from_secs(1);
+/// Entries added and not yet committed, at most: a commit is due at this many. Their
+/// payloads are dropped once added (only the ids are kept, to acknowledge).
+const INDEX_COMMIT_MAX_PENDING: usize = 100_000;
+
+/// Whether additions that have waited `waited`, `pending` of them, are due to be
+/// committed, `behind` a backlog or not.
+fn commit_due(waited: Duration, pending: usize, behind: bool) -> bool {
+    let every = if behind {
+        INDEX_COMMIT_BEHIND
+    } else {
+        INDEX_COMMIT_EVERY
+    };
+    waited >= every || pending >= INDEX_COMMIT_MAX_PENDING
+}
 
 impl Worker {
     /// Commits the index and acknowledges what it now holds, when due (or `now`).
@@ -25,9 +44,8 @@ impl Worker {
             return Ok(());
         };
         let due = now
-            || since.elapsed() >= INDEX_COMMIT_EVERY
-            || self.unacked.len() >= INDEX_COMMIT_MAX_PENDING
-            || !search.batches_commits();
+            || !search.batches_commits()
+            || commit_due(since.elapsed(), self.unacked.len(), self.index_behind);
         if !due {
             return Ok(());
         }
@@ -95,8 +113,28 @@ impl Worker {
             }
         }
         let count = raw.len();
+        // Only the ids are needed until the commit: the payloads (bodies of up to
+        // 64 KB each, copied into the documents) go now.
+        raw.iter_mut().for_each(Delivered::drop_payload);
         self.unacked.append(raw);
         self.unacked_since.get_or_insert_with(Instant::now);
         Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_come_every_200_ms_and_every_second_behind_a_backlog() {
+        let ms = Duration::from_millis;
+        assert!(!commit_due(ms(199), 10, false));
+        assert!(commit_due(ms(200), 10, false));
+        assert!(!commit_due(ms(200), 10, true));
+        assert!(!commit_due(ms(999), 99_999, true));
+        assert!(commit_due(ms(1_000), 10, true));
+        assert!(commit_due(ms(0), INDEX_COMMIT_MAX_PENDING, true));
+        assert!(commit_due(ms(0), INDEX_COMMIT_MAX_PENDING, false));
     }
 }

@@ -146,6 +146,9 @@ pub struct Worker {
     /// acknowledged, and since when.
     unacked: Vec<Delivered>,
     unacked_since: Option<Instant>,
+    /// Index role: whether the last batch indexed was a backlog's (see [`is_backlog`]),
+    /// when commits come less often (see `index::INDEX_COMMIT_BEHIND`).
+    index_behind: bool,
     /// Persist role: claims, trims and syncs counts (one consumer per process does).
     maintenance: bool,
     backlog: Backlog,
@@ -171,6 +174,7 @@ impl Worker {
             role,
             unacked: Vec::new(),
             unacked_since: None,
+            index_behind: false,
             maintenance: true,
             backlog: Backlog::default(),
             inbox: None,
@@ -302,6 +306,10 @@ impl Worker {
                 let oldest = in_hand.iter().filter_map(|d| accepted_ms(d.id())).min();
                 let handled = self.process(&mut in_hand).await?;
                 in_hand.clear();
+                if matches!(self.role, Role::Index(_)) {
+                    self.index_behind =
+                        is_backlog(handled, self.config.batch_size, oldest, now_ms());
+                }
                 self.flush_index(idle).await?;
                 Ok::<(usize, Option<u64>), WorkerError>((handled, oldest))
             }

@@ -24,6 +24,11 @@ impl Delivered {
     pub fn id(&self) -> &str {
         &self.raw.id
     }
+
+    /// Frees the entry's fields (its payload), keeping what acknowledging it needs.
+    pub fn drop_payload(&mut self) {
+        self.raw.map = Default::default();
+    }
 }
 
 /// Where a consumer group is in a shard's stream.
@@ -685,5 +690,21 @@ mod tests {
         assert!(read(Value::Nil).is_empty());
         assert!(stream_read_reply(Value::Int(3)).is_err());
         assert!(stream_read_reply(Value::Array(vec![bulk("lonely")])).is_err());
+    }
+
+    #[test]
+    fn an_entry_without_its_payload_keeps_its_shard_and_id() {
+        let mut read = stream_read_reply(Value::Array(vec![Value::Array(vec![
+            bulk("q:0"),
+            Value::Array(vec![entry("1-1", &["e", &"x".repeat(65_536)])]),
+        ])]))
+        .unwrap();
+        let raw = read.pop().unwrap().1.pop().unwrap();
+        let mut delivered = Delivered { shard: 3, raw };
+        assert!(payload(&delivered.raw).is_ok());
+        delivered.drop_payload();
+        assert!(payload(&delivered.raw).is_err());
+        assert_eq!((delivered.shard, delivered.id()), (3, "1-1"));
+        assert_eq!(delivered.raw.map.capacity(), 0);
     }
 }
