@@ -598,6 +598,14 @@ def drain_with_cpu(stack, token, count, name):
     return backlog / persisted_s, backlog / indexed_s, per_message, backlog, timeline
 
 
+def publish(name, lines):
+    """Writes `lines` to bench/results/`name` and prints them."""
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(text)
+    print(text)
+
+
 def mysql_counters(names):
     """MariaDB's global status counters of these names."""
     out = run(common.mariadb_argv(MYSQL_PORT, "-N", "-e", "SHOW GLOBAL STATUS WHERE Variable_name IN ("
@@ -639,10 +647,7 @@ def serve_paced(stack, base, rate, seconds=20):
     commits = max(after["Com_commit"] - before["Com_commit"], 1)
     lines += [f"| {name} | {after[name] - before[name]:,} | {(after[name] - before[name]) / commits:.2f} |" for name in statements]
     lines += ["", f"Reproduce: `scripts/bench --serve-paced {rate}`."]
-    text = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve-paced.md").write_text(text)
-    print(text)
+    publish("serve-paced.md", lines)
 
 
 def drain_only(stack, token, count):
@@ -661,10 +666,7 @@ def drain_only(stack, token, count):
             shown = int(t * 2)
             lines.append(f"| {t:.1f} | {persist:,} | {index:,} |")
     lines += ["", f"Reproduce: `scripts/bench --drain {count}`."]
-    text = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "drain.md").write_text(text)
-    print(text)
+    publish("drain.md", lines)
 
 
 def search_only(stack, token, quick):
