@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::MySqlPool;
+use sqlx::query_builder::Separated;
 use sqlx::{FromRow, MySql, QueryBuilder, Transaction};
 
 use crate::resources::{Application, Chat, Message};
@@ -379,23 +380,17 @@ pub async fn upsert_chats<'a>(
     tx: &mut Transaction<'_, MySql>,
     chats: impl IntoIterator<Item = &'a ChatWrite>,
 ) -> sqlx::Result<()> {
-    let chats: Vec<&ChatWrite> = chats.into_iter().collect();
-    for chats in statement_chunks(&chats) {
-        let mut query = QueryBuilder::<MySql>::new(
-            "INSERT INTO chats (application_id, number, title, version, created_at, updated_at) ",
-        );
-        query.push_values(chats, |mut row, c| {
-            row.push_bind(c.app_id)
-                .push_bind(c.number)
-                .push_bind(c.title.as_deref())
-                .push_bind(c.version)
-                .push_bind(naive(c.created_at))
-                .push_bind(naive(c.updated_at));
-        });
-        query.push(CHAT_UPSERT_TAIL);
-        query.build().execute(&mut **tx).await?;
-    }
-    Ok(())
+    let insert =
+        "INSERT INTO chats (application_id, number, title, version, created_at, updated_at) ";
+    upsert(tx, insert, CHAT_UPSERT_TAIL, chats, |mut row, c| {
+        row.push_bind(c.app_id)
+            .push_bind(c.number)
+            .push_bind(c.title.as_deref())
+            .push_bind(c.version)
+            .push_bind(naive(c.created_at))
+            .push_bind(naive(c.updated_at));
+    })
+    .await
 }
 
 /// One multi-row idempotent upsert of messages.
@@ -403,21 +398,34 @@ pub async fn upsert_messages<'a>(
     tx: &mut Transaction<'_, MySql>,
     messages: impl IntoIterator<Item = &'a MessageWrite>,
 ) -> sqlx::Result<()> {
-    let messages: Vec<&MessageWrite> = messages.into_iter().collect();
-    for messages in statement_chunks(&messages) {
-        let mut query = QueryBuilder::<MySql>::new(
-            "INSERT INTO messages (application_id, chat_number, number, body, version, created_at, updated_at) ",
-        );
-        query.push_values(messages, |mut row, m| {
-            row.push_bind(m.app_id)
-                .push_bind(m.chat_number)
-                .push_bind(m.number)
-                .push_bind(m.body.as_str())
-                .push_bind(m.version)
-                .push_bind(naive(m.created_at))
-                .push_bind(naive(m.updated_at));
-        });
-        query.push(MESSAGE_UPSERT_TAIL);
+    let insert = "INSERT INTO messages \
+        (application_id, chat_number, number, body, version, created_at, updated_at) ";
+    upsert(tx, insert, MESSAGE_UPSERT_TAIL, messages, |mut row, m| {
+        row.push_bind(m.app_id)
+            .push_bind(m.chat_number)
+            .push_bind(m.number)
+            .push_bind(m.body.as_str())
+            .push_bind(m.version)
+            .push_bind(naive(m.created_at))
+            .push_bind(naive(m.updated_at));
+    })
+    .await
+}
+
+/// `insert`, one row per item bound by `bind`, then `tail`: in statements of a few sizes
+/// ([`statement_chunks`]), so that each size is prepared once per connection.
+async fn upsert<'a, T: 'a>(
+    tx: &mut Transaction<'_, MySql>,
+    insert: &'static str,
+    tail: &'static str,
+    items: impl IntoIterator<Item = &'a T>,
+    mut bind: impl FnMut(Separated<'_, MySql, &'static str>, &'a T),
+) -> sqlx::Result<()> {
+    let items: Vec<&T> = items.into_iter().collect();
+    for chunk in statement_chunks(&items) {
+        let mut query = QueryBuilder::<MySql>::new(insert);
+        query.push_values(chunk.iter().copied(), &mut bind);
+        query.push(tail);
         query.build().execute(&mut **tx).await?;
     }
     Ok(())
