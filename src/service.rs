@@ -600,10 +600,19 @@ impl Store {
     }
 
     /// The application id of a chat that exists (pending or persisted); 404 otherwise.
+    /// Redis answers it from the chat counter, without reading the chat; MySQL only when
+    /// the counter is missing.
     pub async fn existing_chat(&self, token: &Token, chat: u64) -> Result<u64, ApiError> {
-        self.chat_and_app(token, chat)
-            .await
-            .map(|(_, app_id)| app_id)
+        let (cached, exists) = self.queue.chat_exists(token.as_str(), chat).await?;
+        let app_id = self.app_id_or_load(token, cached).await?;
+        match exists {
+            Some(true) => Ok(app_id),
+            Some(false) => Err(ApiError::not_found("chat")),
+            None => self
+                .chat_and_app(token, chat)
+                .await
+                .map(|(_, app_id)| app_id),
+        }
     }
 }
 

@@ -245,7 +245,7 @@ pub async fn search(
     let chat = parse_number(&chat, "chat")?;
     let terms = parse_terms(params.q.as_deref())?;
     let limit = page_limit(params.limit)?;
-    state.store.chat(&token, chat).await?;
+    state.store.existing_chat(&token, chat).await?;
     let query = SearchQuery {
         token: token.as_str().to_owned(),
         chat,

@@ -594,6 +594,23 @@ impl Queue {
         })
     }
 
+    /// Whether chat `number` of `token` exists, and the application's cached id: every
+    /// number up to the application's chat counter was handed out, and its create queued
+    /// with it, as message creates and message pages also rely on (`None`: unknown, the
+    /// counter is missing). One round trip, no script.
+    pub async fn chat_exists(
+        &self,
+        token: &str,
+        number: u64,
+    ) -> redis::RedisResult<(Option<u64>, Option<bool>)> {
+        let (app_id, chats): (Option<u64>, Option<u64>) = redis::pipe()
+            .hget(self.keys.application(token), "id")
+            .get(self.keys.chat_counter(token))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok((app_id, chats.map(|chats| number <= chats)))
+    }
+
     /// Chat `number` of `token` if it is not persisted yet, and the application's id.
     pub async fn lookup_chat(&self, token: &str, number: u64) -> redis::RedisResult<Lookup<Chat>> {
         let found = self
