@@ -129,6 +129,16 @@ impl TestApp {
         Self::with(Options::default()).await
     }
 
+    /// An app that reaches MySQL and Redis through proxies a test can cut
+    /// ([`TestApp::mysql_proxy`], [`TestApp::redis_proxy`]).
+    pub async fn with_proxies() -> Self {
+        Self::with(Options {
+            proxies: true,
+            ..Options::default()
+        })
+        .await
+    }
+
     /// An app whose `ADMIN_API_KEY` is [`ADMIN_KEY`] (the application list is enabled).
     pub async fn with_admin_key() -> Self {
         Self::with(Options {

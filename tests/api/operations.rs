@@ -24,11 +24,7 @@ async fn healthz_and_readyz_answer() {
 
 #[tokio::test]
 async fn readyz_names_the_dependency_that_is_down() {
-    let app = TestApp::with(Options {
-        proxies: true,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::with_proxies().await;
     let mysql = app.mysql_proxy.as_ref().unwrap();
     let redis = app.redis_proxy.as_ref().unwrap();
 
@@ -52,11 +48,7 @@ async fn readyz_names_the_dependency_that_is_down() {
 
 #[tokio::test]
 async fn with_mysql_down_creates_are_accepted_and_reads_get_a_fast_503() {
-    let mut app = TestApp::with(Options {
-        proxies: true,
-        ..Options::default()
-    })
-    .await;
+    let mut app = TestApp::with_proxies().await;
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     app.message(&token, chat, "persisted before").await;
@@ -106,11 +98,7 @@ async fn with_mysql_down_creates_are_accepted_and_reads_get_a_fast_503() {
 
 #[tokio::test]
 async fn with_redis_down_creates_get_a_503_naming_redis() {
-    let app = TestApp::with(Options {
-        proxies: true,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::with_proxies().await;
     app.allow_leftovers(); // Never drained: the answers are what it checks.
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
@@ -138,11 +126,7 @@ async fn with_redis_down_creates_get_a_503_naming_redis() {
 
 #[tokio::test]
 async fn an_application_created_while_redis_is_down_is_a_201_and_works_after() {
-    let app = TestApp::with(Options {
-        proxies: true,
-        ..Options::default()
-    })
-    .await;
+    let app = TestApp::with_proxies().await;
     app.allow_leftovers(); // Never drained: the answers are what it checks.
     app.redis_proxy.as_ref().unwrap().cut();
     let reply = app.post("/applications", json!({"name": "no cache"})).await;

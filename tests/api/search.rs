@@ -10,7 +10,7 @@ use chat_system::search::{MessageDoc, Search, SearchError, SearchQuery};
 use chat_system::startup::build_worker;
 use chat_system::worker::Role;
 
-use crate::helpers::{Options, TestApp, eventually, worker_config};
+use crate::helpers::{TestApp, eventually, worker_config};
 
 async fn search(app: &TestApp, token: &str, chat: u64, query: &str) -> Vec<String> {
     let reply = app
@@ -212,29 +212,29 @@ async fn bad_searches_are_rejected() {
 
 #[tokio::test]
 async fn a_search_reads_no_chat_row_and_answers_with_mysql_down() {
-    let mut app = TestApp::with(Options {
-        proxies: true,
-        ..Options::default()
-    })
-    .await;
+    let mut app = TestApp::with_proxies().await;
     let token = app.application("a").await;
     let chat = app.chat(&token).await;
     app.message(&token, chat, "persisted before the outage")
         .await;
     app.drain().await;
+    // The chat's message is found; the next chat number is not a chat.
+    let answers = async |app: &TestApp| {
+        assert_eq!(
+            search(app, &token, chat, "outage").await,
+            ["persisted before the outage"]
+        );
+        app.get(&format!(
+            "/applications/{token}/chats/{}/messages/search?q=outage",
+            chat + 1
+        ))
+        .await
+        .assert_problem(404);
+    };
 
     // Whether the chat exists comes from Redis (its counter), the matches from the index.
     app.mysql_proxy.as_ref().unwrap().cut();
-    assert_eq!(
-        search(&app, &token, chat, "outage").await,
-        ["persisted before the outage"]
-    );
-    app.get(&format!(
-        "/applications/{token}/chats/{}/messages/search?q=outage",
-        chat + 1
-    ))
-    .await
-    .assert_problem(404);
+    answers(&app).await;
     app.mysql_proxy.as_ref().unwrap().restore();
 
     // With the counter lost, MySQL says whether the chat exists.
@@ -243,16 +243,7 @@ async fn a_search_reads_no_chat_row_and_answers_with_mysql_down() {
         .query_async(&mut app.redis().await)
         .await
         .unwrap();
-    assert_eq!(
-        search(&app, &token, chat, "outage").await,
-        ["persisted before the outage"]
-    );
-    app.get(&format!(
-        "/applications/{token}/chats/{}/messages/search?q=outage",
-        chat + 1
-    ))
-    .await
-    .assert_problem(404);
+    answers(&app).await;
 }
 
 #[tokio::test]
