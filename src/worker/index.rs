@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::search::{MessageDoc, Search, SearchError};
+use tokio::task::JoinHandle;
+
+use crate::search::{MessageDoc, Refused, Search, SearchError};
+use crate::store::Store;
 use crate::store::queue::stream::Delivered;
 
 use super::persist::record_lag;
@@ -34,77 +37,131 @@ fn commit_due(waited: Duration, pending: usize, behind: bool) -> bool {
     waited >= every || pending >= INDEX_COMMIT_MAX_PENDING
 }
 
+/// A batch being added to the embedded index while the indexer reads and parses the
+/// next one.
+pub(super) struct Adding {
+    handle: JoinHandle<Result<Vec<Refused>, SearchError>>,
+    /// The batch's entries, payloads included (a refused document is dead-lettered).
+    batch: Vec<Delivered>,
+    /// For each document added, its entry's place in `batch`.
+    positions: Vec<usize>,
+}
+
+/// Acknowledgements of committed entries on their way to Redis while indexing goes on:
+/// the entries come back when they could not be sent, to go with the next commit's.
+pub(super) type Acking = JoinHandle<Result<(), (WorkerError, Vec<Delivered>)>>;
+
 impl Worker {
-    /// Commits the index and acknowledges what it now holds, when due (or `now`).
+    /// Commits the index and acknowledges what it now holds, when due (or `now`). With
+    /// `now`, it returns once the batch being added is committed and acknowledged.
     pub(super) async fn flush_index(&mut self, now: bool) -> Result<(), WorkerError> {
         let Role::Index(search) = &self.role else {
             return Ok(());
         };
-        let Some(since) = self.unacked_since else {
-            return Ok(());
-        };
-        let due = now
-            || !search.batches_commits()
-            || commit_due(since.elapsed(), self.unacked.len(), self.index_behind);
-        if !due {
-            return Ok(());
+        let search = search.clone();
+        if now {
+            self.finish_adding().await?;
         }
-        let started = std::time::Instant::now();
-        search.commit().await?;
-        metrics::histogram!("search_index_commit_seconds").record(started.elapsed().as_secs_f64());
-        let mut by_shard: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
-        for item in &self.unacked {
-            by_shard.entry(item.shard).or_default().push(item.id());
+        if let Some(since) = self.unacked_since {
+            let due = now
+                || !search.batches_commits()
+                || commit_due(since.elapsed(), self.unacked.len(), self.index_behind);
+            if due {
+                // The commit takes the batch being added too.
+                self.finish_adding().await?;
+                let started = std::time::Instant::now();
+                search.commit().await?;
+                metrics::histogram!("search_index_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                // One acknowledgement under way at a time: the next waits for it.
+                self.finish_acking().await?;
+                let committed = std::mem::take(&mut self.unacked);
+                self.unacked_since = None;
+                let store = self.store.clone();
+                self.acking = Some(tokio::spawn(async move {
+                    match acknowledge(&store, &committed).await {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err((e, committed)),
+                    }
+                }));
+            }
         }
-        for (shard, ids) in by_shard {
-            self.store.queue.ack(shard, INDEX_GROUP, &ids).await?;
+        if now {
+            self.finish_acking().await?;
         }
-        record_lag("index_lag_seconds", self.unacked.iter().map(Delivered::id));
-        metrics::counter!("worker_indexed_total").increment(self.unacked.len() as u64);
-        self.unacked.clear();
-        self.unacked_since = None;
         Ok(())
     }
 
-    /// Adds the messages of one batch to the index and takes the batch's entries, to
-    /// acknowledge once committed. On an error the batch is left as it was.
-    pub(super) async fn index_batch(
+    /// Waits for the acknowledgement under way, if any. Entries it could not
+    /// acknowledge go with the next commit's.
+    async fn finish_acking(&mut self) -> Result<(), WorkerError> {
+        let Some(acking) = self.acking.take() else {
+            return Ok(());
+        };
+        match acking.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((e, mut committed))) => {
+                committed.append(&mut self.unacked);
+                self.unacked = committed;
+                self.unacked_since.get_or_insert_with(Instant::now);
+                Err(e)
+            }
+            // The task panicked: its entries stay pending, and are taken over.
+            Err(e) => Err(SearchError::Failed(e.to_string()).into()),
+        }
+    }
+
+    /// Waits for the batch being added, if any, and takes its entries to acknowledge
+    /// once committed. A batch the index could not take now is kept, to be added again
+    /// before the next one.
+    async fn finish_adding(&mut self) -> Result<(), WorkerError> {
+        let Some(Adding {
+            handle,
+            batch,
+            positions,
+        }) = self.adding.take()
+        else {
+            return Ok(());
+        };
+        let added = handle
+            .await
+            .unwrap_or_else(|e| Err(SearchError::Failed(e.to_string())));
+        self.settle_added(batch, &positions, added).await
+    }
+
+    /// What follows an addition of the documents of `batch` (the entry of each at
+    /// `positions`): refused documents are dead-lettered, and the entries kept to
+    /// acknowledge at the next commit, their payloads dropped. When the index is
+    /// unavailable, or a dead letter cannot be written, the batch is kept whole to add
+    /// again, and the error returned.
+    async fn settle_added(
         &mut self,
-        search: &Search,
-        raw: &mut Vec<Delivered>,
-    ) -> Result<usize, WorkerError> {
-        let (items, docs): (Vec<&Delivered>, Vec<MessageDoc>) = raw
-            .iter()
-            .filter_map(|item| Entry::parse(item).ok().map(|entry| (item, entry)))
-            .filter_map(|(item, entry)| match entry.write {
-                Write::Message(m) => Some((
-                    item,
-                    MessageDoc {
-                        token: entry.token,
-                        chat: m.chat_number,
-                        number: m.number,
-                        body: m.body,
-                        version: m.version,
-                        created_at: m.created_at,
-                        updated_at: m.updated_at,
-                    },
-                )),
-                Write::Chat(_) => None,
-            })
-            .unzip();
-        match search.add(docs).await {
+        mut batch: Vec<Delivered>,
+        positions: &[usize],
+        added: Result<Vec<Refused>, SearchError>,
+    ) -> Result<(), WorkerError> {
+        match added {
             // A document refused for good goes to the dead-letter stream with the reason
             // (acknowledged for this group only); a transient failure is an error, and
             // the whole batch is tried again.
             Ok(refused) => {
                 for r in refused {
-                    if let Some(item) = items.get(r.position) {
-                        self.dead_letter(item, &format!("search: {}", r.reason))
-                            .await?;
+                    let Some(item) = positions.get(r.position).and_then(|&i| batch.get(i)) else {
+                        continue;
+                    };
+                    if let Err(e) = self
+                        .dead_letter(item, &format!("search: {}", r.reason))
+                        .await
+                    {
+                        self.keep_for_retry(batch);
+                        return Err(e);
                     }
                 }
             }
-            Err(e @ SearchError::Unavailable(_)) => return Err(e.into()),
+            Err(e @ SearchError::Unavailable(_)) => {
+                self.keep_for_retry(batch);
+                return Err(e.into());
+            }
             Err(e) => {
                 // The index can be rebuilt from MySQL (`reindex`); holding the queue
                 // for a document the backend refuses would stall every later one.
@@ -112,14 +169,97 @@ impl Worker {
                 metrics::counter!("index_failures_total").increment(1);
             }
         }
-        let count = raw.len();
         // Only the ids are needed until the commit: the payloads (bodies of up to
         // 64 KB each, copied into the documents) go now.
-        raw.iter_mut().for_each(Delivered::drop_payload);
-        self.unacked.append(raw);
+        batch.iter_mut().for_each(Delivered::drop_payload);
+        self.unacked.append(&mut batch);
         self.unacked_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Keeps a batch to add again, before any kept earlier.
+    fn keep_for_retry(&mut self, mut batch: Vec<Delivered>) {
+        batch.append(&mut self.retry);
+        self.retry = batch;
+    }
+
+    /// Adds the messages of one batch to the index and takes the batch's entries, to
+    /// acknowledge once committed. On an error the batch is left in `raw`, after any
+    /// batch kept to add again.
+    ///
+    /// For the embedded index the addition goes on in the background while the indexer
+    /// reads and parses the next batch; this call first waits for the previous one.
+    /// Elasticsearch, where an addition is durable at once, adds each batch in turn.
+    pub(super) async fn index_batch(
+        &mut self,
+        search: &Search,
+        raw: &mut Vec<Delivered>,
+    ) -> Result<usize, WorkerError> {
+        // A batch the index could not take goes again, first.
+        if !self.retry.is_empty() {
+            raw.splice(0..0, std::mem::take(&mut self.retry));
+        }
+        let count = raw.len();
+        let (positions, docs) = documents(raw);
+        if !search.batches_commits() {
+            let added = search.add(docs).await;
+            let batch = std::mem::take(raw);
+            if let Err(e) = self.settle_added(batch, &positions, added).await {
+                *raw = std::mem::take(&mut self.retry);
+                return Err(e);
+            }
+            return Ok(count);
+        }
+        self.finish_adding().await?;
+        // Commits come as often as before: the wait starts when the batch is handed over.
+        self.unacked_since.get_or_insert_with(Instant::now);
+        let search = search.clone();
+        self.adding = Some(Adding {
+            handle: tokio::spawn(async move { search.add(docs).await }),
+            batch: std::mem::take(raw),
+            positions,
+        });
         Ok(count)
     }
+}
+
+/// The messages of a batch as documents, each with its entry's place in the batch
+/// (chat entries have none).
+fn documents(raw: &[Delivered]) -> (Vec<usize>, Vec<MessageDoc>) {
+    raw.iter()
+        .enumerate()
+        .filter_map(|(i, item)| Entry::parse(item).ok().map(|entry| (i, entry)))
+        .filter_map(|(i, entry)| match entry.write {
+            Write::Message(m) => Some((
+                i,
+                MessageDoc {
+                    token: entry.token,
+                    chat: m.chat_number,
+                    number: m.number,
+                    body: m.body,
+                    version: m.version,
+                    created_at: m.created_at,
+                    updated_at: m.updated_at,
+                },
+            )),
+            Write::Chat(_) => None,
+        })
+        .unzip()
+}
+
+/// Acknowledges committed entries for the index group, shard by shard, and records
+/// their indexing lag.
+async fn acknowledge(store: &Store, committed: &[Delivered]) -> Result<(), WorkerError> {
+    let mut by_shard: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    for item in committed {
+        by_shard.entry(item.shard).or_default().push(item.id());
+    }
+    for (shard, ids) in by_shard {
+        store.queue.ack(shard, INDEX_GROUP, &ids).await?;
+    }
+    record_lag("index_lag_seconds", committed.iter().map(Delivered::id));
+    metrics::counter!("worker_indexed_total").increment(committed.len() as u64);
+    Ok(())
 }
 
 #[cfg(test)]

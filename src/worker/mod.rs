@@ -146,6 +146,12 @@ pub struct Worker {
     /// acknowledged, and since when.
     unacked: Vec<Delivered>,
     unacked_since: Option<Instant>,
+    /// Index role: the batch being added to the embedded index, if any.
+    adding: Option<index::Adding>,
+    /// Index role: the entries of a batch the index could not take, to add again.
+    retry: Vec<Delivered>,
+    /// Index role: the acknowledgement of the last commit's entries, while under way.
+    acking: Option<index::Acking>,
     /// Index role: whether the last batch indexed was a backlog's (see [`is_backlog`]),
     /// when commits come less often (see `index::INDEX_COMMIT_BEHIND`).
     index_behind: bool,
@@ -174,6 +180,9 @@ impl Worker {
             role,
             unacked: Vec::new(),
             unacked_since: None,
+            adding: None,
+            retry: Vec::new(),
+            acking: None,
             index_behind: false,
             maintenance: true,
             backlog: Backlog::default(),
@@ -375,7 +384,10 @@ impl Worker {
         let mut conn = self.store.queue.conn();
         let shards: Vec<_> = self.store.queue.keys.shards().collect();
         for shard in shards {
+            // This consumer's own pending entries once each (the indexer acknowledges
+            // only at its commit, so they stay pending meanwhile), then new ones.
             for from in ["0", ">"] {
+                let mut cursor = from.to_owned();
                 loop {
                     let mut entries = self
                         .store
@@ -384,13 +396,16 @@ impl Worker {
                             &mut conn,
                             (self.group(), &self.consumer),
                             &[shard],
-                            from,
+                            &cursor,
                             self.config.batch_size,
                             None,
                         )
                         .await?;
-                    if entries.is_empty() {
+                    let Some(last) = entries.last() else {
                         break;
+                    };
+                    if from != ">" {
+                        cursor = last.id().to_owned();
                     }
                     total += self.process(&mut entries).await?;
                 }

@@ -302,20 +302,28 @@ async fn reindex_rebuilds_the_index_from_mysql() {
     assert_eq!(search(&app, &token, chat, "a").await, ["alpha", "beta"]);
 }
 
+/// The app's index group, and the configuration of an embedded index in a directory of
+/// its own, beside the app's.
+fn group_and_dirs(app: &TestApp) -> (IndexGroup, impl Fn(&str) -> SearchConfig + use<>) {
+    let group = IndexGroup::new(
+        app.store.queue.conn(),
+        app.store.queue.keys.search_index_id(),
+    );
+    let base = app.search_config.clone();
+    let config = move |name: &str| SearchConfig {
+        search_index_dir: base.search_index_dir.with_extension(name),
+        ..base.clone()
+    };
+    (group, config)
+}
+
 /// A rebuilt index becomes the one the index group feeds (as `chat-system reindex`
 /// does once it has rebuilt one): the index it replaces stops serving searches, and its
 /// writer stops taking documents (they wait in the queue for the group's writer).
 #[tokio::test]
 async fn an_adopted_index_replaces_the_one_the_group_fed() {
     let app = TestApp::spawn().await;
-    let group = IndexGroup::new(
-        app.store.queue.conn(),
-        app.store.queue.keys.search_index_id(),
-    );
-    let config = |name: &str| SearchConfig {
-        search_index_dir: app.search_config.search_index_dir.with_extension(name),
-        ..app.search_config.clone()
-    };
+    let (group, config) = group_and_dirs(&app);
     let (old_config, new_config) = (config("old"), config("new"));
     let old = Search::open(&old_config, true).await.unwrap();
     old.join(group.clone()).await.unwrap();
@@ -362,6 +370,79 @@ async fn an_adopted_index_replaces_the_one_the_group_fed() {
     assert_eq!(rebuilt.search(query).await.unwrap().len(), 2);
     drop((old, rebuilt));
     for dir in [old_config, new_config].map(|c| c.search_index_dir) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// An indexer whose index the group no longer feeds adds nothing, and loses nothing:
+/// the batches it could not add wait (in the queue, and in the indexer while it runs),
+/// and go into the index once the group feeds it again.
+#[tokio::test]
+async fn an_indexer_keeps_what_its_index_could_not_take_and_adds_it_once_back() {
+    let mut app = TestApp::spawn().await;
+    let (group, config) = group_and_dirs(&app);
+    let (own_config, other_config) = (config("own"), config("other"));
+    let own = Search::open(&own_config, true).await.unwrap();
+    own.join(group.clone()).await.unwrap();
+    let mut indexer = build_worker(
+        app.store.clone(),
+        &app.store_config,
+        &worker_config(),
+        Role::Index(own.clone()),
+    )
+    .await
+    .unwrap();
+    let token = app.application("a").await;
+    let chat = app.chat(&token).await;
+    let query = SearchQuery {
+        token: token.clone(),
+        chat,
+        terms: vec!["needle".into()],
+        after: 0,
+        limit: 10,
+    };
+
+    // Another index takes the group over.
+    let other = Search::open(&other_config, true).await.unwrap();
+    other.adopt(group.clone()).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "this index to learn that the group feeds another",
+        || async { own.search(query.clone()).await.is_err() },
+    )
+    .await;
+    for body in ["needle one", "needle two", "needle three"] {
+        app.message(&token, chat, body).await;
+    }
+    app.worker.drain().await.unwrap();
+    for _ in 0..2 {
+        assert!(matches!(
+            indexer.drain().await,
+            Err(chat_system::worker::WorkerError::Search(
+                SearchError::Unavailable(_)
+            ))
+        ));
+    }
+
+    // The group feeds this index again: what waited goes in.
+    own.adopt(group).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "this index to serve again",
+        || async { own.search(query.clone()).await.is_ok() },
+    )
+    .await;
+    indexer.drain().await.unwrap();
+    let found: Vec<String> = own
+        .search(query)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(found, ["needle one", "needle two", "needle three"]);
+    drop((indexer, own, other));
+    for dir in [own_config, other_config].map(|c| c.search_index_dir) {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
